@@ -1,0 +1,244 @@
+"""iLLaVA for ``LlavaOnevisionForConditionalGeneration`` (SigLIP encoder + Qwen2 decoder).
+
+What is patched (``remove`` undoes all of it):
+- the SigLIP encoder layers listed in ``encoder_layers`` get the class ``IllavaSiglipLayer``;
+- the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors and
+  placeholder bookkeeping);
+- forward pre-hooks on the vision tower, the inner model and the decoder (``illava.llm``).
+
+Layout of survivors (the authors reshaped survivors into a fake square grid; we place every
+survivor at the patch it came from, its own position, not those of the tokens it absorbed):
+- base view and single-crop images: survivors in raster order (+ the newline token as stock);
+- AnyRes crops: survivors are placed on the full crop grid, those in the padding that stock
+  ``unpad_image`` cuts away are dropped, and a newline follows every row of the unpadded grid.
+  If the survivors still exceed the stock budget (the ``anyres_max_N`` rule), they are averaged
+  into the cells of the grid stock transformers would downsample to;
+- video frames: stock pools 27x27 -> 14x14 (``ceil(side / 2)``). With K survivors per frame we
+  pool into ``ceil(sqrt(K) / 2)`` squared cells over the frame, averaging the survivors in each
+  cell, so pooling shrinks the token count by the same factor as stock (361 -> 100 per frame for
+  the authors' 92-token removals at four layers, their 6272 -> 3200 for 32 frames). Empty cells
+  give no token, so a frame may have a few fewer tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.llava_onevision import modeling_llava_onevision as mlo
+
+from ..encoder import encoder_merge, pool_survivors, rows_with_newlines
+from ..merge import attention_with_received_scores
+from ..state import VisualItem
+from . import Adapter, swap_class
+
+
+class IllavaSiglipLayer:
+    """SigLIP encoder layer with the encoder stage.
+
+    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
+    token receives, whatever ``attn_implementation`` says; after the attention residual and before
+    the MLP, ``illava.encoder.encoder_merge`` removes and recycles tokens. Disabled: stock forward.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        state = self._illava
+        if not state.config.encoder_active:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("illava: the encoder stage does not support an attention mask in the vision encoder")
+        attn = self.self_attn
+        residual = hidden_states
+        hidden = self.layer_norm1(hidden_states)
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+        out, received = attention_with_received_scores(q, k, v, attn.scale)
+        hidden = residual + attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
+        hidden = encoder_merge(state, self._illava_layer, hidden, received)
+        residual = hidden
+        hidden = self.mlp(self.layer_norm2(hidden))
+        return residual + hidden
+
+
+class IllavaLlavaOnevisionModel:
+    """LLaVA-OneVision model with iLLaVA's layout of survivors.
+
+    Modifications: ``pack_image_features`` and ``apply_pooling`` lay out the encoder-stage
+    survivors by their source positions (module docstring); ``get_placeholder_mask`` accepts the
+    stock number of placeholders and records which slots have no feature (the decoder input hook
+    removes them) and which visual item every slot belongs to (the LLM stage needs the spans).
+    """
+
+    def _side(self) -> int:
+        return self.config.vision_config.image_size // self.config.vision_config.patch_size
+
+    def _take_trace(self):
+        trace, self._illava.encoder_trace = self._illava.encoder_trace, None
+        return trace
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+        state = self._illava
+        trace = self._take_trace()
+        crops = [f.shape[0] for f in image_features]
+        if trace is None:
+            packed, lens = super().pack_image_features(image_features, image_sizes, image_newline, vision_aspect_ratio)
+            stock_lens = lens
+        else:
+            # stock counts from stock code run on one-channel zeros (cheap, and always in sync)
+            dummy = [f.new_zeros(f.shape[0], self._side() ** 2, 1) for f in image_features]
+            newline = image_newline[:1] if image_newline is not None else None
+            _, stock_lens = super().pack_image_features(dummy, image_sizes, newline, vision_aspect_ratio)
+            positions = torch.split(trace.positions, crops, dim=0)
+            packed = [
+                self._pack_survivors(f, p, size, image_newline, vision_aspect_ratio)
+                for f, p, size in zip(image_features, positions, image_sizes)
+            ]
+            lens = torch.tensor([p.shape[0] for p in packed], device=image_features[0].device)
+        items = [VisualItem("image", int(s), int(n), crops=c) for s, n, c in zip(stock_lens.tolist(), lens.tolist(), crops)]
+        encoder_stats = None if trace is None else {"kind": "image", "crops": sum(crops), "layers": trace.layers}
+        state.add_pending("image", items, encoder_stats)
+        return packed, lens
+
+    def _pack_survivors(self, feature, positions, image_size, newline, aspect):
+        side = self._side()
+        base = feature[0]
+        if feature.shape[0] == 1:
+            return torch.cat([base, newline[None].to(base)]) if newline is not None else base
+        grid_h, grid_w = mlo.get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        crops, k, dim = feature[1:].shape
+        crop = torch.arange(crops, device=feature.device)[:, None].expand(crops, k)
+        rows = (crop // grid_w) * side + positions[1:] // side
+        cols = (crop % grid_w) * side + positions[1:] % side
+        # the window stock unpad_image keeps, found by running it on a grid of row/col indices
+        height, width = grid_h * side, grid_w * side
+        index = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"))
+        window = mlo.unpad_image(index, image_size)
+        top, left = int(window[0, 0, 0]), int(window[1, 0, 0])
+        unpad_h, unpad_w = window.shape[1:]
+        rows, cols = rows.flatten() - top, cols.flatten() - left
+        inside = (rows >= 0) & (rows < unpad_h) & (cols >= 0) & (cols < unpad_w)
+        tokens, rows, cols = feature[1:].reshape(-1, dim)[inside], rows[inside], cols[inside]
+        max_patches = int(aspect.strip("anyres_max_"))
+        budget = max_patches * side**2
+        if math.sqrt(tokens.shape[0] / budget) > 1.1:
+            ratio = math.sqrt(unpad_h * unpad_w / budget)
+            cells = (int(unpad_h // ratio), int(unpad_w // ratio))
+            tokens, rows, cols = pool_survivors(tokens, rows, cols, (unpad_h, unpad_w), cells)
+            num_rows = cells[0]
+        else:
+            order = torch.argsort(rows * unpad_w + cols)
+            tokens, rows, cols = tokens[order], rows[order], cols[order]
+            num_rows = unpad_h
+        if newline is not None:
+            tokens = rows_with_newlines(tokens, rows, cols, num_rows, newline)
+        return torch.cat([base, tokens])
+
+    def apply_pooling(self, image_features):
+        trace = self._take_trace()
+        state = self._illava
+        side = self._side()
+        if trace is None:
+            self._illava_video = (None, None)
+            return super().apply_pooling(image_features)
+        frames, k, _ = image_features.shape
+        cells = math.ceil(math.sqrt(k) / 2)
+        per_frame = [
+            pool_survivors(f, p // side, p % side, (side, side), (cells, cells))[0]
+            for f, p in zip(image_features, trace.positions)
+        ]
+        width = max(p.shape[0] for p in per_frame)
+        pooled = image_features.new_zeros(frames, width, image_features.shape[-1])
+        valid = torch.zeros(frames, width, dtype=torch.bool, device=image_features.device)
+        for i, p in enumerate(per_frame):
+            pooled[i, : p.shape[0]] = p
+            valid[i, : p.shape[0]] = True
+        self._illava_video = (valid, {"kind": "video", "crops": frames, "layers": trace.layers})
+        return pooled
+
+    def get_video_features(self, pixel_values_videos, *args, **kwargs):
+        out = super().get_video_features(pixel_values_videos, *args, **kwargs)
+        state = self._illava
+        batch, frames = pixel_values_videos.shape[:2]
+        valid, encoder_stats = self.__dict__.pop("_illava_video", (None, None))
+        stock = frames * math.ceil(self._side() / 2) ** 2 + 1
+        features = out.pooler_output.shape[1]
+        items = []
+        for b in range(batch):
+            mask = None if valid is None else torch.cat([valid.view(batch, -1)[b], valid.new_ones(1)])
+            items.append(VisualItem("video", stock, features, mask, crops=frames))
+        state.add_pending("video", items, encoder_stats)
+        return out
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds)
+        if image_features is not None:
+            image_mask = self._fill_slots("image", image_mask[..., 0], image_features)[..., None]
+        if video_features is not None:
+            video_mask = self._fill_slots("video", video_mask[..., 0], video_features)[..., None]
+        return image_mask, video_mask
+
+    def _fill_slots(self, kind: str, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Mark the slots that receive a feature; record slots to drop and the item of each slot."""
+        state = self._illava
+        items = state.take_pending(kind, features.shape[0])
+        where = slots.nonzero()  # row-major: the order in which stock scatters features
+        stock = sum(i.stock_tokens for i in items)
+        if where.shape[0] != stock or sum(i.feature_tokens for i in items) != features.shape[0]:
+            raise ValueError(
+                f"illava: the input has {where.shape[0]} {kind} placeholder tokens but the {len(items)} "
+                f"{kind}(s) need {stock} (stock transformers' count); build the prompt with the stock "
+                "processor for the unmodified model"
+            )
+        if state.drop is None:
+            state.drop = torch.zeros(slots.shape, dtype=torch.bool, device=slots.device)
+            state.item_ids = torch.full(slots.shape, -1, dtype=torch.long, device=slots.device)
+        fill = torch.zeros_like(slots)
+        start = 0
+        for item in items:
+            rows, cols = where[start : start + item.stock_tokens].unbind(1)
+            item.sample = int(rows[0])
+            n = item.feature_tokens
+            keep = torch.zeros(item.stock_tokens, dtype=torch.bool, device=slots.device)
+            keep[:n] = True if item.valid is None else item.valid.to(slots.device)
+            fill[rows[:n], cols[:n]] = True
+            state.drop[rows[~keep], cols[~keep]] = True
+            state.item_ids[rows[keep], cols[keep]] = len(state.items)
+            state.items.append(item)
+            start += item.stock_tokens
+        state.stats.items = list(state.items)
+        return fill
+
+
+class LlavaOnevisionAdapter(Adapter):
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def parts(self, model):
+        inner = model.model
+        return inner, inner.vision_tower, inner.language_model
+
+    def dimensions(self, model) -> dict:
+        vc, tc = model.config.vision_config, model.config.text_config
+        feature_layer = model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            feature_layer = min(feature_layer)
+        depth = vc.num_hidden_layers
+        return {
+            "encoder_depth": depth,
+            "tokens_per_crop": (vc.image_size // vc.patch_size) ** 2,
+            "llm_depth": tc.num_hidden_layers,
+            # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l
+            "feature_layer": (feature_layer % (depth + 1)) - 1,
+        }
+
+    def encoder_layers(self, model):
+        return model.model.vision_tower.encoder.layers
+
+    def patch(self, model, state) -> None:
+        inner, vision, _ = self.parts(model)
+        swap_class(inner, IllavaLlavaOnevisionModel, state)
+        layers = self.encoder_layers(model)
+        for i in state.config.encoder_layers:
+            swap_class(layers[i], IllavaSiglipLayer, state)
+            layers[i]._illava_layer = i

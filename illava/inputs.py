@@ -1,0 +1,135 @@
+"""Build LLaVA-OneVision inputs without the combined processor (which needs torchvision).
+
+Users with torchvision keep using ``AutoProcessor``; these helpers produce the same tensors from
+the image processor and a tokenizer: prompts contain ``<image>`` / ``<video>`` markers, expanded
+to the stock number of placeholder tokens, exactly as the stock processor expands them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature, PreTrainedTokenizerFast
+from transformers.models.llava_onevision import modeling_llava_onevision as mlo
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+SPECIAL_TOKENS = ["<pad>", "<image>", "<video>", "<unk>", "<|im_start|>", "<|im_end|>"]
+_WORDS = (
+    "a an the is are was what which who where how many much color shape of in on at to and or not yes no "
+    "this that there it its image picture photo video frame show shows shown describe answer question "
+    "user assistant system you are helpful red green blue yellow black white gray orange purple brown "
+    "circle square triangle rectangle cat dog person man woman astronaut rocket coffee cup camera coins "
+    "one two three four five six seven eight nine ten left right top bottom middle big small"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def word_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A small word-level tokenizer (built offline) whose ids 0..5 are the special tokens.
+
+    ``<image>`` is id 1 and ``<video>`` id 2, matching ``tiny_llava_onevision_config``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for piece in _WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789?.,!:;'\"()-\n"):
+        if piece not in vocab and len(vocab) < vocab_size:
+            vocab[piece] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:3] + SPECIAL_TOKENS[4:], padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def image_processor_for(config) -> LlavaOnevisionImageProcessorPil:
+    """The PIL image processor matching a LLaVA-OneVision config (crop size and AnyRes grid)."""
+    size = config.vision_config.image_size
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size},
+        image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+    )
+
+
+def image_token_count(config, image_size: Sequence[int], single_crop: bool = False) -> int:
+    """Placeholders stock transformers uses for one image of ``(height, width)`` pixels.
+
+    Computed by the stock ``pack_image_features`` on one-channel zeros, so it follows the
+    installed transformers exactly (unpadding, newlines, ``anyres_max`` downsampling).
+    """
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    crops = 1 if single_crop else mlo.image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    stub = type("Stub", (), {"config": config})()
+    _, lens = mlo.LlavaOnevisionModel.pack_image_features(
+        stub, [torch.zeros(crops, side * side, 1)], torch.tensor([list(image_size)]), torch.zeros(1),
+        config.vision_aspect_ratio,
+    )
+    return int(lens[0])
+
+
+def video_token_count(config, frames: int) -> int:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return frames * math.ceil(side / 2) ** 2 + 1
+
+
+def video_pixels(frames: Sequence[Image.Image | np.ndarray], image_processor) -> torch.Tensor:
+    """``(frames, 3, H, W)`` as the LLaVA-OneVision video processor makes them: resized and normalised."""
+    size = image_processor.size
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(image_processor.image_std, dtype=np.float32)[:, None, None]
+    out = []
+    for frame in frames:
+        img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+        img = img.convert("RGB").resize((size["width"], size["height"]), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        out.append((arr - mean) / std)
+    return torch.from_numpy(np.stack(out))
+
+
+def build_inputs(
+    config,
+    tokenizer,
+    image_processor,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image] = (),
+    videos: Sequence[Sequence[Image.Image | np.ndarray]] = (),
+) -> BatchFeature:
+    """Tokenised, left-padded batch for ``prompts`` whose ``<image>``/``<video>`` markers are
+    filled in order from ``images`` / ``videos`` (one list of frames per video)."""
+    per_sample = [p.count("<image>") for p in prompts]
+    if sum(per_sample) != len(images) or sum(p.count("<video>") for p in prompts) != len(videos):
+        raise ValueError("the number of <image>/<video> markers must match the images/videos given")
+    data = {}
+    texts = list(prompts)
+    if images:
+        pix = image_processor(list(images), return_tensors="pt")
+        data["pixel_values"], data["image_sizes"] = pix["pixel_values"], pix["image_sizes"]
+        data["batch_num_images"] = torch.tensor([n for n in per_sample if n > 0])
+        sizes = iter(pix["image_sizes"].tolist())
+        texts = []
+        for prompt, n in zip(prompts, per_sample):
+            for _ in range(n):
+                count = image_token_count(config, next(sizes), single_crop=n > 1)
+                prompt = prompt.replace("<image>", "\0" * count, 1)
+            texts.append(prompt.replace("\0", "<image>"))
+    if videos:
+        lengths = {len(v) for v in videos}
+        if len(lengths) != 1:
+            raise ValueError("all videos of a batch need the same number of frames")
+        data["pixel_values_videos"] = torch.stack([video_pixels(v, image_processor) for v in videos])
+        count = video_token_count(config, lengths.pop())
+        texts = [t.replace("<video>", "<video>" * count) for t in texts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    data.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return BatchFeature(data)
