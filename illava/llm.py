@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .config import keep_count
@@ -182,6 +183,10 @@ class LLMStage:
         else:
             mask2d = valid
         state.stats.sequence_after_encoder = embeds.shape[1]
+        if cache is None and _wants_cache(kwargs, self.decoder.config):
+            # created here rather than inside the decoder, so that the session can ride on it
+            cache = DynamicCache(config=self.decoder.config)
+            kwargs["past_key_values" if "past_key_values" in kwargs else "cache"] = cache
         session = Session(full_length=n, shift=shift, prefix_masks={0: mask2d}, item_ids=item_ids, mask2d=mask2d)
         state.session = session
         if cache is not None:
@@ -313,6 +318,11 @@ class LLMStage:
         return make(
             config=self.decoder.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, layer_idx=i
         )
+
+
+def _wants_cache(kwargs: dict, config) -> bool:
+    use_cache = kwargs.get("use_cache")
+    return bool(config.use_cache if use_cache is None else use_cache)
 
 
 def _cache_of(kwargs: dict):
