@@ -1,10 +1,10 @@
 """illava: iLLaVA token merging for Hugging Face transformers vision-language models.
 
-    import illava
-    illava.apply(model, "image")      # or "video", or an IllavaConfig
-    out = model.generate(**inputs)
-    print(illava.stats(model))
-    illava.remove(model)              # stock behaviour again
+import illava
+illava.apply(model, "image")      # or "video", or an IllavaConfig
+out = model.generate(**inputs)
+print(illava.stats(model))
+illava.remove(model)              # stock behaviour again
 """
 
 from ._compat import check_transformers_version

@@ -17,8 +17,13 @@ def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "
     if config is None:
         config = "image"
     if isinstance(config, str):
-        cfg = preset(config, encoder_depth=dims["encoder_depth"], tokens_per_crop=dims["tokens_per_crop"],
-                     llm_depth=dims["llm_depth"], **overrides)
+        cfg = preset(
+            config,
+            encoder_depth=dims["encoder_depth"],
+            tokens_per_crop=dims["tokens_per_crop"],
+            llm_depth=dims["llm_depth"],
+            **overrides,
+        )
     elif isinstance(config, IllavaConfig):
         cfg = config.replace(**overrides) if overrides else config
     else:

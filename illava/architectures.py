@@ -21,12 +21,33 @@ _SIGLIP_SO400M = {
 }
 
 _QWEN2 = {
-    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 152000, "tie_word_embeddings": True},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152128, "tie_word_embeddings": False},
-    "72b": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
-            "num_key_value_heads": 8, "vocab_size": 152128, "tie_word_embeddings": False},
+    "0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 152000,
+        "tie_word_embeddings": True,
+    },
+    "7b": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152128,
+        "tie_word_embeddings": False,
+    },
+    "72b": {
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 152128,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -38,8 +59,13 @@ def llava_onevision_config(size: str = "0.5b") -> LlavaOnevisionConfig:
     """LLaVA-OneVision-Qwen2 ``0.5b``, ``7b`` or ``72b`` with the published dimensions."""
     if size not in _QWEN2:
         raise ValueError(f"unknown LLaVA-OneVision size {size!r}; choose one of {sorted(_QWEN2)}")
-    text = {"model_type": "qwen2", "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-            "rms_norm_eps": 1e-6, **_QWEN2[size]}
+    text = {
+        "model_type": "qwen2",
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        **_QWEN2[size],
+    }
     return LlavaOnevisionConfig(
         vision_config=dict(_SIGLIP_SO400M),
         text_config=text,
@@ -53,16 +79,34 @@ def llava_onevision_config(size: str = "0.5b") -> LlavaOnevisionConfig:
     )
 
 
-def tiny_llava_onevision_config(vocab_size: int = 256, image_token_id: int = 1, video_token_id: int = 2,
-                                **vision) -> LlavaOnevisionConfig:
+def tiny_llava_onevision_config(
+    vocab_size: int = 256, image_token_id: int = 1, video_token_id: int = 2, **vision
+) -> LlavaOnevisionConfig:
     """A LLaVA-OneVision small enough for CPU tests: 64 px crops of 8x8 patches (64 tokens each),
     a 6-layer SigLIP and a 4-layer Qwen2 with grouped-query attention."""
-    vision_config = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 6, "num_attention_heads": 4, "image_size": 64, "patch_size": 8,
-                     "vision_use_head": False, **vision}
-    text_config = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab_size,
-                   "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True}
+    vision_config = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+        "vision_use_head": False,
+        **vision,
+    }
+    text_config = {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    }
     return LlavaOnevisionConfig(
         vision_config=vision_config,
         text_config=text_config,

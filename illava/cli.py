@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import PRESETS
+
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="iLLaVA token merging for transformers VLMs.")
 console = Console()
 
@@ -32,6 +34,9 @@ def demo(
 
     from .demo import run_demo
 
+    if preset not in PRESETS:
+        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {sorted(PRESETS)}[/red]")
+        raise typer.Exit(2)
     picture = Image.open(image).convert("RGB") if image is not None else None
     with console.status("building the default model and running baseline vs iLLaVA..."):
         results = run_demo(picture, question, preset, repeats=repeats)
@@ -42,8 +47,14 @@ def demo(
         table.add_column(column)
     for name, r in results.items():
         v = r.visual_tokens
-        table.add_row(name, r.answer or "(empty)", str(v["stock"]), str(v["after_encoder"]), str(v["after_llm"]),
-                      f"{r.prefill_seconds * 1000:.1f} ms")
+        table.add_row(
+            name,
+            r.answer or "(empty)",
+            str(v["stock"]),
+            str(v["after_encoder"]),
+            str(v["after_llm"]),
+            f"{r.prefill_seconds * 1000:.1f} ms",
+        )
     console.print(table)
     speedup = results["baseline"].prefill_seconds / results["illava"].prefill_seconds
     console.print(f"prefill speedup (CPU, this tiny model): {speedup:.2f}x")

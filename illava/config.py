@@ -185,7 +185,9 @@ def preset(name: str, *, encoder_depth: int, tokens_per_crop: int, llm_depth: in
     values = dict(PRESETS[name])
     if "encoder_layers" in values:
         values["encoder_layers"] = _scale_layers(values["encoder_layers"], _REFERENCE["encoder_depth"], encoder_depth)
-        values["encoder_removal"] = max(1, round(values["encoder_removal"] * tokens_per_crop / _REFERENCE["tokens_per_crop"]))
+        values["encoder_removal"] = max(
+            1, round(values["encoder_removal"] * tokens_per_crop / _REFERENCE["tokens_per_crop"])
+        )
     if "llm_layers" in values:
         values["llm_layers"] = _scale_layers(values["llm_layers"], _REFERENCE["llm_depth"], llm_depth, minimum=1)
     values.update(overrides)

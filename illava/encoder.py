@@ -18,7 +18,9 @@ def encoder_merge(state: IllavaState, layer: int, hidden: torch.Tensor, received
         state.encoder_trace = EncoderTrace.start(b, n, hidden.device)
     trace = state.encoder_trace
     r = removal_count(n, cfg.removal_at(layer))
-    res = merge(hidden, received, r, cfg.recycle, neighbours=cfg.cluster_neighbours, recycle_fraction=cfg.cluster_fraction)
+    res = merge(
+        hidden, received, r, cfg.recycle, neighbours=cfg.cluster_neighbours, recycle_fraction=cfg.cluster_fraction
+    )
     trace.positions = trace.positions.to(hidden.device).gather(1, res.kept)
     trace.assign = compose_assign(trace.assign.to(hidden.device), res.assign)
     trace.layers.append((layer, n, n - r))

@@ -45,8 +45,12 @@ def word_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:3] + SPECIAL_TOKENS[4:], padding_side="left",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:3] + SPECIAL_TOKENS[4:],
+        padding_side="left",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -69,10 +73,17 @@ def image_token_count(config, image_size: Sequence[int], single_crop: bool = Fal
     """
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
-    crops = 1 if single_crop else mlo.image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    crops = (
+        1
+        if single_crop
+        else mlo.image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    )
     stub = type("Stub", (), {"config": config})()
     _, lens = mlo.LlavaOnevisionModel.pack_image_features(
-        stub, [torch.zeros(crops, side * side, 1)], torch.tensor([list(image_size)]), torch.zeros(1),
+        stub,
+        [torch.zeros(crops, side * side, 1)],
+        torch.tensor([list(image_size)]),
+        torch.zeros(1),
         config.vision_aspect_ratio,
     )
     return int(lens[0])
@@ -132,4 +143,39 @@ def build_inputs(
         texts = [t.replace("<video>", "<video>" * count) for t in texts]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     data.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return BatchFeature(data)
+
+
+def placeholder_inputs(
+    config,
+    image_processor,
+    images: Sequence[Image.Image] = (),
+    videos: Sequence[Sequence[Image.Image | np.ndarray]] = (),
+    text_tokens: int = 32,
+    seed: int = 0,
+) -> BatchFeature:
+    """One sample for a model with any vocabulary (no tokenizer): ``text_tokens`` random text ids,
+    then the stock placeholders of every image and video, then ``text_tokens`` more."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = 10, min(config.image_token_id, config.video_token_id)
+
+    def text():
+        return torch.randint(low, high, (text_tokens,), generator=generator)
+
+    pieces, data = [text()], {}
+    if images:
+        pix = image_processor(list(images), return_tensors="pt")
+        data.update(pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"])
+        data["batch_num_images"] = torch.tensor([len(images)])
+        for size in pix["image_sizes"].tolist():
+            pieces.append(
+                torch.full((image_token_count(config, size, single_crop=len(images) > 1),), config.image_token_id)
+            )
+    if videos:
+        data["pixel_values_videos"] = torch.stack([video_pixels(v, image_processor) for v in videos])
+        for v in videos:
+            pieces.append(torch.full((video_token_count(config, len(v)),), config.video_token_id))
+    pieces.append(text())
+    ids = torch.cat(pieces)[None]
+    data.update(input_ids=ids, attention_mask=torch.ones_like(ids))
     return BatchFeature(data)

@@ -152,9 +152,12 @@ class LLMStage:
         if not state.config.enabled or state.item_ids is None:
             return None
         embeds = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
         if embeds is None:
             return None
+        state.stats.sequence_in = state.stats.sequence_after_encoder = embeds.shape[1]
+        if not state.config.llm_active and (state.drop is None or not state.drop.any()):
+            return None  # nothing to remove: the decoder runs exactly as stock
+        mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             raise ValueError(
                 "illava needs a 2D attention mask (or none); precomputed 4D masks and static/compiled "
@@ -162,12 +165,15 @@ class LLMStage:
             )
         b, n = embeds.shape[:2]
         device = embeds.device
-        valid = mask.to(device=device, dtype=torch.bool) if mask is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+        valid = (
+            mask.to(device=device, dtype=torch.bool)
+            if mask is not None
+            else torch.ones(b, n, dtype=torch.bool, device=device)
+        )
         if (~valid[:, -1]).any():
             raise ValueError("illava needs left padding (padding_side='left'), as generation does")
         drop = state.drop.to(device) if state.drop is not None else torch.zeros_like(valid)
         item_ids = state.item_ids.to(device)
-        state.stats.sequence_in = n
         shift = None
         if drop.any():
             index, mask2d = compact(valid & ~drop)
@@ -269,8 +275,14 @@ class LLMStage:
                     continue
                 score = scores[row, idx].clone()
                 score[idx == n - 1] = float("inf")  # the last prompt token is never removed
-                res = merge(hidden[row, idx][None], score[None], r, cfg.recycle,
-                            neighbours=cfg.cluster_neighbours, recycle_fraction=cfg.cluster_fraction)
+                res = merge(
+                    hidden[row, idx][None],
+                    score[None],
+                    r,
+                    cfg.recycle,
+                    neighbours=cfg.cluster_neighbours,
+                    recycle_fraction=cfg.cluster_fraction,
+                )
                 kept = idx[res.kept[0]]
                 updated[row, kept] = res.tokens[0]
                 keep[row, idx] = False
@@ -305,7 +317,8 @@ class LLMStage:
             prefix = session.prefix_masks[group].to(hidden.device)
             mask2d = torch.cat([prefix, session.tail.to(hidden.device)], dim=1)
             session.step_masks[key] = self._mask_for(i, hidden, mask2d, _cache_of(kwargs))
-        kwargs["attention_mask"] = session.step_masks[key]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kwargs["attention_mask"] = _to(session.step_masks[key], hidden.device)
         return args, kwargs
 
     def _layer_type(self, i: int) -> str:
@@ -315,9 +328,7 @@ class LLMStage:
     def _mask_for(self, i: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache):
         """The attention mask of layer ``i`` for a reduced sequence, sized against its own cache."""
         make = create_sliding_window_causal_mask if self._layer_type(i) == "sliding_attention" else create_causal_mask
-        return make(
-            config=self.decoder.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, layer_idx=i
-        )
+        return make(config=self.decoder.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, layer_idx=i)
 
 
 def _wants_cache(kwargs: dict, config) -> bool:

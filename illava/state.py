@@ -73,7 +73,13 @@ class Stats:
         return {
             "encoder": self.encoder,
             "items": [
-                {"kind": i.kind, "sample": i.sample, "crops": i.crops, "stock_tokens": i.stock_tokens, "tokens": i.tokens}
+                {
+                    "kind": i.kind,
+                    "sample": i.sample,
+                    "crops": i.crops,
+                    "stock_tokens": i.stock_tokens,
+                    "tokens": i.tokens,
+                }
                 for i in self.items
             ],
             "llm": [vars(layer) for layer in self.llm],

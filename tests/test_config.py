@@ -78,8 +78,16 @@ def test_resolve_config_for_real_architecture_without_weights():
 
 
 def test_unsupported_model_lists_supported_classes():
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=32,
+        )
+    )
     with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
         illava.apply(model)
 

@@ -20,8 +20,9 @@ def logits(model, inputs, **kw):
 
 def greedy(model, inputs, n=6, **kw):
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
-                             output_scores=True, **kw)
+        out = model.generate(
+            **inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_scores=True, **kw
+        )
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.scores, 1)
 
 
@@ -177,8 +178,11 @@ def test_encoder_stage_decoding_matches_recomputation(model, build, photos):
     seq, scores = greedy(model, inputs, n=5)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for step in range(5):
-        full = dict(inputs, input_ids=torch.cat([ids, seq[:, :step]], 1),
-                    attention_mask=torch.cat([mask, torch.ones_like(seq[:, :step])], 1))
+        full = dict(
+            inputs,
+            input_ids=torch.cat([ids, seq[:, :step]], 1),
+            attention_mask=torch.cat([mask, torch.ones_like(seq[:, :step])], 1),
+        )
         ref = logits(model, full, use_cache=False)[:, -1]
         torch.testing.assert_close(scores[:, step], ref, atol=1e-4, rtol=1e-4)
 
@@ -212,8 +216,13 @@ def test_dtype_is_preserved(make_model, build, photos):
     inputs = build([IMAGE_Q], [photos["cat"]])
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     seen = set()
-    hooks = [m.register_forward_hook(lambda mod, a, out: seen.add(out.dtype)) for m in model.model.language_model.layers]
-    hooks += [m.register_forward_hook(lambda mod, a, out: seen.add(out.dtype)) for m in model.model.vision_tower.encoder.layers]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out: seen.add(out.dtype)) for m in model.model.language_model.layers
+    ]
+    hooks += [
+        m.register_forward_hook(lambda mod, a, out: seen.add(out.dtype))
+        for m in model.model.vision_tower.encoder.layers
+    ]
     out = logits(model, inputs)
     assert out.dtype == torch.bfloat16 and seen == {torch.bfloat16}
 
@@ -272,10 +281,16 @@ def test_manual_decoding_matches_generate(model, build, photos):
 def _layerwise_device_map(config):
     names = [f"model.vision_tower.encoder.layers.{i}" for i in range(config.vision_config.num_hidden_layers)]
     names += [f"model.language_model.layers.{i}" for i in range(config.text_config.num_hidden_layers)]
-    names += ["model.vision_tower.embeddings", "model.vision_tower.post_layernorm", "model.multi_modal_projector",
-              "model.language_model.embed_tokens", "model.language_model.norm", "model.language_model.rotary_emb",
-              "model.image_newline",
-              "lm_head"]
+    names += [
+        "model.vision_tower.embeddings",
+        "model.vision_tower.post_layernorm",
+        "model.multi_modal_projector",
+        "model.language_model.embed_tokens",
+        "model.language_model.norm",
+        "model.language_model.rotary_emb",
+        "model.image_newline",
+        "lm_head",
+    ]
     return dict.fromkeys(names, "cpu")
 
 

@@ -46,7 +46,9 @@ class IllavaSiglipLayer:
         if not state.config.encoder_active:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
-            raise NotImplementedError("illava: the encoder stage does not support an attention mask in the vision encoder")
+            raise NotImplementedError(
+                "illava: the encoder stage does not support an attention mask in the vision encoder"
+            )
         attn = self.self_attn
         residual = hidden_states
         hidden = self.layer_norm1(hidden_states)
@@ -96,7 +98,9 @@ class IllavaLlavaOnevisionModel:
                 for f, p, size in zip(image_features, positions, image_sizes)
             ]
             lens = torch.tensor([p.shape[0] for p in packed], device=image_features[0].device)
-        items = [VisualItem("image", int(s), int(n), crops=c) for s, n, c in zip(stock_lens.tolist(), lens.tolist(), crops)]
+        items = [
+            VisualItem("image", int(s), int(n), crops=c) for s, n, c in zip(stock_lens.tolist(), lens.tolist(), crops)
+        ]
         encoder_stats = None if trace is None else {"kind": "image", "crops": sum(crops), "layers": trace.layers}
         state.add_pending("image", items, encoder_stats)
         return packed, lens
@@ -106,7 +110,9 @@ class IllavaLlavaOnevisionModel:
         base = feature[0]
         if feature.shape[0] == 1:
             return torch.cat([base, newline[None].to(base)]) if newline is not None else base
-        grid_h, grid_w = mlo.get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        grid_h, grid_w = mlo.get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
         crops, k, dim = feature[1:].shape
         crop = torch.arange(crops, device=feature.device)[:, None].expand(crops, k)
         rows = (crop // grid_w) * side + positions[1:] // side
@@ -120,7 +126,7 @@ class IllavaLlavaOnevisionModel:
         rows, cols = rows.flatten() - top, cols.flatten() - left
         inside = (rows >= 0) & (rows < unpad_h) & (cols >= 0) & (cols < unpad_w)
         tokens, rows, cols = feature[1:].reshape(-1, dim)[inside], rows[inside], cols[inside]
-        max_patches = int(aspect.strip("anyres_max_"))
+        max_patches = int(aspect.removeprefix("anyres_max_"))
         budget = max_patches * side**2
         if math.sqrt(tokens.shape[0] / budget) > 1.1:
             ratio = math.sqrt(unpad_h * unpad_w / budget)
@@ -137,7 +143,6 @@ class IllavaLlavaOnevisionModel:
 
     def apply_pooling(self, image_features):
         trace = self._take_trace()
-        state = self._illava
         side = self._side()
         if trace is None:
             self._illava_video = (None, None)
@@ -236,6 +241,11 @@ class LlavaOnevisionAdapter(Adapter):
         return model.model.vision_tower.encoder.layers
 
     def patch(self, model, state) -> None:
+        if state.config.encoder_layers and model.config.vision_feature_select_strategy != "full":
+            raise ValueError(
+                "illava: the encoder stage needs vision_feature_select_strategy='full' (every encoder token is a "
+                f"patch); this model uses {model.config.vision_feature_select_strategy!r}"
+            )
         inner, vision, _ = self.parts(model)
         swap_class(inner, IllavaLlavaOnevisionModel, state)
         layers = self.encoder_layers(model)
