@@ -22,6 +22,8 @@ def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "
             encoder_depth=dims["encoder_depth"],
             tokens_per_crop=dims["tokens_per_crop"],
             llm_depth=dims["llm_depth"],
+            family=adapter.family(model),
+            llm_stage=adapter.llm_stage_in_presets(model),
             **overrides,
         )
     elif isinstance(config, IllavaConfig):
@@ -29,6 +31,7 @@ def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "
     else:
         raise TypeError(f"config must be an IllavaConfig or a preset name, got {type(config).__name__}")
     cfg.check_against(**dims)
+    adapter.check(model, cfg)
     return cfg
 
 
@@ -43,15 +46,13 @@ def apply(model: torch.nn.Module, config: IllavaConfig | str | None = "image", *
     if is_applied(model):
         remove(model)
     adapter = adapter_for(model)
-    state = IllavaState(cfg)
-    inner, vision, decoder = adapter.parts(model)
+    state = IllavaState(cfg, renumber_positions=adapter.renumber_positions)
+    inner, _, decoder = adapter.parts(model)
     adapter.patch(model, state)
     stage = LLMStage(state, decoder, adapter.query_key())
     stage.attach()
-    handles = [
-        inner.register_forward_pre_hook(_new_forward_hook(state), with_kwargs=True),
-        vision.register_forward_pre_hook(_reset_trace_hook(state)),
-    ]
+    handles = [inner.register_forward_pre_hook(_new_forward_hook(state), with_kwargs=True)]
+    handles += adapter.hooks(model, state)
     model._illava_state = state
     model._illava_handles = (stage, handles)
     return cfg
@@ -102,12 +103,5 @@ def _new_forward_hook(state: IllavaState):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = cache is None or cache.get_seq_length() == 0
         state.new_forward(prefill)
-
-    return hook
-
-
-def _reset_trace_hook(state: IllavaState):
-    def hook(module, args):
-        state.encoder_trace = None
 
     return hook

@@ -118,3 +118,142 @@ def tiny_llava_onevision_config(
         image_grid_pinpoints=_pinpoints(vision_config["image_size"], 3),
         tie_word_embeddings=True,
     )
+
+
+_QWEN2_TEXT = {
+    "7b": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+    "2b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "3b": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+}
+_QWEN_TOKENS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+
+
+def _qwen_text(size: str) -> dict:
+    dims = dict(_QWEN2_TEXT[size])
+    return {
+        **dims,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    }
+
+
+def qwen2_vl_config(size: str = "7b"):
+    """Qwen2-VL ``2b`` or ``7b`` with the published dimensions (675M-parameter ViT, 32 blocks)."""
+    from transformers import Qwen2VLConfig
+
+    if size not in ("2b", "7b"):
+        raise ValueError(f"unknown Qwen2-VL size {size!r}; choose 2b or 7b")
+    text = _qwen_text(size)
+    vision = {
+        "depth": 32,
+        "embed_dim": 1280,
+        "num_heads": 16,
+        "mlp_ratio": 4,
+        "hidden_size": text["hidden_size"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    return Qwen2VLConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **_QWEN_TOKENS
+    )
+
+
+def qwen2_5_vl_config(size: str = "7b"):
+    """Qwen2.5-VL ``3b`` or ``7b`` with the published dimensions (windowed ViT, 32 blocks)."""
+    from transformers import Qwen2_5_VLConfig
+
+    if size not in ("3b", "7b"):
+        raise ValueError(f"unknown Qwen2.5-VL size {size!r}; choose 3b or 7b")
+    text = _qwen_text(size)
+    vision = {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": text["hidden_size"],
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 2,
+    }
+    return Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **_QWEN_TOKENS
+    )
+
+
+def tiny_qwen_vl_config(version: str = "2", vocab_size: int = 256):
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) small enough for CPU tests; token ids
+    match ``illava.inputs.word_tokenizer`` (image 1, video 2, vision start 6, vision end 7)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    }
+    tokens = {"image_token_id": 1, "video_token_id": 2, "vision_start_token_id": 6, "vision_end_token_id": 7}
+    if version == "2":
+        vision = {
+            "depth": 4,
+            "embed_dim": 32,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        return Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)
+    vision = {
+        "depth": 4,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": 64,
+        "window_size": 112,
+        "fullatt_block_indexes": [1, 3],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 2,
+    }
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)

@@ -35,7 +35,7 @@ def demo(
     from .demo import run_demo
 
     if preset not in PRESETS:
-        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {sorted(PRESETS)}[/red]")
+        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
         raise typer.Exit(2)
     picture = Image.open(image).convert("RGB") if image is not None else None
     with console.status("building the default model and running baseline vs iLLaVA..."):

@@ -16,7 +16,8 @@ class IllavaConfig:
     Encoder stage: at each layer in ``encoder_layers`` (0-based, inside the vision transformer) the
     ``encoder_removal`` lowest-scored tokens of every crop / frame are removed and recycled into
     survivors. ``encoder_removal`` is either one value for every layer or one per layer; an ``int``
-    is a token count, a ``float`` in (0, 1) a fraction of the tokens present at that layer.
+    is a token count, a ``float`` in (0, 1) a fraction of the tokens present at that layer. Qwen-VL
+    removes whole 2x2 blocks: a count is rounded down to whole blocks, a fraction is of the blocks.
 
     LLM stage: before each decoder layer in ``llm_layers`` (prefill only) every visual span keeps
     ``llm_keep_ratio`` of its tokens (one value, or one per layer), scored by the attention the
@@ -115,8 +116,8 @@ class IllavaConfig:
                     f"IllavaConfig.encoder_layers: layer {layer} comes after the layer the model reads "
                     f"its visual features from ({feature_layer}); allowed 0..{feature_layer}"
                 )
-        n = tokens_per_crop
-        for layer in sorted(self.encoder_layers):
+        n = tokens_per_crop  # 0: dynamic resolution, checked per image at run time
+        for layer in sorted(self.encoder_layers) if n else ():
             r = removal_count(n, self.removal_at(layer))
             if r >= n:
                 raise ValueError(
@@ -165,31 +166,77 @@ def _per_layer(value, layers: tuple[int, ...], layer: int):
 
 
 # ---------------------------------------------------------------------------------- presets
-# The authors' LLaVA-OneVision-7B settings (METHOD.md): SigLIP with 26 layers and 729 tokens per
-# crop, Qwen2-7B with 28 layers. Other depths scale the layer indices proportionally and the
-# removal count with the tokens per crop, so 0.5B (24 LLM layers) and 72B (80) get sensible values.
-_REFERENCE = {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28}
-PRESETS: dict[str, dict] = {
+# Per model family: the authors' settings (METHOD.md) and the dimensions they were published for.
+# Other depths scale the layer indices proportionally and integer removals with the tokens per crop,
+# so LLaVA-OV-0.5B (24 LLM layers) and 72B (80) get sensible values.
+_LLAVA_OV = {
+    "reference": {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28},
     "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 92, "llm_layers": (8,), "llm_keep_ratio": 0.70},
     "video": {"encoder_layers": (3, 4, 5, 6), "encoder_removal": 92, "llm_layers": (2,), "llm_keep_ratio": 0.70},
-    "encoder-only": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 92},
-    "llm-only": {"llm_layers": (8,), "llm_keep_ratio": 0.70},
-    "off": {"enabled": False},
 }
+# Qwen2-VL-7B: encoder layers 12-15 remove 16% (whole 2x2 blocks) each; LLM layers 6, 7, 8 keep 0.9.
+_QWEN2_VL = {
+    "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
+    "image": {
+        "encoder_layers": (12, 13, 14, 15),
+        "encoder_removal": 0.16,
+        "llm_layers": (6, 7, 8),
+        "llm_keep_ratio": 0.9,
+    },
+}
+_QWEN2_VL["video"] = _QWEN2_VL["image"]
+# Qwen2.5-VL merges only at full-attention blocks (7, 15, 23, 31): two merges of 29% remove about as
+# much as Qwen2-VL's four of 16% (1 - 0.71^2 = 0.50 vs 1 - 0.84^4 = 0.50).
+_QWEN2_5_VL = {
+    "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
+    "image": {"encoder_layers": (7, 15), "encoder_removal": 0.29, "llm_layers": (6, 7, 8), "llm_keep_ratio": 0.9},
+}
+_QWEN2_5_VL["video"] = _QWEN2_5_VL["image"]
+FAMILY_PRESETS = {"llava_onevision": _LLAVA_OV, "qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_5_VL}
+PRESETS = ("image", "video", "encoder-only", "llm-only", "off")
 
 
-def preset(name: str, *, encoder_depth: int, tokens_per_crop: int, llm_depth: int, **overrides) -> IllavaConfig:
-    """The preset ``name`` scaled to a model of the given dimensions, with ``overrides`` applied."""
+def _preset_values(name: str, family: str) -> dict:
+    table = FAMILY_PRESETS[family]
+    if name in ("image", "video"):
+        return dict(table[name])
+    image = table["image"]
+    if name == "encoder-only":
+        return {"encoder_layers": image["encoder_layers"], "encoder_removal": image["encoder_removal"]}
+    if name == "llm-only":
+        return {"llm_layers": image["llm_layers"], "llm_keep_ratio": image["llm_keep_ratio"]}
+    return {"enabled": False}
+
+
+def preset(
+    name: str,
+    *,
+    encoder_depth: int,
+    tokens_per_crop: int,
+    llm_depth: int,
+    family: str = "llava_onevision",
+    llm_stage: bool = True,
+    **overrides,
+) -> IllavaConfig:
+    """The preset ``name`` of a model family scaled to a model of the given dimensions.
+
+    ``llm_stage=False`` drops the LLM stage (the authors turn it off for Qwen2-VL-2B).
+    ``overrides`` replace fields of the result.
+    """
     if name not in PRESETS:
-        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {sorted(PRESETS)}")
-    values = dict(PRESETS[name])
+        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)}")
+    reference = FAMILY_PRESETS[family]["reference"]
+    values = _preset_values(name, family)
     if "encoder_layers" in values:
-        values["encoder_layers"] = _scale_layers(values["encoder_layers"], _REFERENCE["encoder_depth"], encoder_depth)
-        values["encoder_removal"] = max(
-            1, round(values["encoder_removal"] * tokens_per_crop / _REFERENCE["tokens_per_crop"])
-        )
+        values["encoder_layers"] = _scale_layers(values["encoder_layers"], reference["encoder_depth"], encoder_depth)
+        if isinstance(values["encoder_removal"], int):
+            scaled = values["encoder_removal"] * tokens_per_crop / reference["tokens_per_crop"]
+            values["encoder_removal"] = max(1, round(scaled))
     if "llm_layers" in values:
-        values["llm_layers"] = _scale_layers(values["llm_layers"], _REFERENCE["llm_depth"], llm_depth, minimum=1)
+        if llm_stage:
+            values["llm_layers"] = _scale_layers(values["llm_layers"], reference["llm_depth"], llm_depth, minimum=1)
+        else:
+            del values["llm_layers"], values["llm_keep_ratio"]
     values.update(overrides)
     return IllavaConfig(preset=name, **values)
 

@@ -17,7 +17,16 @@ from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-SPECIAL_TOKENS = ["<pad>", "<image>", "<video>", "<unk>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<image>",
+    "<video>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+]
 _WORDS = (
     "a an the is are was what which who where how many much color shape of in on at to and or not yes no "
     "this that there it its image picture photo video frame show shows shown describe answer question "
@@ -34,7 +43,8 @@ CHAT_TEMPLATE = (
 def word_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
     """A small word-level tokenizer (built offline) whose ids 0..5 are the special tokens.
 
-    ``<image>`` is id 1 and ``<video>`` id 2, matching ``tiny_llava_onevision_config``.
+    ``<image>`` is id 1, ``<video>`` id 2, ``<|vision_start|>`` 6 and ``<|vision_end|>`` 7, matching
+    the tiny configs of ``illava.architectures``.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -179,3 +189,69 @@ def placeholder_inputs(
     ids = torch.cat(pieces)[None]
     data.update(input_ids=ids, attention_mask=torch.ones_like(ids))
     return BatchFeature(data)
+
+
+# ------------------------------------------------------------------------------------- Qwen-VL
+def qwen_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
+    """The PIL Qwen2-VL image processor (also Qwen2.5-VL's) with a pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+def qwen_video_pixels(frames: Sequence[Image.Image | np.ndarray], image_processor) -> tuple[torch.Tensor, list[int]]:
+    """``pixel_values_videos`` and ``[t, h, w]`` as the Qwen2-VL video processor makes them: frames
+    resized like images, consecutive frame pairs packed into the temporal patch of 2."""
+    frames = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
+    if len(frames) % 2:
+        frames = frames + frames[-1:]
+    out = image_processor(frames, return_tensors="pt")
+    grid = out["image_grid_thw"][0].tolist()
+    per_frame = out["pixel_values"].view(len(frames), grid[1] * grid[2], 3, 2, -1)[:, :, :, 0]  # drop the copy
+    pairs = per_frame.view(len(frames) // 2, 2, *per_frame.shape[1:]).permute(0, 2, 3, 1, 4)
+    return pairs.reshape(-1, 3 * 2 * per_frame.shape[-1]), [len(frames) // 2, grid[1], grid[2]]
+
+
+def build_qwen_inputs(
+    config,
+    tokenizer,
+    image_processor,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image] = (),
+    videos: Sequence[Sequence[Image.Image | np.ndarray]] = (),
+) -> BatchFeature:
+    """Qwen2-VL / Qwen2.5-VL batch: ``<image>``/``<video>`` markers become
+    ``<|vision_start|>`` + stock placeholders + ``<|vision_end|>``; ``mm_token_type_ids`` as the
+    stock processor returns them."""
+    merge = config.vision_config.spatial_merge_size**2
+    data, texts = {}, list(prompts)
+    if sum(p.count("<image>") for p in prompts) != len(images) or sum(p.count("<video>") for p in prompts) != len(
+        videos
+    ):
+        raise ValueError("the number of <image>/<video> markers must match the images/videos given")
+    if images:
+        pix = image_processor(list(images), return_tensors="pt")
+        data.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+        counts = iter((pix["image_grid_thw"].prod(-1) // merge).tolist())
+        texts = [_expand(t, "<image>", counts) for t in texts]
+    if videos:
+        packed = [qwen_video_pixels(v, image_processor) for v in videos]
+        data["pixel_values_videos"] = torch.cat([p for p, _ in packed])
+        data["video_grid_thw"] = torch.tensor([g for _, g in packed])
+        counts = iter((data["video_grid_thw"].prod(-1) // merge).tolist())
+        texts = [_expand(t, "<video>", counts) for t in texts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    types = torch.zeros_like(ids)
+    types[ids == config.image_token_id] = 1
+    types[ids == config.video_token_id] = 2
+    data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=types)
+    return BatchFeature(data)
+
+
+def _expand(text: str, marker: str, counts) -> str:
+    parts = text.split(marker)
+    out = parts[0]
+    for part in parts[1:]:
+        out += "<|vision_start|>" + "\0" * next(counts) + "<|vision_end|>" + part
+    return out.replace("\0", marker)

@@ -180,10 +180,12 @@ class LLMStage:
             embeds = _gather_seq(embeds, index)
             item_ids = item_ids.gather(1, index).masked_fill(~mask2d, -1)
             positions = kwargs.get("position_ids")
+            if state.renumber_positions:
+                if positions is not None:
+                    positions = positions.to(device) - drop.long().cumsum(1)
+                shift = drop.long().sum(1)
             if positions is not None:
-                removed_before = drop.long().cumsum(1)
-                kwargs["position_ids"] = _gather_positions(positions.to(device) - removed_before, index)
-            shift = drop.long().sum(1)
+                kwargs["position_ids"] = _gather_positions(positions.to(device), index)
             kwargs["inputs_embeds"] = embeds
             kwargs["attention_mask"] = mask2d.long() if (mask is not None or not mask2d.all()) else None
         else:

@@ -120,6 +120,13 @@ class IllavaState:
     items: list[VisualItem] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
     session: object | None = None  # the LLM-stage session of the forward in progress
+    # After the decoder-input compaction, are positions renumbered as if the prompt had been built
+    # with fewer placeholders (LLaVA: the authors' setting) or gathered from the survivors' true
+    # positions (Qwen-VL's M-RoPE, whose decoding positions come from stock rope deltas)?
+    renumber_positions: bool = True
+    # Qwen-VL vision encoder: reduced inputs handed to the blocks after a merge
+    vision: object | None = None
+    vision_kind: str = "image"
 
     def add_pending(self, kind: str, items: list[VisualItem], encoder_stats: dict | None) -> None:
         self.pending.setdefault(kind, []).append((items, encoder_stats))

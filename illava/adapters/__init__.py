@@ -36,6 +36,11 @@ class Adapter:
     """What a model family must tell the library."""
 
     model_classes: tuple[str, ...] = ()
+    renumber_positions = True  # see IllavaState.renumber_positions
+
+    def family(self, model) -> str:
+        """Key of the family's presets in ``illava.config.FAMILY_PRESETS``."""
+        raise NotImplementedError
 
     def parts(self, model) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
         """(inner multimodal model, vision tower, decoder)."""
@@ -45,9 +50,19 @@ class Adapter:
         """encoder_depth, tokens_per_crop, llm_depth and feature_layer of this model."""
         raise NotImplementedError
 
+    def llm_stage_in_presets(self, model) -> bool:
+        return True
+
+    def check(self, model, config) -> None:
+        """Raise ``ValueError`` for a configuration this family cannot run."""
+
     def patch(self, model, state) -> None:
         """Swap the classes this family needs."""
         raise NotImplementedError
+
+    def hooks(self, model, state) -> list:
+        """Register this family's hooks; return their handles."""
+        return []
 
     def query_key(self):
         """Function giving the scoring query/keys of a decoder attention module (``illava.llm``)."""
@@ -58,8 +73,9 @@ class Adapter:
 
 def adapter_for(model) -> Adapter:
     from .llava_onevision import LlavaOnevisionAdapter
+    from .qwen_vl import QwenVLAdapter
 
-    adapters = [LlavaOnevisionAdapter()]
+    adapters = [LlavaOnevisionAdapter(), QwenVLAdapter()]
     names = [c.__name__ for c in type(model).__mro__]
     for adapter in adapters:
         if any(name in adapter.model_classes for name in names):

@@ -29,6 +29,7 @@ from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
 from ..encoder import encoder_merge, pool_survivors, rows_with_newlines
 from ..merge import attention_with_received_scores
+from ..placeholders import PlaceholderMixin
 from ..state import VisualItem
 from . import Adapter, swap_class
 
@@ -64,13 +65,12 @@ class IllavaSiglipLayer:
         return residual + hidden
 
 
-class IllavaLlavaOnevisionModel:
+class IllavaLlavaOnevisionModel(PlaceholderMixin):
     """LLaVA-OneVision model with iLLaVA's layout of survivors.
 
     Modifications: ``pack_image_features`` and ``apply_pooling`` lay out the encoder-stage
-    survivors by their source positions (module docstring); ``get_placeholder_mask`` accepts the
-    stock number of placeholders and records which slots have no feature (the decoder input hook
-    removes them) and which visual item every slot belongs to (the LLM stage needs the spans).
+    survivors by their source positions (module docstring); ``get_placeholder_mask`` comes from
+    ``PlaceholderMixin``.
     """
 
     def _side(self) -> int:
@@ -162,8 +162,16 @@ class IllavaLlavaOnevisionModel:
         self._illava_video = (valid, {"kind": "video", "crops": frames, "layers": trace.layers})
         return pooled
 
-    def get_video_features(self, pixel_values_videos, *args, **kwargs):
-        out = super().get_video_features(pixel_values_videos, *args, **kwargs)
+    # generate() picks the arguments from the signature: keep the stock one
+    def get_video_features(
+        self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
+        out = super().get_video_features(
+            pixel_values_videos,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            **kwargs,
+        )
         state = self._illava
         batch, frames = pixel_values_videos.shape[:2]
         valid, encoder_stats = self.__dict__.pop("_illava_video", (None, None))
@@ -176,48 +184,12 @@ class IllavaLlavaOnevisionModel:
         state.add_pending("video", items, encoder_stats)
         return out
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds)
-        if image_features is not None:
-            image_mask = self._fill_slots("image", image_mask[..., 0], image_features)[..., None]
-        if video_features is not None:
-            video_mask = self._fill_slots("video", video_mask[..., 0], video_features)[..., None]
-        return image_mask, video_mask
-
-    def _fill_slots(self, kind: str, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Mark the slots that receive a feature; record slots to drop and the item of each slot."""
-        state = self._illava
-        items = state.take_pending(kind, features.shape[0])
-        where = slots.nonzero()  # row-major: the order in which stock scatters features
-        stock = sum(i.stock_tokens for i in items)
-        if where.shape[0] != stock or sum(i.feature_tokens for i in items) != features.shape[0]:
-            raise ValueError(
-                f"illava: the input has {where.shape[0]} {kind} placeholder tokens but the {len(items)} "
-                f"{kind}(s) need {stock} (stock transformers' count); build the prompt with the stock "
-                "processor for the unmodified model"
-            )
-        if state.drop is None:
-            state.drop = torch.zeros(slots.shape, dtype=torch.bool, device=slots.device)
-            state.item_ids = torch.full(slots.shape, -1, dtype=torch.long, device=slots.device)
-        fill = torch.zeros_like(slots)
-        start = 0
-        for item in items:
-            rows, cols = where[start : start + item.stock_tokens].unbind(1)
-            item.sample = int(rows[0])
-            n = item.feature_tokens
-            keep = torch.zeros(item.stock_tokens, dtype=torch.bool, device=slots.device)
-            keep[:n] = True if item.valid is None else item.valid.to(slots.device)
-            fill[rows[:n], cols[:n]] = True
-            state.drop[rows[~keep], cols[~keep]] = True
-            state.item_ids[rows[keep], cols[keep]] = len(state.items)
-            state.items.append(item)
-            start += item.stock_tokens
-        state.stats.items = list(state.items)
-        return fill
-
 
 class LlavaOnevisionAdapter(Adapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def family(self, model) -> str:
+        return "llava_onevision"
 
     def parts(self, model):
         inner = model.model
@@ -246,9 +218,15 @@ class LlavaOnevisionAdapter(Adapter):
                 "illava: the encoder stage needs vision_feature_select_strategy='full' (every encoder token is a "
                 f"patch); this model uses {model.config.vision_feature_select_strategy!r}"
             )
-        inner, vision, _ = self.parts(model)
+        inner = model.model
         swap_class(inner, IllavaLlavaOnevisionModel, state)
         layers = self.encoder_layers(model)
         for i in state.config.encoder_layers:
             swap_class(layers[i], IllavaSiglipLayer, state)
             layers[i]._illava_layer = i
+
+    def hooks(self, model, state) -> list:
+        def reset_trace(module, args):
+            state.encoder_trace = None
+
+        return [model.model.vision_tower.register_forward_pre_hook(reset_trace)]
