@@ -24,8 +24,9 @@ def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "
             llm_depth=dims["llm_depth"],
             family=adapter.family(model),
             llm_stage=adapter.llm_stage_in_presets(model),
-            **overrides,
         )
+        cfg = adapter.adjust_preset(model, cfg)
+        cfg = cfg.replace(**overrides) if overrides else cfg
     elif isinstance(config, IllavaConfig):
         cfg = config.replace(**overrides) if overrides else config
     else:

@@ -53,6 +53,10 @@ class Adapter:
     def llm_stage_in_presets(self, model) -> bool:
         return True
 
+    def adjust_preset(self, model, config):
+        """A preset scaled to ``model``, adjusted to what this family can run."""
+        return config
+
     def check(self, model, config) -> None:
         """Raise ``ValueError`` for a configuration this family cannot run."""
 

@@ -195,6 +195,17 @@ class QwenVLAdapter(Adapter):
         # the authors turn the LLM stage off for Qwen2-VL-2B (text width 1536)
         return model.config.text_config.hidden_size >= 2048
 
+    def adjust_preset(self, model, config):
+        full = getattr(model.model.visual, "fullatt_block_indexes", None)
+        if full is None or not config.encoder_layers:
+            return config
+        # scaled preset layers snap to the nearest full-attention blocks
+        snapped = []
+        for layer in config.encoder_layers:
+            options = [b for b in full if b not in snapped] or list(full)
+            snapped.append(min(options, key=lambda b: abs(b - layer)))
+        return config.replace(encoder_layers=tuple(dict.fromkeys(snapped)))
+
     def check(self, model, config) -> None:
         full = getattr(model.model.visual, "fullatt_block_indexes", None)
         if full is not None:
