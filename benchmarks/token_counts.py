@@ -1,7 +1,11 @@
-"""Visual tokens per stage for the `image` and `video` presets at real LLaVA-OneVision sizes.
+"""Visual tokens per stage for the `image` and `video` presets at real architecture sizes.
 
-Random weights (compute and counts do not depend on weight values; which tokens survive does).
-    python benchmarks/token_counts.py --size 0.5b --frames 32
+Random weights: compute and counts do not depend on the weight values (which tokens survive does).
+With --truncate, decoder layers after the last LLM merge layer are not built (no count depends on
+them), so 7B-size models fit a 24 GB CPU machine in fp32.
+
+    python benchmarks/token_counts.py --arch llava-onevision-qwen2-0.5b --frames 32
+    python benchmarks/token_counts.py --arch qwen2-vl-7b --frames 8 --truncate
 """
 
 from __future__ import annotations
@@ -10,52 +14,81 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from skimage import data
-from transformers import LlavaOnevisionForConditionalGeneration
 
 import illava
-from illava.architectures import llava_onevision_config
-from illava.inputs import image_processor_for, placeholder_inputs
+from illava.architectures import ARCHITECTURES, build_architecture
+from illava.inputs import build_qwen_inputs, image_processor_for, placeholder_inputs, qwen_image_processor
+
+
+def inputs_for(model, images, videos):
+    config = model.config
+    if config.model_type == "llava_onevision":
+        return placeholder_inputs(config, image_processor_for(config), images, videos)
+    return qwen_placeholder_inputs(config, images, videos)
+
+
+def qwen_placeholder_inputs(config, images, videos):
+    """Qwen inputs without a tokenizer: random text ids around the stock placeholders."""
+
+    class Ids:  # the minimal tokenizer interface build_qwen_inputs needs
+        def __call__(self, texts, return_tensors, padding):
+            ids = []
+            for text in texts:
+                row = []
+                for piece in text.replace("<|vision_start|>", " S ").replace("<|vision_end|>", " E ").split():
+                    row.append(
+                        {
+                            "S": config.vision_start_token_id,
+                            "E": config.vision_end_token_id,
+                            "<image>": config.image_token_id,
+                            "<video>": config.video_token_id,
+                        }.get(piece, 100)
+                    )
+                ids.append(row)
+            tensor = torch.tensor(ids)
+            return {"input_ids": tensor, "attention_mask": torch.ones_like(tensor)}
+
+    prompt = "a " * 32 + "".join(" <image> " for _ in images) + "".join(" <video> " for _ in videos) + " b" * 32
+    spaced = prompt.replace("<image>", " <image> ").replace("<video>", " <video> ")
+    inputs = build_qwen_inputs(config, Ids(), qwen_image_processor(), [spaced], images, videos)
+    return inputs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="0.5b", choices=["0.5b", "7b", "72b"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b", choices=sorted(ARCHITECTURES))
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--truncate", action="store_true", help="build decoder layers only up to the last merge")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    config = llava_onevision_config(args.size)
-    start = time.time()
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=getattr(torch, args.dtype)).eval()
-    print(f"built LLaVA-OneVision-{args.size} with random weights in {time.time() - start:.0f}s", flush=True)
-    processor = image_processor_for(config)
-    wide = Image.fromarray(np.asarray(Image.fromarray(data.astronaut()).resize((1280, 720))))
-    frames = [Image.fromarray(data.astronaut()).rotate(3 * i) for i in range(args.frames)]
+    astronaut = Image.fromarray(data.astronaut())
+    frames = [astronaut.resize((640, 360)).rotate(3 * i) for i in range(args.frames)]
     cases = {
-        "image 384x384": ("image", [Image.fromarray(data.astronaut()).resize((384, 384))], []),
-        "image 1280x720": ("image", [wide], []),
-        f"video {args.frames} frames": ("video", [], [frames]),
+        "image 384x384": ("image", [astronaut.resize((384, 384))], []),
+        "image 1280x720": ("image", [astronaut.resize((1280, 720))], []),
+        f"video {args.frames} frames 640x360": ("video", [], [frames]),
     }
+    meta = build_architecture(args.arch, device="meta")
     results = {}
     for name, (preset, images, videos) in cases.items():
-        inputs = placeholder_inputs(config, processor, images, videos)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        if "pixel_values_videos" in inputs:
-            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
-        cfg = illava.apply(model, preset)
+        cfg = illava.resolve_config(meta, preset)
+        depth = max(cfg.llm_layers) + 1 if args.truncate and cfg.llm_layers else None
         start = time.time()
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        torch.manual_seed(0)
+        model = build_architecture(args.arch, llm_layers=depth)
+        built = time.time() - start
+        illava.apply(model, cfg)
+        start = time.time()
+        model(**inputs_for(model, images, videos), use_cache=False, logits_to_keep=1)
         stats = illava.stats(model)
-        results[name] = {"preset": preset, "config": str(cfg), **stats.as_dict()}
-        print(f"\n== {name}, preset '{preset}' ({time.time() - start:.0f}s)\n{stats}", flush=True)
-    illava.remove(model)
+        results[name] = {"preset": preset, "config": str(cfg), "decoder_layers_built": depth, **stats.as_dict()}
+        print(f"\n== {args.arch}: {name}, preset '{preset}' (built {built:.0f}s, ran {time.time() - start:.0f}s)")
+        print(f"config: {cfg}\n{stats}", flush=True)
+        del model
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)

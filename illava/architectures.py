@@ -6,6 +6,7 @@ weight values. Nothing here downloads anything.
 
 from __future__ import annotations
 
+import torch
 from transformers import LlavaOnevisionConfig
 
 # SigLIP-so400m as used by LLaVA-OneVision (last layer removed: 26 layers), 384 px, patch 14.
@@ -257,3 +258,36 @@ def tiny_qwen_vl_config(version: str = "2", vocab_size: int = 256):
         "tokens_per_second": 2,
     }
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)
+
+
+# name -> (config factory, model class name); used by the benchmarks and `illava bench --arch`
+ARCHITECTURES = {
+    "llava-onevision-qwen2-0.5b": (lambda: llava_onevision_config("0.5b"), "LlavaOnevisionForConditionalGeneration"),
+    "llava-onevision-qwen2-7b": (lambda: llava_onevision_config("7b"), "LlavaOnevisionForConditionalGeneration"),
+    "llava-onevision-qwen2-72b": (lambda: llava_onevision_config("72b"), "LlavaOnevisionForConditionalGeneration"),
+    "qwen2-vl-2b": (lambda: qwen2_vl_config("2b"), "Qwen2VLForConditionalGeneration"),
+    "qwen2-vl-7b": (lambda: qwen2_vl_config("7b"), "Qwen2VLForConditionalGeneration"),
+    "qwen2.5-vl-3b": (lambda: qwen2_5_vl_config("3b"), "Qwen2_5_VLForConditionalGeneration"),
+    "qwen2.5-vl-7b": (lambda: qwen2_5_vl_config("7b"), "Qwen2_5_VLForConditionalGeneration"),
+}
+
+
+def build_architecture(name: str, dtype=None, device=None, llm_layers: int | None = None):
+    """A model of a bundled architecture with random weights (no download).
+
+    ``llm_layers`` keeps only the first decoder layers (token counts of layers beyond the last LLM
+    merge layer do not depend on them); ``device="meta"`` builds without memory.
+    """
+    import transformers
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    factory, class_name = ARCHITECTURES[name]
+    config = factory()
+    if llm_layers is not None:
+        config.text_config.num_hidden_layers = llm_layers
+        config.text_config.layer_types = config.text_config.layer_types[:llm_layers]
+    cls = getattr(transformers, class_name)
+    with torch.device(device or "cpu"):
+        model = cls._from_config(config, dtype=dtype) if dtype is not None else cls(config)
+    return model.eval()

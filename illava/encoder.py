@@ -23,7 +23,7 @@ def encoder_merge(state: IllavaState, layer: int, hidden: torch.Tensor, received
     )
     trace.positions = trace.positions.to(hidden.device).gather(1, res.kept)
     trace.assign = compose_assign(trace.assign.to(hidden.device), res.assign)
-    trace.layers.append((layer, n, n - r))
+    trace.layers.append((layer, b * n, b * (n - r)))  # totals over the crops of the call
     return res.tokens
 
 

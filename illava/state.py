@@ -15,7 +15,7 @@ class EncoderTrace:
 
     positions: torch.Tensor  # (B, N) original patch index of each current token's own patch
     assign: torch.Tensor  # (B, N0) current token representing each original patch, -1 if dropped
-    layers: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, tokens in, tokens out)
+    layers: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, tokens in, out), all crops
 
     @classmethod
     def start(cls, batch: int, tokens: int, device: torch.device) -> EncoderTrace:
@@ -52,7 +52,9 @@ class LLMLayerStats:
 class Stats:
     """Visual tokens per stage for the last prefill. ``str(stats)`` is a readable table."""
 
-    encoder: list[dict] = field(default_factory=list)  # kind, crops, layers [(layer, in, out)]
+    # one entry per encoder call: kind, crops (crops or frames), tokens (entering the encoder, all
+    # crops), layers [(layer, tokens in, tokens out)] with totals over the crops
+    encoder: list[dict] = field(default_factory=list)
     items: list[VisualItem] = field(default_factory=list)
     llm: list[LLMLayerStats] = field(default_factory=list)
     sequence_in: int = 0  # LLM input length as given (padded, with stock placeholders)
@@ -91,8 +93,12 @@ class Stats:
     def __str__(self) -> str:
         lines = []
         for enc in self.encoder:
-            steps = ", ".join(f"L{layer}: {a}->{b}" for layer, a, b in enc["layers"])
-            lines.append(f"encoder ({enc['kind']}, {enc['crops']} crops/frames): {steps or 'no merge'}")
+            crops = enc["crops"]
+            steps = ", ".join(f"L{layer}: {a / crops:g}->{b / crops:g}" for layer, a, b in enc["layers"])
+            lines.append(
+                f"encoder ({enc['kind']}, {crops} crops/frames, {enc['tokens'] / crops:g} tokens each): "
+                f"{steps or 'no merge'} per crop/frame"
+            )
         for i in self.items:
             lines.append(f"sample {i.sample} {i.kind}: {i.stock_tokens} stock tokens -> {i.tokens} after encoder stage")
         for layer in self.llm:
@@ -128,7 +134,7 @@ class IllavaState:
     vision: object | None = None
     vision_kind: str = "image"
 
-    def add_pending(self, kind: str, items: list[VisualItem], encoder_stats: dict | None) -> None:
+    def add_pending(self, kind: str, items: list[VisualItem], encoder_stats: dict) -> None:
         self.pending.setdefault(kind, []).append((items, encoder_stats))
 
     def take_pending(self, kind: str, feature_tokens: int) -> list[VisualItem]:
@@ -136,8 +142,7 @@ class IllavaState:
         calls (features computed and never used) are discarded."""
         for items, encoder_stats in reversed(self.pending.pop(kind, [])):
             if sum(i.feature_tokens for i in items) == feature_tokens:
-                if encoder_stats is not None:
-                    self.stats.encoder.append(encoder_stats)
+                self.stats.encoder.append(encoder_stats)
                 return items
         return []
 

@@ -12,7 +12,7 @@ def test_default_command_runs_the_demo():
     assert "baseline" in out and "illava" in out and "prefill speedup" in out
     # the real photo (451x300, AnyRes 2x3 grid on 64px crops) gives 464 stock visual tokens
     assert re.search(r"baseline.*464.*464.*464", out)
-    assert "L4: 40->32" in out
+    assert "L4: 40->32 per crop/frame" in out
 
 
 def test_demo_with_own_image_and_preset(tmp_path):

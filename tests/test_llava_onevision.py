@@ -66,7 +66,9 @@ def test_encoder_counts_per_layer_anyres_image(model, build, photos):
     stats = illava.stats(model)
     (enc,) = stats.encoder
     assert enc["kind"] == "image" and enc["crops"] == 7  # base + 2x3 grid for 451x300
-    assert enc["layers"] == [(1, 64, 54), (3, 54, 40)]  # 0.25 * 54 = 13.5 -> 14 removed
+    per_crop = [(layer, a // 7, b // 7) for layer, a, b in enc["layers"]]
+    assert per_crop == [(1, 64, 54), (3, 54, 40)]  # 0.25 * 54 = 13.5 -> 14 removed
+    assert enc["tokens"] == 7 * 64
 
 
 def test_anyres_layout_counts_match_source_positions(model, build, photos, config):
@@ -104,7 +106,9 @@ def test_image_preset_counts_and_llm_stage(model, build, photos):
     assert cfg.encoder_layers == (1, 2, 3, 4) and cfg.encoder_removal == 8 and cfg.llm_layers == (1,)
     logits(model, build([IMAGE_Q], [photos["astronaut"]]))
     stats = illava.stats(model)
-    assert [layer[1:] for layer in stats.encoder[0]["layers"]] == [(64, 56), (56, 48), (48, 40), (40, 32)]
+    crops = stats.encoder[0]["crops"]
+    per_crop = [(a // crops, b // crops) for _, a, b in stats.encoder[0]["layers"]]
+    assert per_crop == [(64, 56), (56, 48), (48, 40), (40, 32)]
     (item,) = stats.items
     (llm,) = stats.llm
     assert llm.layer == 1 and llm.visual_in == [item.tokens]
@@ -127,7 +131,8 @@ def test_video_pooling_of_survivors(model, build, frames):
     inputs = build([chat("<video>\nwhat happens?")], (), [frames])
     logits(model, inputs)
     stats = illava.stats(model)
-    assert stats.encoder[0]["kind"] == "video" and stats.encoder[0]["layers"] == [(1, 64, 50), (2, 50, 36)]
+    assert stats.encoder[0]["kind"] == "video" and stats.encoder[0]["crops"] == 4
+    assert stats.encoder[0]["layers"] == [(1, 4 * 64, 4 * 50), (2, 4 * 50, 4 * 36)]
     (item,) = stats.items
     assert item.stock_tokens == 4 * 16 + 1
     cells = math.ceil(math.sqrt(36) / 2) ** 2  # 9 cells per frame, empty ones give no token
@@ -140,7 +145,8 @@ def test_any_removal_count_works(model, build, photos, frames):
         illava.apply(model, IllavaConfig(encoder_layers=(3,), encoder_removal=removal))
         out = logits(model, build([IMAGE_Q, chat("<video>x")], [photos["cat"]], [frames]))
         assert torch.isfinite(out).all()
-        assert illava.stats(model).encoder[0]["layers"] == [(3, 64, 64 - removal)]
+        enc = illava.stats(model).encoder[0]
+        assert enc["layers"] == [(3, enc["crops"] * 64, enc["crops"] * (64 - removal))]
 
 
 # ------------------------------------------------------------------------------ generation
@@ -306,7 +312,8 @@ def test_dispatched_model_keeps_working(model, build, photos, config):
     seq, scores = greedy(model, inputs)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores)
-    assert illava.stats(model).encoder[0]["layers"][-1] == (4, 40, 32)
+    enc = illava.stats(model).encoder[0]
+    assert enc["layers"][-1] == (4, enc["crops"] * 40, enc["crops"] * 32)
 
 
 def test_offloaded_model_keeps_working(model, build, photos):

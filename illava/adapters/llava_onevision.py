@@ -76,6 +76,10 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
     def _side(self) -> int:
         return self.config.vision_config.image_size // self.config.vision_config.patch_size
 
+    def _encoder_stats(self, kind: str, crops: int, trace) -> dict:
+        layers = trace.layers if trace is not None else []
+        return {"kind": kind, "crops": crops, "tokens": crops * self._side() ** 2, "layers": layers}
+
     def _take_trace(self):
         trace, self._illava.encoder_trace = self._illava.encoder_trace, None
         return trace
@@ -101,8 +105,7 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
         items = [
             VisualItem("image", int(s), int(n), crops=c) for s, n, c in zip(stock_lens.tolist(), lens.tolist(), crops)
         ]
-        encoder_stats = None if trace is None else {"kind": "image", "crops": sum(crops), "layers": trace.layers}
-        state.add_pending("image", items, encoder_stats)
+        state.add_pending("image", items, self._encoder_stats("image", sum(crops), trace))
         return packed, lens
 
     def _pack_survivors(self, feature, positions, image_size, newline, aspect):
@@ -145,7 +148,7 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
         trace = self._take_trace()
         side = self._side()
         if trace is None:
-            self._illava_video = (None, None)
+            self._illava_video = (None, self._encoder_stats("video", image_features.shape[0], None))
             return super().apply_pooling(image_features)
         frames, k, _ = image_features.shape
         cells = math.ceil(math.sqrt(k) / 2)
@@ -159,7 +162,7 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
         for i, p in enumerate(per_frame):
             pooled[i, : p.shape[0]] = p
             valid[i, : p.shape[0]] = True
-        self._illava_video = (valid, {"kind": "video", "crops": frames, "layers": trace.layers})
+        self._illava_video = (valid, self._encoder_stats("video", frames, trace))
         return pooled
 
     # generate() picks the arguments from the signature: keep the stock one
@@ -174,7 +177,7 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
         )
         state = self._illava
         batch, frames = pixel_values_videos.shape[:2]
-        valid, encoder_stats = self.__dict__.pop("_illava_video", (None, None))
+        valid, encoder_stats = self.__dict__.pop("_illava_video")
         stock = frames * math.ceil(self._side() / 2) ** 2 + 1
         features = out.pooler_output.shape[1]
         items = []

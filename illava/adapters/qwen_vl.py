@@ -281,9 +281,12 @@ def _scatter_merged(state):
             VisualItem(state.vision_kind, n, n, v if run.reduced else None, crops=int(t))
             for n, v, t in zip(sizes, torch.split(raster_valid, sizes), run.grid_thw[:, 0].tolist())
         ]
-        stats = (
-            {"kind": state.vision_kind, "crops": len(run.frame_blocks), "layers": run.layers} if run.reduced else None
-        )
+        stats = {
+            "kind": state.vision_kind,
+            "crops": len(run.frame_blocks),
+            "tokens": total * run.unit,
+            "layers": run.layers,
+        }
         state.add_pending(state.vision_kind, items, stats)
         return output
 
