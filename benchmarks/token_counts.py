@@ -20,41 +20,14 @@ from skimage import data
 
 import illava
 from illava.architectures import ARCHITECTURES, build_architecture
-from illava.inputs import build_qwen_inputs, image_processor_for, placeholder_inputs, qwen_image_processor
+from illava.inputs import image_processor_for, placeholder_inputs, qwen_image_processor, qwen_placeholder_inputs
 
 
 def inputs_for(model, images, videos):
     config = model.config
     if config.model_type == "llava_onevision":
         return placeholder_inputs(config, image_processor_for(config), images, videos)
-    return qwen_placeholder_inputs(config, images, videos)
-
-
-def qwen_placeholder_inputs(config, images, videos):
-    """Qwen inputs without a tokenizer: random text ids around the stock placeholders."""
-
-    class Ids:  # the minimal tokenizer interface build_qwen_inputs needs
-        def __call__(self, texts, return_tensors, padding):
-            ids = []
-            for text in texts:
-                row = []
-                for piece in text.replace("<|vision_start|>", " S ").replace("<|vision_end|>", " E ").split():
-                    row.append(
-                        {
-                            "S": config.vision_start_token_id,
-                            "E": config.vision_end_token_id,
-                            "<image>": config.image_token_id,
-                            "<video>": config.video_token_id,
-                        }.get(piece, 100)
-                    )
-                ids.append(row)
-            tensor = torch.tensor(ids)
-            return {"input_ids": tensor, "attention_mask": torch.ones_like(tensor)}
-
-    prompt = "a " * 32 + "".join(" <image> " for _ in images) + "".join(" <video> " for _ in videos) + " b" * 32
-    spaced = prompt.replace("<image>", " <image> ").replace("<video>", " <video> ")
-    inputs = build_qwen_inputs(config, Ids(), qwen_image_processor(), [spaced], images, videos)
-    return inputs
+    return qwen_placeholder_inputs(config, qwen_image_processor(), images, videos)
 
 
 def main() -> None:

@@ -61,5 +61,174 @@ def demo(
     console.print("[bold]iLLaVA tokens per stage:[/bold]\n" + results["illava"].stats)
 
 
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _removal(text: str | None):
+    if text is None:
+        return None
+    values = [float(v) if "." in v else int(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Argument(help="Hub id or local folder of a supported model.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Bundled architecture with random weights (no download).")] = None,
+    preset: Annotated[str, typer.Option(help="iLLaVA preset.")] = "image",
+    encoder_layers: Annotated[str | None, typer.Option(help="Override, e.g. 5,6,7,8")] = None,
+    encoder_removal: Annotated[str | None, typer.Option(help="Override: count (92) or fraction (0.16)")] = None,
+    llm_layers: Annotated[str | None, typer.Option(help="Override, e.g. 8")] = None,
+    llm_keep_ratio: Annotated[float | None, typer.Option(help="Override, in (0, 1]")] = None,
+    recycle: Annotated[str | None, typer.Option(help="Override: rank, cluster or prune")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file (default: bundled 384x384 photo).")] = None,
+    video: Annotated[bool, typer.Option(help="Use the bundled video instead of an image.")] = False,
+    frames: Annotated[int, typer.Option(min=1, help="Frames of the bundled video.")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager")] = "sdpa",
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    sweep: Annotated[str | None, typer.Option(help="Reduction levels relative to the config, e.g. 0.5,1,1.5")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the full report (JSON) here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of speedup and tokens kept per level.")] = None,
+) -> None:
+    """Measure stock vs patched-but-disabled vs iLLaVA side by side, alternating in one process."""
+    import json
+
+    import torch
+    from PIL import Image
+    from rich.progress import Progress
+
+    from . import bench as b
+
+    if preset not in PRESETS:
+        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
+        raise typer.Exit(2)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        console.print(f"[red]--dtype must be float32, bfloat16 or float16, got {dtype!r}[/red]")
+        raise typer.Exit(2)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        console.print("[red]--device cuda asked for, but torch sees no CUDA device[/red]")
+        raise typer.Exit(2)
+    try:
+        net, name = b.load_model(model, arch, torch_dtype, device)
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    net.set_attn_implementation(attn)
+    overrides = {
+        "encoder_layers": _ints(encoder_layers),
+        "encoder_removal": _removal(encoder_removal),
+        "llm_layers": _ints(llm_layers),
+        "llm_keep_ratio": llm_keep_ratio,
+        "recycle": recycle,
+    }
+    from .api import resolve_config
+
+    try:
+        config = resolve_config(net, preset, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    pictures = [] if video else [Image.open(image).convert("RGB") if image else b.default_image()]
+    clips = [b.default_video(frames)] if video else []
+    inputs = b.make_inputs(net, model, pictures, clips, batch_size)
+    levels = [float(v) for v in sweep.split(",")] if sweep else []
+    runs = (warmup + repeats) * (3 + len(levels))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"benchmarking {name}", total=runs)
+        report = b.run_bench(
+            net,
+            name,
+            inputs,
+            config,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            warmup=warmup,
+            sweep=levels,
+            progress=lambda setting: bar.advance(task),
+        )
+    _print_report(report)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_path}")
+    if plot:
+        b.plot_sweep(report, str(plot))
+        console.print(f"plot written to {plot}")
+
+
+def _fmt(metric: dict | None) -> str:
+    if metric is None:
+        return "-"
+    median = metric["median"]
+    spread = 50 * (metric["max"] - metric["min"]) / median if median else 0.0
+    return f"{median:.4g} ±{spread:.0f}%"
+
+
+def _print_report(report: dict) -> None:
+    settings = report["settings"]
+    console.print(
+        f"[bold]{report['model']}[/bold] on {report['device']}, {report['dtype']}, {report['attn_implementation']}, "
+        f"batch {report['batch_size']}, {report['new_tokens']} new tokens; median ±half-range of "
+        f"{report['repeats']} alternated repeats"
+    )
+    console.print(f"config: {report['config']}")
+    table = Table()
+    for column in ("metric", "stock", "disabled", "illava", "illava gain", "disabled gain"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    labels = {
+        "encoder_s": "encoder (s)",
+        "prefill_s": "prefill / TTFT (s)",
+        "decode_tokens_per_s": "decode (tok/s)",
+        "samples_per_s": "end-to-end (samples/s)",
+        "peak_memory_mb": "peak memory (MB)",
+    }
+    for metric, label in labels.items():
+        cells = [_fmt(settings[n]["metrics"].get(metric)) for n in ("stock", "disabled", "illava")]
+        gains = [f"{report['ratios'][n].get(metric, float('nan')):.2f}x" for n in ("illava", "disabled")]
+        table.add_row(label, *cells, *gains)
+    for key, label in (("stock", "visual tokens in"), ("after_encoder", "after encoder"), ("after_llm", "after LLM")):
+        table.add_row(
+            label, *[str((settings[n]["visual_tokens"] or {}).get(key, "-")) for n in ("stock", "disabled", "illava")]
+        )
+    for key in ("encoder", "llm", "total"):
+        values = [settings[n]["gflops"][key] for n in ("stock", "disabled", "illava")]
+        table.add_row(
+            f"GFLOPs {key}",
+            *[f"{v:.4g}" for v in values],
+            f"{values[0] / values[2]:.2f}x",
+            f"{values[0] / values[1]:.2f}x",
+        )
+    console.print(table)
+    illava = settings["illava"]
+    console.print(
+        f"prefill {report['ratios']['illava'].get('prefill_s', 0):.2f}x faster; FLOPs predict "
+        f"{illava['flops_predicted_prefill_speedup']:.2f}x: {100 * illava['prefill_speedup_share_of_predicted']:.0f}% "
+        "of the predicted speedup"
+    )
+    levels = [n for n in settings if n.startswith("level ")]
+    if levels:
+        sweep = Table(title="sweep (reduction scaled relative to the config)")
+        for column in ("level", "visual tokens kept", "prefill gain", "end-to-end gain", "FLOPs-predicted gain"):
+            sweep.add_column(column, justify="right")
+        stock_tokens = settings["stock"]["visual_tokens"]["stock"]
+        for n in levels:
+            s, r = settings[n], report["ratios"][n]
+            kept = 100 * s["visual_tokens"]["after_llm"] / stock_tokens
+            sweep.add_row(
+                n.removeprefix("level "),
+                f"{kept:.0f}%",
+                f"{r.get('prefill_s', 0):.2f}x",
+                f"{r.get('samples_per_s', 0):.2f}x",
+                f"{s['flops_predicted_prefill_speedup']:.2f}x",
+            )
+        console.print(sweep)
+
+
 if __name__ == "__main__":
     app()

@@ -167,10 +167,12 @@ def placeholder_inputs(
     """One sample for a model with any vocabulary (no tokenizer): ``text_tokens`` random text ids,
     then the stock placeholders of every image and video, then ``text_tokens`` more."""
     generator = torch.Generator().manual_seed(seed)
-    low, high = 10, min(config.image_token_id, config.video_token_id)
+    vocab = config.text_config.vocab_size
+    special = torch.tensor([config.image_token_id, config.video_token_id])
 
     def text():
-        return torch.randint(low, high, (text_tokens,), generator=generator)
+        ids = torch.randint(10, vocab, (text_tokens,), generator=generator)
+        return torch.where(torch.isin(ids, special), 10, ids)  # never a placeholder
 
     pieces, data = [text()], {}
     if images:
@@ -255,3 +257,33 @@ def _expand(text: str, marker: str, counts) -> str:
     for part in parts[1:]:
         out += "<|vision_start|>" + "\0" * next(counts) + "<|vision_end|>" + part
     return out.replace("\0", marker)
+
+
+def qwen_placeholder_inputs(config, image_processor, images=(), videos=(), text_tokens: int = 32) -> BatchFeature:
+    """One Qwen-VL sample for a model with any vocabulary (no tokenizer): text ids around the
+    ``<|vision_start|>`` + stock placeholders + ``<|vision_end|>`` of every image and video."""
+    specials = {
+        "<image>": config.image_token_id,
+        "<video>": config.video_token_id,
+        "<|vision_start|>": config.vision_start_token_id,
+        "<|vision_end|>": config.vision_end_token_id,
+    }
+
+    def tokenize(texts, return_tensors, padding):
+        rows = []
+        for text in texts:
+            for name in specials:
+                text = text.replace(name, f" {name} ")
+            rows.append([specials.get(piece, 100) for piece in text.split()])
+        ids = torch.tensor(rows)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    prompt = "a " * text_tokens + " <image>" * len(images) + " <video>" * len(videos) + " b" * text_tokens
+    return build_qwen_inputs(config, tokenize, image_processor, [prompt], images, videos)
+
+
+def repeat_batch(inputs: dict, times: int) -> dict:
+    """The same sample ``times`` times (every tensor concatenated along its first dimension)."""
+    if times == 1:
+        return dict(inputs)
+    return {k: torch.cat([v] * times) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
