@@ -99,42 +99,15 @@ def bench(
     """Measure stock vs patched-but-disabled vs iLLaVA side by side, alternating in one process."""
     import json
 
-    import torch
     from PIL import Image
     from rich.progress import Progress
 
     from . import bench as b
 
-    if preset not in PRESETS:
-        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
-        raise typer.Exit(2)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        console.print(f"[red]--dtype must be float32, bfloat16 or float16, got {dtype!r}[/red]")
-        raise typer.Exit(2)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        console.print("[red]--device cuda asked for, but torch sees no CUDA device[/red]")
-        raise typer.Exit(2)
-    try:
-        net, name = b.load_model(model, arch, torch_dtype, device)
-    except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+    _check_preset(preset)
+    net, name = _load(model, arch, dtype, device)
     net.set_attn_implementation(attn)
-    overrides = {
-        "encoder_layers": _ints(encoder_layers),
-        "encoder_removal": _removal(encoder_removal),
-        "llm_layers": _ints(llm_layers),
-        "llm_keep_ratio": llm_keep_ratio,
-        "recycle": recycle,
-    }
-    from .api import resolve_config
-
-    try:
-        config = resolve_config(net, preset, **{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+    config = _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
     pictures = [] if video else [Image.open(image).convert("RGB") if image else b.default_image()]
     clips = [b.default_video(frames)] if video else []
     inputs = b.make_inputs(net, model, pictures, clips, batch_size)
@@ -160,6 +133,99 @@ def bench(
     if plot:
         b.plot_sweep(report, str(plot))
         console.print(f"plot written to {plot}")
+
+
+@app.command()
+def viz(
+    model: Annotated[str | None, typer.Argument(help="Hub id or local folder of a supported model.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Bundled architecture with random weights (no download).")] = None,
+    preset: Annotated[str, typer.Option(help="iLLaVA preset.")] = "image",
+    encoder_layers: Annotated[str | None, typer.Option(help="Override, e.g. 5,6,7,8")] = None,
+    encoder_removal: Annotated[str | None, typer.Option(help="Override: count (92) or fraction (0.16)")] = None,
+    llm_layers: Annotated[str | None, typer.Option(help="Override, e.g. 8")] = None,
+    llm_keep_ratio: Annotated[float | None, typer.Option(help="Override, in (0, 1]")] = None,
+    recycle: Annotated[str | None, typer.Option(help="Override: rank, cluster or prune")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file (default: a bundled photo).")] = None,
+    video: Annotated[bool, typer.Option(help="Use the bundled video instead of an image.")] = False,
+    frames: Annotated[int, typer.Option(min=1, help="Frames of the bundled video.")] = 8,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs (per stage + summary).")] = Path("illava-viz"),
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Draw what iLLaVA merged, stage by stage, on the image or video the model saw."""
+    from PIL import Image
+
+    from . import bench as b
+    from .viz import visualize
+
+    _check_preset(preset)
+    if model is None and arch is None:
+        arch = "llava-onevision-qwen2-0.5b"
+    net, name = _load(model, arch, dtype, device)
+    config = _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
+    if video:
+        pictures, clips = [], [b.default_video(frames)]
+    else:
+        pictures, clips = [Image.open(image).convert("RGB") if image else b.default_photo()], []
+    inputs = b.make_inputs(net, model, pictures, clips, 1)
+    import illava
+
+    illava.apply(net, config)
+    with console.status(f"tracing {name} on the {'video' if video else 'image'}..."):
+        result = visualize(net, inputs)
+    paths = result.save(out)
+    console.print(f"config: {config}")
+    console.print(str(illava.stats(net)))
+    for item in result.items:
+        kept = int((item.final >= 0).sum())
+        console.print(
+            f"{item.kind}: {item.final.shape[0]} units -> {item.layout_tokens} LLM-input tokens -> {item.tokens} "
+            f"after the last stage; {kept} units still represented"
+        )
+    console.print(f"{len(paths)} PNGs written to {out} (summary: {paths[-1]})")
+
+
+def _load(model, arch, dtype: str, device: str):
+    import torch
+
+    from . import bench as b
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        console.print(f"[red]--dtype must be float32, bfloat16 or float16, got {dtype!r}[/red]")
+        raise typer.Exit(2)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        console.print("[red]--device cuda asked for, but torch sees no CUDA device[/red]")
+        raise typer.Exit(2)
+    try:
+        return b.load_model(model, arch, torch_dtype, device)
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
+        raise typer.Exit(2)
+
+
+def _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle):
+    from .api import resolve_config
+
+    _check_preset(preset)
+    overrides = {
+        "encoder_layers": _ints(encoder_layers),
+        "encoder_removal": _removal(encoder_removal),
+        "llm_layers": _ints(llm_layers),
+        "llm_keep_ratio": llm_keep_ratio,
+        "recycle": recycle,
+    }
+    try:
+        return resolve_config(net, preset, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
 
 
 def _fmt(metric: dict | None) -> str:

@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .config import keep_count
-from .merge import last_query_scores, merge
+from .merge import compose_assign, last_query_scores, merge
 from .state import IllavaState, LLMLayerStats
 
 QueryKeyFn = Callable[[torch.nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], tuple]
@@ -274,6 +274,7 @@ class LLMStage:
                 count_in += total
                 count_out += total - r
                 if r == 0:
+                    self._record(k, item, total, None)
                     continue
                 score = scores[row, idx].clone()
                 score[idx == n - 1] = float("inf")  # the last prompt token is never removed
@@ -285,6 +286,7 @@ class LLMStage:
                     neighbours=cfg.cluster_neighbours,
                     recycle_fraction=cfg.cluster_fraction,
                 )
+                self._record(k, item, total, res)
                 kept = idx[res.kept[0]]
                 updated[row, kept] = res.tokens[0]
                 keep[row, idx] = False
@@ -308,6 +310,17 @@ class LLMStage:
         session.current = current
         self.state.stats.llm.append(LLMLayerStats(k, visual_in, visual_out, n, hidden.shape[1]))
         return hidden
+
+    def _record(self, k: int, item: int, total: int, res) -> None:
+        """Source tracking for ``illava.viz``: decoder-input token of the item -> token after layer k."""
+        if not self.state.record:
+            return
+        steps = self.state.llm_trace.setdefault(item, [])
+        assign0, kept0 = (steps[-1][1], steps[-1][2]) if steps else (torch.arange(total), torch.arange(total))
+        if res is not None:
+            assign0 = compose_assign(assign0[None], res.assign.cpu())[0]
+            kept0 = kept0[res.kept[0].cpu()]
+        steps.append((k, assign0, kept0))
 
     def _decode_layer(self, session: Session, i: int, args, kwargs):
         group = session.group_of(i)

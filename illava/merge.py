@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Bound on the float32 attention probabilities materialised at once in an encoder merge layer.
-_MAX_PROB_BYTES = 256 * 2**20
+# Bound on the float32 attention probabilities (and their logits) materialised at once in an
+# encoder merge layer: chunks of crops, or of query rows when one crop alone exceeds it.
+_MAX_PROB_BYTES = 32 * 2**20
 
 
 def attention_with_received_scores(
@@ -34,23 +35,32 @@ def attention_with_received_scores(
     ``query``/``key``/``value``: ``(B, H, N, hd)``. Returns the attention output ``(B, N, H, hd)``
     (the layout ``eager_attention_forward`` returns) and ``received`` ``(B, N)`` in float32:
     ``received[b, j] = mean_h mean_i softmax(q k^T * scale)[b, h, i, j]``. The probabilities are
-    the ones used for the output, so scoring costs no second ``QK^T``; rows are processed in
-    chunks so that at most ``_MAX_PROB_BYTES`` of probabilities exist at once.
+    the ones used for the output, so scoring costs no second ``QK^T``; crops (or query rows of
+    one crop) are processed in chunks so that at most ``_MAX_PROB_BYTES`` of probabilities exist
+    at once, which keeps the peak memory of a merge layer near that of fused attention.
     """
     b, h, n, _ = query.shape
-    per_row = h * n * key.shape[2] * 4
-    chunk = max(1, _MAX_PROB_BYTES // max(per_row, 1))
-    outputs, received = [], []
-    for start in range(0, b, chunk):
-        sl = slice(start, start + chunk)
-        logits = torch.matmul(query[sl], key[sl].transpose(-1, -2)) * scale
-        if attention_mask is not None:
-            logits = logits + attention_mask[sl]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        received.append(probs.mean(dim=(1, 2)))
-        outputs.append(torch.matmul(probs.to(value.dtype), value[sl]))
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    return out.transpose(1, 2).contiguous(), torch.cat(received)
+    m = key.shape[2]
+    per_crop = h * n * m * 4
+    crops = max(1, _MAX_PROB_BYTES // max(per_crop, 1))
+    rows = n if crops > 1 else max(1, _MAX_PROB_BYTES // max(h * m * 4, 1))
+    out = query.new_empty(b, h, n, value.shape[-1])
+    received = torch.zeros(b, m, dtype=torch.float32, device=query.device)
+    for c in range(0, b, crops):
+        cs = slice(c, c + crops)
+        for r in range(0, n, rows):
+            rs = slice(r, r + rows)
+            logits = torch.matmul(query[cs, :, rs], key[cs].transpose(-1, -2)) * scale
+            if attention_mask is not None:
+                mask = attention_mask[cs] if attention_mask.shape[0] > 1 else attention_mask
+                logits = logits + (mask[..., rs, :] if mask.shape[-2] > 1 else mask)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            received[cs] += probs.sum(dim=(1, 2))
+            out[cs, :, rs] = torch.matmul(probs.to(value.dtype), value[cs])
+            del probs
+    received /= h * n
+    return out.transpose(1, 2).contiguous(), received
 
 
 def last_query_scores(

@@ -16,6 +16,10 @@ class EncoderTrace:
     positions: torch.Tensor  # (B, N) original patch index of each current token's own patch
     assign: torch.Tensor  # (B, N0) current token representing each original patch, -1 if dropped
     layers: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, tokens in, out), all crops
+    # recorded only while ``IllavaState.record`` is set (``illava.viz``): per merge layer, the
+    # original patch of the token representing each original patch (-1: dropped) and the score of
+    # each patch still present before the merge (NaN: already merged away)
+    records: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def start(cls, batch: int, tokens: int, device: torch.device) -> EncoderTrace:
@@ -33,6 +37,9 @@ class VisualItem:
     valid: torch.Tensor | None = None  # (feature_tokens,) False for padding features
     crops: int = 1
     sample: int = -1
+    # ``illava.viz`` source tracking, filled only while ``IllavaState.record`` is set: units (patches,
+    # or 2x2 blocks for Qwen-VL) of the item, encoder steps and the LLM-input token of every unit
+    trace: dict | None = None
 
     @property
     def tokens(self) -> int:
@@ -133,6 +140,9 @@ class IllavaState:
     # Qwen-VL vision encoder: reduced inputs handed to the blocks after a merge
     vision: object | None = None
     vision_kind: str = "image"
+    # source tracking for ``illava.viz`` (costs a little time and memory; off by default)
+    record: bool = False
+    llm_trace: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     def add_pending(self, kind: str, items: list[VisualItem], encoder_stats: dict) -> None:
         self.pending.setdefault(kind, []).append((items, encoder_stats))
@@ -153,3 +163,4 @@ class IllavaState:
         self.session = None
         if prefill:
             self.stats = Stats()
+            self.llm_trace = {}

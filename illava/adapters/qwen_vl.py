@@ -26,7 +26,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from ..config import removal_count
-from ..merge import attention_with_received_scores, merge
+from ..merge import attention_with_received_scores, compose_assign, merge
 from ..placeholders import PlaceholderMixin
 from ..state import VisualItem
 from . import Adapter, swap_class
@@ -52,6 +52,8 @@ class VisionRun:
         self.frame_blocks = (frame_tokens // unit).tolist()  # current blocks per frame
         blocks = int(frame_tokens.sum()) // unit
         self.block_ids = torch.arange(blocks)  # original (window-order) block of every current block
+        self.assign = torch.arange(blocks)  # current block representing every original block, -1: dropped
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # illava.viz: (layer, owner, scores)
         self.window_index = None  # window order -> raster block index (Qwen2.5-VL)
         self.window_of_block = None
         if hasattr(visual, "fullatt_block_indexes"):
@@ -120,6 +122,7 @@ def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, recei
     for f, size in enumerate(run.frame_blocks):
         by_size.setdefault(size, []).append(f)
     new_frame_blocks = list(run.frame_blocks)
+    local_assign = {}
     for size, frames in by_size.items():
         r = min(removal_count(size, removal), size - 1)
         index = torch.tensor([starts[f] for f in frames], device=device)[:, None] + torch.arange(size, device=device)
@@ -135,9 +138,12 @@ def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, recei
         for i, f in enumerate(frames):
             new_values[f] = (kept[i], res.tokens[i])
             new_frame_blocks[f] = size - r
+            local_assign[f] = res.assign[i]
     for f in range(len(run.frame_blocks)):
         kept_blocks.append(new_values[f][0])
         new_counts.append(new_values[f][1])
+    if state.record:
+        _record_blocks(run, layer, new_frame_blocks, local_assign, block_scores)
     kept_blocks = torch.cat(kept_blocks)
     tokens = torch.cat(new_counts).reshape(-1, dim)
     layer_in, layer_out = sum(run.frame_blocks) * unit, tokens.shape[0]
@@ -146,12 +152,26 @@ def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, recei
     run.position_embeddings = (cos[token_index], sin[token_index])
     kept_cpu = kept_blocks.cpu()
     run.block_ids = run.block_ids[kept_cpu]
+    if state.record:
+        layer_, scores = run.pending_record
+        owner = torch.where(run.assign >= 0, run.block_ids[run.assign.clamp(min=0)], -1)
+        run.records.append((layer_, owner, scores))
     if run.window_of_block is not None:
         run.window_of_block = run.window_of_block[kept_cpu]
     run.frame_blocks = new_frame_blocks
     run.reduced = True
     run.layers.append((layer, layer_in, layer_out))
     return tokens
+
+
+def _record_blocks(run: VisionRun, layer: int, new_frame_blocks, local_assign, block_scores) -> None:
+    """Source tracking for ``illava.viz`` (called before ``run.block_ids`` is updated)."""
+    new_starts = torch.tensor([0, *new_frame_blocks]).cumsum(0)[:-1].tolist()
+    step = torch.cat([torch.where(a.cpu() >= 0, a.cpu() + new_starts[f], -1) for f, a in sorted(local_assign.items())])
+    scores = torch.full((run.assign.shape[0],), float("nan"))
+    scores[run.block_ids] = block_scores.float().cpu()
+    run.assign = compose_assign(run.assign[None], step[None])[0]
+    run.pending_record = (layer, scores)
 
 
 class IllavaQwenVLModel(PlaceholderMixin):
@@ -239,6 +259,41 @@ class QwenVLAdapter(Adapter):
         return handles
 
 
+def _record_items(run: VisionRun, items, raster_valid: torch.Tensor, merge_size: int) -> None:
+    """Per-item ``illava.viz`` source tracking in raster block order (units: 2x2 blocks)."""
+    total = raster_valid.shape[0]
+    to_raster = run.window_index if run.window_index is not None else torch.arange(total)  # window pos -> raster
+    from_raster = torch.argsort(to_raster)
+
+    def raster(owner_window: torch.Tensor) -> torch.Tensor:
+        """Per raster block: raster id of its representative (window-order arrays in)."""
+        owner = owner_window[from_raster]
+        return torch.where(owner >= 0, to_raster[owner.clamp(min=0)], -1)
+
+    final = raster(torch.where(run.assign >= 0, run.block_ids[run.assign.clamp(min=0)], -1))
+    start = 0
+    for item, (t, h, w) in zip(items, run.grid_thw.tolist()):
+        n = item.feature_tokens
+        sl = slice(start, start + n)
+        rank = torch.cumsum(raster_valid[sl].long(), 0) - 1
+        local = final[sl] - start
+        token0 = torch.where(local >= 0, rank[local.clamp(min=0)], -1)
+        layers = []
+        for layer, owner, scores in run.records:
+            o = raster(owner)[sl] - start
+            layers.append((layer, torch.where(o >= 0, o, -1), scores[from_raster][sl]))
+        item.trace = {
+            "family": "qwen_vl",
+            "kind": item.kind,
+            "grid_thw": (int(t), int(h), int(w)),
+            "merge_size": merge_size,
+            "encoder": layers,
+            "token0": token0,
+            "tokens": item.tokens,
+        }
+        start += n
+
+
 def _start_run(model, state):
     def hook(module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -281,6 +336,8 @@ def _scatter_merged(state):
             VisualItem(state.vision_kind, n, n, v if run.reduced else None, crops=int(t))
             for n, v, t in zip(sizes, torch.split(raster_valid, sizes), run.grid_thw[:, 0].tolist())
         ]
+        if state.record:
+            _record_items(run, items, raster_valid, round(run.unit**0.5))
         stats = {
             "kind": state.vision_kind,
             "crops": len(run.frame_blocks),
