@@ -11,6 +11,7 @@ them), so 7B-size models fit a 24 GB CPU machine in fp32.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -47,12 +48,18 @@ def main() -> None:
     }
     meta = build_architecture(args.arch, device="meta")
     results = {}
+    model, model_preset = None, None
     for name, (preset, images, videos) in cases.items():
         cfg = illava.resolve_config(meta, preset)
         depth = max(cfg.llm_layers) + 1 if args.truncate and cfg.llm_layers else None
         start = time.time()
-        torch.manual_seed(0)
-        model = build_architecture(args.arch, llm_layers=depth)
+        if model is None or model_preset != (depth, preset):
+            model = None
+            gc.collect()
+            torch.manual_seed(0)
+            model = build_architecture(args.arch, llm_layers=depth)
+            model.lm_head = torch.nn.Identity()  # no count depends on the logits: save its memory
+            model_preset = (depth, preset)
         built = time.time() - start
         illava.apply(model, cfg)
         start = time.time()
@@ -61,7 +68,6 @@ def main() -> None:
         results[name] = {"preset": preset, "config": str(cfg), "decoder_layers_built": depth, **stats.as_dict()}
         print(f"\n== {args.arch}: {name}, preset '{preset}' (built {built:.0f}s, ran {time.time() - start:.0f}s)")
         print(f"config: {cfg}\n{stats}", flush=True)
-        del model
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)

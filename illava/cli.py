@@ -15,6 +15,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, help="iLLaVA toke
 console = Console()
 
 
+eval_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Accuracy checks: standard benchmarks through lmms-eval, and an offline MME-style task.",
+)
+app.add_typer(eval_app, name="eval")
+
+
 @app.callback(invoke_without_command=True)
 def main(ctx: typer.Context) -> None:
     """Run the embedded demo when no command is given."""
@@ -149,6 +157,10 @@ def viz(
     video: Annotated[bool, typer.Option(help="Use the bundled video instead of an image.")] = False,
     frames: Annotated[int, typer.Option(min=1, help="Frames of the bundled video.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs (per stage + summary).")] = Path("illava-viz"),
+    compact: Annotated[
+        bool, typer.Option(help="Summary with the input, first scores, last encoder and LLM layers.")
+    ] = False,
+    max_width: Annotated[int, typer.Option(min=200, help="Width of the summary figure in pixels, at most.")] = 2400,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
@@ -173,7 +185,7 @@ def viz(
     illava.apply(net, config)
     with console.status(f"tracing {name} on the {'video' if video else 'image'}..."):
         result = visualize(net, inputs)
-    paths = result.save(out)
+    paths = result.save(out, compact=compact, max_width_px=max_width)
     console.print(f"config: {config}")
     console.print(str(illava.stats(net)))
     for item in result.items:
@@ -294,6 +306,43 @@ def _print_report(report: dict) -> None:
                 f"{s['flops_predicted_prefill_speedup']:.2f}x",
             )
         console.print(sweep)
+
+
+_LMMS_INSTALL = (
+    'pip install "illava[eval]" (with torch and torchvision already installed), or, to be sure no second '
+    'PyTorch is pulled: pip install "illava[eval-deps]" && pip install --no-deps "lmms-eval==0.7.3"'
+)
+
+
+@eval_app.command("lmms", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_lmms(ctx: typer.Context) -> None:
+    """Run lmms-eval's command line with illava's models registered (illava_llava_onevision,
+    illava_qwen2_vl / illava_qwen2_5_vl). Every argument is passed on, e.g.
+    illava eval lmms --model illava_llava_onevision --model_args pretrained=ID,preset=image --tasks mme"""
+    import sys
+
+    try:
+        from lmms_eval.__main__ import cli_evaluate
+    except ImportError:
+        console.print(f"[red]lmms-eval is not installed. {_LMMS_INSTALL}[/red]")
+        raise typer.Exit(2) from None
+    sys.argv = ["lmms_eval", *ctx.args]
+    cli_evaluate()
+
+
+@eval_app.command("local-task")
+def eval_local_task(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the task into (created).")] = Path("illava-mme-local"),
+) -> None:
+    """Write a small MME-style yes/no task on real photos that lmms-eval runs offline."""
+    from .lmms_local import write_yes_no_task
+
+    path = write_yes_no_task(folder)
+    console.print(
+        f"task 'illava_mme_local' written to {path}; run it with:\n"
+        f"  illava eval lmms --model illava_llava_onevision --model_args pretrained=MODEL,preset=image "
+        f"--tasks illava_mme_local --include_path {path}"
+    )
 
 
 if __name__ == "__main__":

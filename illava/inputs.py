@@ -221,10 +221,13 @@ def build_qwen_inputs(
     prompts: Sequence[str],
     images: Sequence[Image.Image] = (),
     videos: Sequence[Sequence[Image.Image | np.ndarray]] = (),
+    image_token: str = "<image>",
+    video_token: str = "<video>",
 ) -> BatchFeature:
     """Qwen2-VL / Qwen2.5-VL batch: ``<image>``/``<video>`` markers become
     ``<|vision_start|>`` + stock placeholders + ``<|vision_end|>``; ``mm_token_type_ids`` as the
-    stock processor returns them."""
+    stock processor returns them. ``image_token``/``video_token``: the placeholder tokens of the
+    tokenizer (``<|image_pad|>``/``<|video_pad|>`` for the released Qwen-VL tokenizers)."""
     merge = config.vision_config.spatial_merge_size**2
     data, texts = {}, list(prompts)
     if sum(p.count("<image>") for p in prompts) != len(images) or sum(p.count("<video>") for p in prompts) != len(
@@ -235,13 +238,13 @@ def build_qwen_inputs(
         pix = image_processor(list(images), return_tensors="pt")
         data.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
         counts = iter((pix["image_grid_thw"].prod(-1) // merge).tolist())
-        texts = [_expand(t, "<image>", counts) for t in texts]
+        texts = [_expand(t, "<image>", counts, image_token) for t in texts]
     if videos:
         packed = [qwen_video_pixels(v, image_processor) for v in videos]
         data["pixel_values_videos"] = torch.cat([p for p, _ in packed])
         data["video_grid_thw"] = torch.tensor([g for _, g in packed])
         counts = iter((data["video_grid_thw"].prod(-1) // merge).tolist())
-        texts = [_expand(t, "<video>", counts) for t in texts]
+        texts = [_expand(t, "<video>", counts, video_token) for t in texts]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     ids = enc["input_ids"]
     types = torch.zeros_like(ids)
@@ -251,12 +254,12 @@ def build_qwen_inputs(
     return BatchFeature(data)
 
 
-def _expand(text: str, marker: str, counts) -> str:
+def _expand(text: str, marker: str, counts, token: str) -> str:
     parts = text.split(marker)
     out = parts[0]
     for part in parts[1:]:
         out += "<|vision_start|>" + "\0" * next(counts) + "<|vision_end|>" + part
-    return out.replace("\0", marker)
+    return out.replace("\0", token)
 
 
 def qwen_placeholder_inputs(config, image_processor, images=(), videos=(), text_tokens: int = 32) -> BatchFeature:

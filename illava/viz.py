@@ -82,14 +82,24 @@ class Visualization:
     items: list[ItemSources]
     images: dict[str, Image.Image] = field(default_factory=dict)
 
-    def figure(self, max_width_px: int = 2400):
-        """A matplotlib figure: one row per stage, every item's panels side by side."""
+    def compact_stages(self) -> list[str]:
+        """The input, the scores of the first encoder merge layer, the last encoder merge layer and
+        every LLM merge layer: the path of the tokens in a few pictures."""
+        names = list(self.images)
+        encoder = [n for n in names if n.startswith("encoder") and not n.endswith("scores")]
+        scores = [n for n in names if n.endswith("scores")]
+        llm = [n for n in names if n.startswith("LLM")]
+        return ["input"] + scores[:1] + encoder[-1:] + llm
+
+    def figure(self, max_width_px: int = 2400, stages: list[str] | None = None):
+        """A matplotlib figure: one row per stage (``stages``: names of ``images``, default all),
+        every item's panels side by side."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        names = list(self.images)
+        names = list(self.images) if stages is None else stages
         widths = [self.images[n].width for n in names]
         heights = [self.images[n].height for n in names]
         scale = min(1.0, max_width_px / max(widths))
@@ -115,8 +125,11 @@ class Visualization:
         fig.tight_layout(rect=(0, 0.4 / fig_h, 1, 1))
         return fig
 
-    def save(self, folder: str | Path, summary: str = "summary.png") -> list[Path]:
-        """Write one PNG per stage and the summary figure; returns the paths written."""
+    def save(
+        self, folder: str | Path, summary: str = "summary.png", compact: bool = False, max_width_px: int = 2400
+    ) -> list[Path]:
+        """Write one PNG per stage and the summary figure (``compact``: only ``compact_stages``);
+        returns the paths written."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -126,7 +139,7 @@ class Visualization:
             paths.append(path)
         import matplotlib.pyplot as plt
 
-        fig = self.figure()
+        fig = self.figure(max_width_px, self.compact_stages() if compact else None)
         path = folder / summary
         fig.savefig(path)
         plt.close(fig)
