@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, help="write all reports (JSON) here")
+    parser.add_argument(
+        "--sweep", default="1.5", help="extra reduction levels relative to the preset (comma-separated; '' for none)"
+    )
     args = parser.parse_args()
     reports, rows = [], []
     for arch, preset, video, dtype in CASES[args.device]:
@@ -69,12 +72,22 @@ def main() -> None:
             preset,
             new_tokens=args.new_tokens,
             repeats=args.repeats,
+            sweep=[float(v) for v in args.sweep.split(",") if v.strip()],
             progress=lambda s: print(".", end="", flush=True),
         )
         print()
         reports.append(report)
         rows.append(row(report, preset + (" (8 frames)" if video else "")))
         print(HEADER, *rows, sep="\n", flush=True)
+        for level in [n for n in report["settings"] if n.startswith("level ")]:
+            st, rt = report["settings"][level], report["ratios"][level]
+            v = st["visual_tokens"]
+            print(
+                f"  {preset} at {level}: visual tokens {v['stock']} -> {v['after_encoder']} -> {v['after_llm']}, "
+                f"prefill gain {rt['prefill_s']:.2f}x, FLOPs-predicted {st['flops_predicted_prefill_speedup']:.2f}x, "
+                f"end-to-end gain {rt['samples_per_s']:.2f}x",
+                flush=True,
+            )
         del model
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

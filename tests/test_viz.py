@@ -243,3 +243,28 @@ def test_qwen_tracking_is_exact_at_block_granularity(version, recycle, tokenizer
     resized = np.asarray(photos["cat"].resize((w, h), Image.BICUBIC)).astype(float) / 255
     assert np.corrcoef(resized.ravel(), panel.image.ravel())[0, 1] > 0.98
     assert sum(i.tokens for i in result.items) == stats.visual_tokens()["after_llm"]
+
+
+def test_viz_command_on_qwen2_5_vl(tmp_path, tokenizer):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from illava.architectures import tiny_qwen_vl_config
+    from illava.inputs import qwen_image_processor
+
+    cfg = tiny_qwen_vl_config("2.5")
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(tmp_path / "qwen")
+    qwen_image_processor(max_pixels=112 * 168).save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "pictures"
+    args = ["viz", str(tmp_path / "qwen"), "--out", str(out), "--encoder-layers", "1,3", "--encoder-removal", "0.3"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [
+        "00_input.png",
+        "01_encoder_layer_1_scores.png",
+        "02_encoder_layer_1.png",
+        "03_encoder_layer_3_scores.png",
+        "04_encoder_layer_3.png",
+        "summary.png",
+    ]
