@@ -80,21 +80,36 @@ def _removal(text: str | None):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+# options shared by the commands that load a model and configure illava
+ModelArg = Annotated[str | None, typer.Argument(help="Hub id or local folder of a supported model.")]
+ArchOpt = Annotated[str | None, typer.Option(help="Bundled architecture with random weights (no download).")]
+PresetOpt = Annotated[str, typer.Option(help="iLLaVA preset.")]
+EncoderLayersOpt = Annotated[str | None, typer.Option(help="Override, e.g. 5,6,7,8")]
+EncoderRemovalOpt = Annotated[str | None, typer.Option(help="Override: count (92) or fraction (0.16)")]
+LLMLayersOpt = Annotated[str | None, typer.Option(help="Override, e.g. 8")]
+KeepRatioOpt = Annotated[float | None, typer.Option(help="Override, in (0, 1]")]
+RecycleOpt = Annotated[str | None, typer.Option(help="Override: rank, cluster or prune")]
+VideoOpt = Annotated[bool, typer.Option(help="Use the bundled video instead of an image.")]
+FramesOpt = Annotated[int, typer.Option(min=1, help="Frames of the bundled video.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
+
+
 @app.command()
 def bench(
-    model: Annotated[str | None, typer.Argument(help="Hub id or local folder of a supported model.")] = None,
-    arch: Annotated[str | None, typer.Option(help="Bundled architecture with random weights (no download).")] = None,
-    preset: Annotated[str, typer.Option(help="iLLaVA preset.")] = "image",
-    encoder_layers: Annotated[str | None, typer.Option(help="Override, e.g. 5,6,7,8")] = None,
-    encoder_removal: Annotated[str | None, typer.Option(help="Override: count (92) or fraction (0.16)")] = None,
-    llm_layers: Annotated[str | None, typer.Option(help="Override, e.g. 8")] = None,
-    llm_keep_ratio: Annotated[float | None, typer.Option(help="Override, in (0, 1]")] = None,
-    recycle: Annotated[str | None, typer.Option(help="Override: rank, cluster or prune")] = None,
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    preset: PresetOpt = "image",
+    encoder_layers: EncoderLayersOpt = None,
+    encoder_removal: EncoderRemovalOpt = None,
+    llm_layers: LLMLayersOpt = None,
+    llm_keep_ratio: KeepRatioOpt = None,
+    recycle: RecycleOpt = None,
     image: Annotated[Path | None, typer.Option(help="Image file (default: bundled 384x384 photo).")] = None,
-    video: Annotated[bool, typer.Option(help="Use the bundled video instead of an image.")] = False,
-    frames: Annotated[int, typer.Option(min=1, help="Frames of the bundled video.")] = 8,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    video: VideoOpt = False,
+    frames: FramesOpt = 8,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager")] = "sdpa",
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     new_tokens: Annotated[int, typer.Option(min=1)] = 16,
@@ -145,24 +160,24 @@ def bench(
 
 @app.command()
 def viz(
-    model: Annotated[str | None, typer.Argument(help="Hub id or local folder of a supported model.")] = None,
-    arch: Annotated[str | None, typer.Option(help="Bundled architecture with random weights (no download).")] = None,
-    preset: Annotated[str, typer.Option(help="iLLaVA preset.")] = "image",
-    encoder_layers: Annotated[str | None, typer.Option(help="Override, e.g. 5,6,7,8")] = None,
-    encoder_removal: Annotated[str | None, typer.Option(help="Override: count (92) or fraction (0.16)")] = None,
-    llm_layers: Annotated[str | None, typer.Option(help="Override, e.g. 8")] = None,
-    llm_keep_ratio: Annotated[float | None, typer.Option(help="Override, in (0, 1]")] = None,
-    recycle: Annotated[str | None, typer.Option(help="Override: rank, cluster or prune")] = None,
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    preset: PresetOpt = "image",
+    encoder_layers: EncoderLayersOpt = None,
+    encoder_removal: EncoderRemovalOpt = None,
+    llm_layers: LLMLayersOpt = None,
+    llm_keep_ratio: KeepRatioOpt = None,
+    recycle: RecycleOpt = None,
     image: Annotated[Path | None, typer.Option(help="Image file (default: a bundled photo).")] = None,
-    video: Annotated[bool, typer.Option(help="Use the bundled video instead of an image.")] = False,
-    frames: Annotated[int, typer.Option(min=1, help="Frames of the bundled video.")] = 8,
+    video: VideoOpt = False,
+    frames: FramesOpt = 8,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs (per stage + summary).")] = Path("illava-viz"),
     compact: Annotated[
         bool, typer.Option(help="Summary with the input, first scores, last encoder and LLM layers.")
     ] = False,
     max_width: Annotated[int, typer.Option(min=200, help="Width of the summary figure in pixels, at most.")] = 2400,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Draw what iLLaVA merged, stage by stage, on the image or video the model saw."""
     from PIL import Image

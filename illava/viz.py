@@ -14,6 +14,10 @@ trace holds:
   pooling), or -1;
 - per LLM merge layer, the LLM-input token that represents that token after the layer.
 
+Where stock transformers does the layout itself (no encoder stage: bilinear pooling of video
+frames, or of AnyRes crops beyond the ``anyres_max`` budget), a unit is assigned to the pooled
+token whose cell contains it: exact for the token counts, approximate for interpolation weights.
+
 Drawing. Pruned units are greyed out; recycled units are tinted with the colour of the survivor
 that absorbed them, and that survivor is outlined in the same colour; survivors that absorbed
 nothing get a thin white outline. Heat maps colour the units present at a layer by the rank of
@@ -333,26 +337,25 @@ def _to_pil(array: np.ndarray, cell: int) -> Image.Image:
     return image
 
 
-def _row(images: list[Image.Image], gap: int = 6) -> Image.Image:
-    height = max(i.height for i in images)
-    width = sum(i.width for i in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (width, height), "white")
-    x = 0
-    for i in images:
-        out.paste(i, (x, 0))
-        x += i.width + gap
+def _stack(images: list[Image.Image], horizontal: bool, gap: int) -> Image.Image:
+    """Images side by side (``horizontal``) or one under the other, on white, ``gap`` pixels apart."""
+    along = [i.width if horizontal else i.height for i in images]
+    across = max(i.height if horizontal else i.width for i in images)
+    length = sum(along) + gap * (len(images) - 1)
+    out = Image.new("RGB", (length, across) if horizontal else (across, length), "white")
+    offset = 0
+    for image, size in zip(images, along):
+        out.paste(image, (offset, 0) if horizontal else (0, offset))
+        offset += size + gap
     return out
 
 
-def _column(images: list[Image.Image], gap: int = 10) -> Image.Image:
-    width = max(i.width for i in images)
-    height = sum(i.height for i in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (width, height), "white")
-    y = 0
-    for i in images:
-        out.paste(i, (0, y))
-        y += i.height + gap
-    return out
+def _row(images: list[Image.Image]) -> Image.Image:
+    return _stack(images, True, 6)
+
+
+def _column(images: list[Image.Image]) -> Image.Image:
+    return _stack(images, False, 10)
 
 
 def _slug(name: str) -> str:
