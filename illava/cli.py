@@ -323,6 +323,58 @@ def _print_report(report: dict) -> None:
         console.print(sweep)
 
 
+@eval_app.command("easy-vqa")
+def eval_easy_vqa(
+    limit: Annotated[int, typer.Option(min=10, help="Test questions (a fixed random subset; 9673 = all).")] = 1000,
+    levels: Annotated[str, typer.Option(help="Reduction levels of the sweep, relative to the image preset.")] = (
+        "0.5,1.5,2"
+    ),
+    model_path: Annotated[Path | None, typer.Option("--model", help="Model folder (training output).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of accuracy vs FLOPs.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the scores (JSON) here.")] = None,
+) -> None:
+    """Accuracy of an easy-VQA model (training/train_easy_vqa.py): stock, every preset, every
+    recycle mode, a sweep of reduction levels and a deliberately broken scorer, with prefill FLOPs."""
+    import json
+
+    from rich.progress import Progress
+
+    from . import easy_vqa
+
+    try:
+        net, tokenizer, processor = easy_vqa.load(model_path)
+    except FileNotFoundError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    rows = easy_vqa.test_questions(limit)
+    sweep = tuple(float(v) for v in levels.split(",") if v.strip())
+    total = len(easy_vqa.settings(net, sweep))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"easy-VQA, {len(rows)} questions", total=total)
+        scores = easy_vqa.run_eval(net, tokenizer, processor, rows, sweep, progress=lambda s: bar.advance(task))
+    stock = scores[0]
+    table = Table(title=f"easy-VQA accuracy, {len(rows)} test questions")
+    for column in ("setting", "accuracy", "vs stock", "visual tokens (in -> encoder -> LLM)", "GFLOPs", "FLOPs cut"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for sc in scores:
+        v = sc.visual_tokens
+        table.add_row(
+            sc.setting,
+            f"{100 * sc.accuracy:.1f}%",
+            f"{100 * (sc.accuracy - stock.accuracy):+.1f}",
+            f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}",
+            f"{sc.gflops:.3f}",
+            f"{stock.gflops / sc.gflops:.2f}x",
+        )
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps([vars(sc) for sc in scores], indent=2))
+        console.print(f"scores written to {json_path}")
+    if plot:
+        easy_vqa.plot(scores, str(plot))
+        console.print(f"plot written to {plot}")
+
+
 _LMMS_INSTALL = (
     'pip install "illava[eval]" (with torch and torchvision already installed), or, to be sure no second '
     'PyTorch is pulled: pip install "illava[eval-deps]" && pip install --no-deps "lmms-eval==0.7.3"'

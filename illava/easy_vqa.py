@@ -1,0 +1,263 @@
+"""An accuracy check that can fail: a small LLaVA-OneVision trained here on easy-VQA.
+
+Status: the harness (``run_eval``, ``illava eval easy-vqa --model FOLDER``) and the training
+script (``training/train_easy_vqa.py``: CPU, fixed seed, Hugging Face files) work; the model they
+produced so far is not good enough to ship (about 71% test accuracy after 23 minutes of CPU
+training, see the README), so no trained model is bundled yet and ``MODEL_DIR`` is where the
+training script writes one.
+
+Every answer of easy-VQA is one word, and one token of the model's tokenizer, so a prediction is
+the argmax of the logits of the first generated token, computed by the stock forward pass with
+illava applied (both stages). ``run_eval`` scores the stock model, each preset, each recycle mode,
+a sweep of reduction levels and a deliberately wrong merge (prune keeping the *lowest*-scored
+tokens: a broken scorer must lose accuracy), with the analytic prefill FLOPs of every setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlavaOnevisionConfig, PreTrainedTokenizerFast
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+
+from . import api
+from .config import IllavaConfig
+
+MODEL_DIR = Path(__file__).parent / "models" / "easy-vqa"
+
+
+SPECIALS = ["<pad>", "<image>", "<video>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CROP, PATCH = 56, 4
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words = set()
+    for text in texts:
+        words.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for piece in ["\n", "user", "assistant", *sorted(words)]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<image>", "<video>", "<|im_start|>"],
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_config(vocab_size: int) -> LlavaOnevisionConfig:
+    return LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "image_size": CROP,
+            "patch_size": PATCH,
+            "vision_use_head": False,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 1024,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": True,
+            "bos_token_id": None,
+            "eos_token_id": 5,
+            "pad_token_id": 0,
+        },
+        image_token_id=1,
+        video_token_id=2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=[[CROP, CROP]],
+        tie_word_embeddings=True,
+    )
+
+
+def image_processor() -> LlavaOnevisionImageProcessorPil:
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": CROP, "width": CROP}, image_grid_pinpoints=[[CROP, CROP]], do_pad=True
+    )
+
+
+def prompt(question: str) -> str:
+    """The prompt format the model was trained with (its chat template for one image + text)."""
+    return f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def load(path: str | Path | None = None):
+    """(model, tokenizer, image processor) of the shipped model, from Hugging Face files."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    path = Path(path) if path is not None else MODEL_DIR
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no easy-VQA model in {path} (none is bundled yet); train one with: "
+            f"python training/train_easy_vqa.py --out {path}, or pass --model FOLDER"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model.set_attn_implementation("sdpa")
+    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+
+
+def test_questions(limit: int | None = 1000, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(question, answer, image path) of easy-VQA's test split; a fixed random subset of ``limit``."""
+    import easy_vqa
+
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    rows = [(q, a, paths[i]) for q, a, i in zip(questions, answers, image_ids)]
+    if limit is not None and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    return rows
+
+
+@contextlib.contextmanager
+def inverted_scores():
+    """A deliberately broken scorer: every merge keeps the tokens the real scores rank lowest."""
+    from . import encoder, llm
+
+    originals = encoder.merge, llm.merge
+
+    def wrong(x, scores, r, mode="rank", **kwargs):
+        flipped = torch.where(torch.isinf(scores), scores, -scores)  # the forced last prompt token stays
+        return originals[0](x, flipped, r, mode, **kwargs)
+
+    encoder.merge = llm.merge = wrong
+    try:
+        yield
+    finally:
+        encoder.merge, llm.merge = originals
+
+
+@dataclass
+class Score:
+    setting: str
+    accuracy: float
+    visual_tokens: dict
+    gflops: float
+    config: str
+
+
+def accuracy(model, tokenizer, processor, rows, batch: int = 64) -> float:
+    """Share of questions whose first generated token is the answer (the model as it is set up)."""
+    from PIL import Image
+
+    from .inputs import build_inputs
+
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            images = [Image.open(p).convert("RGB") for _, _, p in chunk]
+            inputs = build_inputs(model.config, tokenizer, processor, [prompt(q) for q, _, _ in chunk], images)
+            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            predicted = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+            correct += sum(p == a for p, (_, a, _) in zip(predicted, chunk))
+    return correct / len(rows)
+
+
+def _flops(model, tokenizer, processor, row) -> tuple[float, dict]:
+    """Prefill GFLOPs and visual tokens of one question (all images are 64x64: same counts)."""
+    from PIL import Image
+
+    from .flops import prefill_flops
+    from .inputs import build_inputs
+
+    inputs = build_inputs(model.config, tokenizer, processor, [prompt(row[0])], [Image.open(row[2]).convert("RGB")])
+    was_applied = api.is_applied(model)
+    if not was_applied:
+        api.apply(model, "off")
+    with torch.inference_mode():
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    stats = api.stats(model)
+    gflops = prefill_flops(model, stats, inputs["input_ids"].shape[1])["total"]
+    tokens = stats.visual_tokens()
+    if not was_applied:
+        api.remove(model)
+    return gflops, tokens
+
+
+def settings(model, levels=(0.5, 1.5, 2.0)) -> list[tuple[str, IllavaConfig | None, bool]]:
+    """(name, config or None for stock, inverted scorer?) of every setting ``run_eval`` scores."""
+    from .bench import sweep_config
+
+    image = api.resolve_config(model, "image")
+    out: list[tuple[str, IllavaConfig | None, bool]] = [("stock", None, False)]
+    for name in ("image", "video", "encoder-only", "llm-only"):
+        out.append((f"preset {name}", api.resolve_config(model, name), False))
+    for mode in ("cluster", "prune"):
+        out.append((f"image, recycle {mode}", image.replace(recycle=mode), False))
+    for level in levels:
+        out.append((f"image x{level:g}", sweep_config(image, level), False))
+    out.append(("image, prune, INVERTED scores (broken on purpose)", image.replace(recycle="prune"), True))
+    return out
+
+
+def run_eval(model, tokenizer, processor, rows, levels=(0.5, 1.5, 2.0), progress=None) -> list[Score]:
+    """Accuracy and prefill FLOPs of every setting of ``settings`` on ``rows``."""
+    scores = []
+    for name, config, inverted in settings(model, levels):
+        if config is None:
+            api.remove(model)
+        else:
+            api.apply(model, config)
+        context = inverted_scores() if inverted else contextlib.nullcontext()
+        with context:
+            acc = accuracy(model, tokenizer, processor, rows)
+            gflops, tokens = _flops(model, tokenizer, processor, rows[0])
+        scores.append(Score(name, acc, tokens, gflops, "stock" if config is None else str(config)))
+        if progress:
+            progress(scores[-1])
+    api.remove(model)
+    return scores
+
+
+def plot(scores: list[Score], path: str) -> None:
+    """Accuracy vs prefill GFLOPs, one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for s in scores:
+        broken = "INVERTED" in s.setting
+        ax.scatter(s.gflops, 100 * s.accuracy, marker="x" if broken else "o", color="red" if broken else None)
+        ax.annotate(s.setting, (s.gflops, 100 * s.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("prefill GFLOPs (analytic, one question)")
+    ax.set_ylabel("easy-VQA accuracy (%)")
+    ax.set_title("illava on the shipped easy-VQA model: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""easy-VQA harness: the training script's model format, the evaluation of every setting, the
+broken-scorer control, and `illava eval easy-vqa`. The weights here are random (no trained model
+is bundled yet), so these tests check the machinery, not accuracy."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import illava
+from illava import easy_vqa
+from illava.cli import app
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A model saved exactly as training/train_easy_vqa.py saves one, with random weights."""
+    import easy_vqa as data
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    questions = data.get_train_questions()[0] + data.get_test_questions()[0]
+    tokenizer = easy_vqa.build_tokenizer(questions + data.get_answers())
+    torch.manual_seed(0)
+    config = easy_vqa.build_config(len(tokenizer))
+    config.text_config.initializer_range = config.vision_config.initializer_range = 0.2
+    path = tmp_path_factory.mktemp("evqa") / "model"
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    easy_vqa.image_processor().save_pretrained(path)
+    return path
+
+
+def test_model_format_loads_with_auto_classes(folder):
+    model, tokenizer, processor = easy_vqa.load(folder)
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    vc = model.config.vision_config
+    assert (vc.image_size // vc.patch_size) ** 2 >= 196  # merging must matter
+    for answer in ["circle", "rectangle", "triangle", "teal", "yes", "no"]:
+        assert tokenizer.convert_tokens_to_ids(answer) != tokenizer.unk_token_id  # every answer is one token
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == easy_vqa.prompt("what color is the shape?")
+    assert processor.size["height"] == vc.image_size
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train one with"):
+        easy_vqa.load(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "easy-vqa", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "train one with" in result.output
+
+
+def test_accuracy_is_what_the_model_answers(folder):
+    """The harness' accuracy equals a hand-made count of first-token answers, one question at a time."""
+    from PIL import Image
+
+    from illava.inputs import build_inputs
+
+    model, tokenizer, processor = easy_vqa.load(folder)
+    rows = easy_vqa.test_questions(12)
+    hits = 0
+    for q, a, path in rows:
+        inputs = build_inputs(
+            model.config, tokenizer, processor, [easy_vqa.prompt(q)], [Image.open(path).convert("RGB")]
+        )
+        with torch.no_grad():
+            token = model(**inputs).logits[0, -1].argmax().item()
+        hits += tokenizer.convert_ids_to_tokens(token) == a
+    assert easy_vqa.accuracy(model, tokenizer, processor, rows, batch=5) == pytest.approx(hits / len(rows))
+
+
+def test_image_preset_cuts_flops_more_than_twofold(folder):
+    model, tokenizer, processor = easy_vqa.load(folder)
+    row = easy_vqa.test_questions(1)[0]
+    stock, stock_tokens = easy_vqa._flops(model, tokenizer, processor, row)
+    illava.apply(model, "image")
+    ours, tokens = easy_vqa._flops(model, tokenizer, processor, row)
+    assert stock_tokens == {"stock": 406, "after_encoder": 406, "after_llm": 406}
+    assert tokens["after_llm"] < tokens["after_encoder"] < 406
+    assert stock / ours >= 2.0
+
+
+def test_inverted_scores_keep_the_lowest_and_are_restored():
+    from illava import encoder, llm
+    from illava.merge import merge
+
+    x = torch.arange(6.0).view(1, 6, 1)
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.8, 0.3]])
+    with easy_vqa.inverted_scores():
+        assert encoder.merge(x, scores, 3, "prune").kept.tolist() == [[0, 3, 5]]
+        assert llm.merge is encoder.merge
+    assert encoder.merge is merge and llm.merge is merge
+
+
+def test_eval_command_table_json_and_plot(folder, tmp_path):
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    args = ["eval", "easy-vqa", "--model", str(folder), "--limit", "16", "--levels", "1.5"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out), "--plot", str(png)], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    names = [s["setting"] for s in scores]
+    assert names[0] == "stock" and "preset image" in names and "image, recycle cluster" in names
+    assert "image x1.5" in names and any("INVERTED" in n for n in names)
+    assert all(0 <= s["accuracy"] <= 1 and s["gflops"] > 0 for s in scores)
+    flops = {s["setting"]: s["gflops"] for s in scores}
+    assert flops["image x1.5"] < flops["preset image"] < flops["stock"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
