@@ -45,6 +45,7 @@ CROP, PATCH = 56, 4
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer of every word of ``texts`` (ids 0-5 special), with the chat template."""
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words = set()
     for text in texts:
@@ -67,6 +68,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def build_config(vocab_size: int) -> LlavaOnevisionConfig:
+    """The small LLaVA-OneVision trained on easy-VQA (196 patches per 56 px crop)."""
     return LlavaOnevisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
@@ -104,6 +106,7 @@ def build_config(vocab_size: int) -> LlavaOnevisionConfig:
 
 
 def image_processor() -> LlavaOnevisionImageProcessorPil:
+    """PIL image processor: 56 px base view + one 56 px AnyRes crop."""
     return LlavaOnevisionImageProcessorPil(
         size={"height": CROP, "width": CROP}, image_grid_pinpoints=[[CROP, CROP]], do_pad=True
     )
