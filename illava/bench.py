@@ -240,14 +240,6 @@ def default_image():
     return Image.fromarray(data.astronaut()).resize((384, 384))
 
 
-def default_photo():
-    """A real photo at its own size and aspect (scikit-image's cat, 451x300): several AnyRes crops."""
-    from PIL import Image
-    from skimage import data
-
-    return Image.fromarray(data.chelsea())
-
-
 def default_video(frames: int = 8):
     """The bundled default video: a slow pan and rotation over a real photo."""
     from PIL import Image

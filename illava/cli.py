@@ -183,6 +183,7 @@ def viz(
     from PIL import Image
 
     from . import bench as b
+    from .demo import default_image
     from .viz import visualize
 
     _check_preset(preset)
@@ -193,7 +194,7 @@ def viz(
     if video:
         pictures, clips = [], [b.default_video(frames)]
     else:
-        pictures, clips = [Image.open(image).convert("RGB") if image else b.default_photo()], []
+        pictures, clips = [Image.open(image).convert("RGB") if image else default_image()], []
     inputs = b.make_inputs(net, model, pictures, clips, 1)
     import illava
 

@@ -312,7 +312,6 @@ def draw_scores(panel: Panel, scores: np.ndarray) -> np.ndarray:
     import matplotlib
 
     units = panel.units
-    values = np.where(units >= 0, scores[np.clip(units, 0, None)], np.nan)
     finite = np.isfinite(scores)
     ranks = np.full(scores.shape, np.nan)
     if finite.sum() > 1:

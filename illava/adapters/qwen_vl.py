@@ -142,8 +142,6 @@ def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, recei
     for f in range(len(run.frame_blocks)):
         kept_blocks.append(new_values[f][0])
         new_counts.append(new_values[f][1])
-    if state.record:
-        _record_blocks(run, layer, new_frame_blocks, local_assign, block_scores)
     kept_blocks = torch.cat(kept_blocks)
     tokens = torch.cat(new_counts).reshape(-1, dim)
     layer_in, layer_out = sum(run.frame_blocks) * unit, tokens.shape[0]
@@ -151,11 +149,9 @@ def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, recei
     cos, sin = run.position_embeddings
     run.position_embeddings = (cos[token_index], sin[token_index])
     kept_cpu = kept_blocks.cpu()
-    run.block_ids = run.block_ids[kept_cpu]
     if state.record:
-        layer_, scores = run.pending_record
-        owner = torch.where(run.assign >= 0, run.block_ids[run.assign.clamp(min=0)], -1)
-        run.records.append((layer_, owner, scores))
+        _record_blocks(run, layer, new_frame_blocks, local_assign, block_scores, run.block_ids[kept_cpu])
+    run.block_ids = run.block_ids[kept_cpu]
     if run.window_of_block is not None:
         run.window_of_block = run.window_of_block[kept_cpu]
     run.frame_blocks = new_frame_blocks
@@ -164,14 +160,16 @@ def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, recei
     return tokens
 
 
-def _record_blocks(run: VisionRun, layer: int, new_frame_blocks, local_assign, block_scores) -> None:
-    """Source tracking for ``illava.viz`` (called before ``run.block_ids`` is updated)."""
+def _record_blocks(run: VisionRun, layer, new_frame_blocks, local_assign, block_scores, new_ids) -> None:
+    """Source tracking for ``illava.viz``: compose the merge into ``run.assign`` and record, per
+    original block, its score before the merge and the original block now representing it."""
     new_starts = torch.tensor([0, *new_frame_blocks]).cumsum(0)[:-1].tolist()
     step = torch.cat([torch.where(a.cpu() >= 0, a.cpu() + new_starts[f], -1) for f, a in sorted(local_assign.items())])
     scores = torch.full((run.assign.shape[0],), float("nan"))
     scores[run.block_ids] = block_scores.float().cpu()
     run.assign = compose_assign(run.assign[None], step[None])[0]
-    run.pending_record = (layer, scores)
+    owner = torch.where(run.assign >= 0, new_ids[run.assign.clamp(min=0)], -1)
+    run.records.append((layer, owner, scores))
 
 
 class IllavaQwenVLModel(PlaceholderMixin):
