@@ -32,12 +32,15 @@ def main(ctx: typer.Context) -> None:
 
 @app.command()
 def demo(
-    image: Annotated[Path | None, typer.Option(help="Image file (default: a photo shipped by scikit-image).")] = None,
-    question: Annotated[str, typer.Option(help="Question about the image.")] = "What is shown in this image?",
+    image: Annotated[Path | None, typer.Option(help="Image file (default: an easy-VQA test image).")] = None,
+    question: Annotated[
+        str | None, typer.Option(help="Question (default: the easy-VQA test question of the default image).")
+    ] = None,
     preset: Annotated[str, typer.Option(help="iLLaVA preset to compare with the stock model.")] = "image",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed prefills per setting (alternating).")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed prefills per setting (alternating).")] = 20,
+    model: Annotated[Path | None, typer.Option(help="easy-VQA model folder (default: the shipped one).")] = None,
 ) -> None:
-    """Answer a question about a real photo with the stock model and with iLLaVA, side by side."""
+    """Answer an easy-VQA question with the shipped model, stock and with iLLaVA, side by side."""
     from PIL import Image
 
     from .demo import run_demo
@@ -46,14 +49,24 @@ def demo(
         console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
         raise typer.Exit(2)
     picture = Image.open(image).convert("RGB") if image is not None else None
-    with console.status("building the default model and running baseline vs iLLaVA..."):
-        results = run_demo(picture, question, preset, repeats=repeats)
-    console.print(f"[bold]Question:[/bold] {question}")
-    console.print("[dim]Default model: tiny LLaVA-OneVision with random weights (the answer is noise).[/dim]")
+    with console.status("loading the shipped easy-VQA model and running baseline vs iLLaVA..."):
+        try:
+            result = run_demo(picture, question, preset, repeats=repeats, model_path=model)
+        except FileNotFoundError as error:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(2) from None
+    console.print(f"[bold]Question:[/bold] {result.question}")
+    if result.reference is not None:
+        console.print(f"[bold]Reference answer (easy-VQA test split):[/bold] {result.reference}")
+    console.print(
+        "[dim]Model: LLaVA-OneVision architecture, 1.1 M parameters, trained on easy-VQA on a CPU "
+        "(illava/models/easy-vqa; training/train_easy_vqa.py).[/dim]"
+    )
     table = Table(title=f"baseline vs iLLaVA (preset '{preset}')")
-    for column in ("", "answer", "visual tokens in", "after encoder stage", "after LLM stage", "prefill (median)"):
+    columns = ("", "answer", "visual tokens in", "after encoder stage", "after LLM stage", "GFLOPs", "prefill")
+    for column in columns:
         table.add_column(column)
-    for name, r in results.items():
+    for name, r in result.runs.items():
         v = r.visual_tokens
         table.add_row(
             name,
@@ -61,12 +74,21 @@ def demo(
             str(v["stock"]),
             str(v["after_encoder"]),
             str(v["after_llm"]),
-            f"{r.prefill_seconds * 1000:.1f} ms",
+            f"{r.gflops:.3f}",
+            f"{r.prefill_seconds * 1000:.2f} ms",
         )
     console.print(table)
-    speedup = results["baseline"].prefill_seconds / results["illava"].prefill_seconds
-    console.print(f"prefill speedup (CPU, this tiny model): {speedup:.2f}x")
-    console.print("[bold]iLLaVA tokens per stage:[/bold]\n" + results["illava"].stats)
+    console.print(
+        f"prefill FLOPs cut {result.flops_ratio:.2f}x; measured prefill speedup {result.speedup:.2f}x "
+        f"(median of {repeats}, CPU threads: {torch_threads()})"
+    )
+    console.print("[bold]iLLaVA tokens per stage:[/bold]\n" + result.runs["illava"].stats)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -327,8 +349,11 @@ def _print_report(report: dict) -> None:
 @eval_app.command("easy-vqa")
 def eval_easy_vqa(
     limit: Annotated[int, typer.Option(min=10, help="Test questions (a fixed random subset; 9673 = all).")] = 1000,
+    questions: Annotated[
+        str, typer.Option(help="'open' (the answer names a shape or colour: 2537 questions) or 'all'.")
+    ] = "open",
     levels: Annotated[str, typer.Option(help="Reduction levels of the sweep, relative to the image preset.")] = (
-        "0.5,1.5,2"
+        "0.5,1.25,1.5"
     ),
     model_path: Annotated[Path | None, typer.Option("--model", help="Model folder (training output).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of accuracy vs FLOPs.")] = None,
@@ -337,6 +362,7 @@ def eval_easy_vqa(
     """Accuracy of an easy-VQA model (training/train_easy_vqa.py): stock, every preset, every
     recycle mode, a sweep of reduction levels and a deliberately broken scorer, with prefill FLOPs."""
     import json
+    import warnings
 
     from rich.progress import Progress
 
@@ -347,14 +373,21 @@ def eval_easy_vqa(
     except FileNotFoundError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
-    rows = easy_vqa.test_questions(limit)
+    if questions not in ("open", "all"):
+        console.print(f"[red]--questions must be 'open' or 'all', got {questions!r}[/red]")
+        raise typer.Exit(2)
+    rows = easy_vqa.test_questions(limit, kinds=questions)
     sweep = tuple(float(v) for v in levels.split(",") if v.strip())
-    total = len(easy_vqa.settings(net, sweep))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = easy_vqa.settings(net, sweep)
+    for warning in caught:
+        console.print(f"[yellow]{warning.message}[/yellow]")
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"easy-VQA, {len(rows)} questions", total=total)
-        scores = easy_vqa.run_eval(net, tokenizer, processor, rows, sweep, progress=lambda s: bar.advance(task))
+        task = bar.add_task(f"easy-VQA, {len(rows)} questions", total=len(chosen))
+        scores = easy_vqa.run_eval(net, tokenizer, processor, rows, progress=lambda s: bar.advance(task), chosen=chosen)
     stock = scores[0]
-    table = Table(title=f"easy-VQA accuracy, {len(rows)} test questions")
+    table = Table(title=f"easy-VQA accuracy, {len(rows)} test questions ({questions})")
     for column in ("setting", "accuracy", "vs stock", "visual tokens (in -> encoder -> LLM)", "GFLOPs", "FLOPs cut"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for sc in scores:

@@ -1,39 +1,41 @@
-"""The embedded default job: one question about a real photo, baseline vs iLLaVA, side by side.
+"""The embedded default job: one easy-VQA question, the shipped model, baseline vs iLLaVA side by side.
 
-Until a trained model ships with the package, the model is a tiny LLaVA-OneVision with random
-weights built from a config (no download): its answer is noise, but every code path, every token
-count and the relative cost are those of the real thing.
+The model is the small LLaVA-OneVision trained on easy-VQA by ``training/train_easy_vqa.py`` and
+shipped inside the package (``illava/models/easy-vqa``); the image and question come from
+easy-VQA's test split (real data, not seen in training). The job prints the question, the answers,
+the visual tokens per stage, the analytic prefill FLOPs and the measured prefill time of both runs.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from . import api
-from .architectures import tiny_llava_onevision_config
-from .inputs import build_inputs, image_processor_for, word_tokenizer
+from . import api, easy_vqa
+
+DEFAULT_QUESTION_INDEX = 0  # easy-VQA test question 0: "what is the red shape?" (image 0)
 
 
 def default_image() -> Image.Image:
     """A real photo shipped by scikit-image (Chelsea the cat, 451x300: not square, so AnyRes
-    unpadding is exercised)."""
+    unpadding is exercised); used by ``illava viz``."""
     from skimage import data
 
     return Image.fromarray(data.chelsea())
 
 
-def demo_model(seed: int = 0):
-    from transformers import LlavaOnevisionForConditionalGeneration
+def default_example() -> tuple[Image.Image, str, str]:
+    """(image, question, reference answer) of the embedded default: an easy-VQA test question."""
+    import easy_vqa as data
 
-    config = tiny_llava_onevision_config()
-    config.text_config.initializer_range = 0.2
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    return model, word_tokenizer(config.text_config.vocab_size), image_processor_for(config)
+    questions, answers, image_ids = data.get_test_questions()
+    k = DEFAULT_QUESTION_INDEX
+    path = data.get_test_image_paths()[image_ids[k]]
+    return Image.open(path).convert("RGB"), questions[k], answers[k]
 
 
 @dataclass
@@ -41,28 +43,54 @@ class RunResult:
     answer: str
     visual_tokens: dict[str, int]
     prefill_seconds: float
+    gflops: float
     stats: str
+
+
+@dataclass
+class DemoResult:
+    question: str
+    reference: str | None  # the dataset's answer (default example only)
+    image: Image.Image
+    runs: dict[str, RunResult]  # "baseline", "illava"
+
+    @property
+    def speedup(self) -> float:
+        return self.runs["baseline"].prefill_seconds / self.runs["illava"].prefill_seconds
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.runs["baseline"].gflops / self.runs["illava"].gflops
 
 
 def run_demo(
     image: Image.Image | None = None,
-    question: str = "What is shown in this image?",
+    question: str | None = None,
     preset: str = "image",
-    max_new_tokens: int = 12,
-    repeats: int = 5,
-) -> dict[str, RunResult]:
-    """Answer ``question`` about ``image`` with the stock model and with iLLaVA; time the prefill
-    of both in alternation (median of ``repeats``)."""
-    model, tokenizer, processor = demo_model()
-    image = image if image is not None else default_image()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"<image>\n{question}"}], tokenize=False, add_generation_prompt=True
-    )
-    inputs = build_inputs(model.config, tokenizer, processor, [prompt], [image])
+    repeats: int = 20,
+    model_path: str | Path | None = None,
+) -> DemoResult:
+    """Answer ``question`` about ``image`` (default: an easy-VQA test example) with the stock model
+    and with iLLaVA; time the prefill of both in alternation (median of ``repeats``)."""
+    from .flops import prefill_flops
+    from .inputs import build_inputs
+
+    reference = None
+    if image is None:
+        image, default_question, reference = default_example()
+        if question is not None and question != default_question:
+            reference = None
+        question = question or default_question
+    question = question or "what shape is in the image?"
+    model, tokenizer, processor = easy_vqa.load(model_path)
+    inputs = build_inputs(model.config, tokenizer, processor, [easy_vqa.prompt(question)], [image])
     api.apply(model, preset)
-    results = {}
     times: dict[str, list[float]] = {"baseline": [], "illava": []}
+    runs = {}
     with torch.inference_mode():
+        for name in times:  # warm-up
+            api.set_enabled(model, name == "illava")
+            model(**inputs, use_cache=True, logits_to_keep=1)
         for _ in range(repeats):
             for name in times:
                 api.set_enabled(model, name == "illava")
@@ -71,10 +99,11 @@ def run_demo(
                 times[name].append(time.perf_counter() - start)
         for name in times:
             api.set_enabled(model, name == "illava")
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
             answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             stats = api.stats(model)
+            gflops = prefill_flops(model, stats, inputs["input_ids"].shape[1])["total"]
             median = sorted(times[name])[len(times[name]) // 2]
-            results[name] = RunResult(answer, stats.visual_tokens(), median, str(stats))
+            runs[name] = RunResult(answer.strip(), stats.visual_tokens(), median, gflops, str(stats))
     api.remove(model)
-    return results
+    return DemoResult(question, reference, image, runs)

@@ -1,6 +1,6 @@
 """easy-VQA harness: the training script's model format, the evaluation of every setting, the
-broken-scorer control, and `illava eval easy-vqa`. The weights here are random (no trained model
-is bundled yet), so these tests check the machinery, not accuracy."""
+broken-scorer control, and `illava eval easy-vqa`. The weights here are random, so these tests check
+the machinery; tests/test_fidelity.py checks accuracy with the shipped model."""
 
 import json
 
@@ -109,3 +109,17 @@ def test_eval_command_table_json_and_plot(folder, tmp_path):
     flops = {s["setting"]: s["gflops"] for s in scores}
     assert flops["image x1.5"] < flops["preset image"] < flops["stock"]
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_question_kinds_and_open_subset():
+    assert easy_vqa.question_kind("what is the blue shape?", "circle") == "open"
+    assert easy_vqa.question_kind("is there a circle?", "yes") == "present"
+    assert easy_vqa.question_kind("is there not a circle?", "no") == "present"
+    assert easy_vqa.question_kind("is no blue shape present?", "no") == "present"
+    assert easy_vqa.question_kind("is no blue shape present?", "yes") == "absent"
+    assert easy_vqa.question_kind("does the image contain a red shape?", "no") == "absent"
+    rows = easy_vqa.test_questions(None, kinds="open")
+    assert len(rows) == 2537 and all(a not in ("yes", "no") for _, a, _ in rows)
+    assert easy_vqa.test_questions(50, kinds="open") == easy_vqa.test_questions(50, kinds="open")
+    with pytest.raises(ValueError, match="kinds"):
+        easy_vqa.test_questions(5, kinds="yes/no")

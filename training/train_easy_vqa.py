@@ -1,7 +1,7 @@
 """Train illava's embedded default: a small LLaVA-OneVision on easy-VQA, on the CPU, fixed seed.
 
-    python training/train_easy_vqa.py                       # ~50 minutes on 2 cores
-    python training/train_easy_vqa.py --minutes 5 --out /tmp/m   # a quick try
+    python training/train_easy_vqa.py                       # 5 + 27 minutes on 2 cores
+    python training/train_easy_vqa.py --vision-minutes 2 --minutes 5 --out /tmp/m   # a quick try
 
 Data: PyPI ``easy-vqa`` (4,000 train / 1,000 test images of 64x64 px with one coloured shape;
 38,575 / 9,673 questions about shape, colour and presence; 13 one-word answers).
@@ -12,9 +12,22 @@ illava's own adapter is what runs), small: 56 px crops of 4x4 px patches, i.e. 1
 tokens). A word-level tokenizer built here from the dataset's words, a chat template, and the
 PIL image processor, all saved in Hugging Face format next to safetensors weights.
 
-Training: next-token loss on the answer and the end token only; each step encodes a batch of
-images once and trains on several of their questions (the image features are shared); AdamW with
-warm-up and cosine decay over the time budget; fixed seeds; single-threaded data preparation.
+Training, two stages, fixed seeds, the same random quarter turns and mirrors for every view of an
+image (no easy-VQA answer depends on orientation):
+
+1. the vision tower alone learns the shape and colour of each training image, as its questions and
+   answers state them (a classifier on the mean and max of its output tokens, thrown away after);
+2. the whole model learns to answer: next-token loss on each answer and its end token; each step
+   encodes 32 images once and asks up to 8 questions of each as successive turns of one
+   conversation (the image's 406 tokens are processed once for 8 answers); AdamW with warm-up and
+   cosine decay over the time budget, the vision tower at a tenth of the learning rate.
+
+What this reaches, and what it does not (measured on 2 cores, see the model card): open questions
+("what shape / colour ...") about 98% right; yes/no questions are answered mostly from a prior
+("the named thing is absent" is right 4 times in 5): in none of the recipes tried (one question per
+sequence or 8 turns; question before the image; present and absent questions balanced; runs of 6 to
+27 minutes) did the decoder learn to match the question's word with the image. Without stage 1 the
+model learnt colours but not shapes (71% overall).
 """
 
 from __future__ import annotations
@@ -51,12 +64,88 @@ def pixels(paths: dict[int, str], processor) -> tuple[torch.Tensor, torch.Tensor
     return out["pixel_values"], out["image_sizes"], {image_id: n for n, image_id in enumerate(ids)}
 
 
+SHAPES = ["circle", "rectangle", "triangle"]
+COLOURS = ["green", "red", "gray", "teal", "black", "yellow", "brown", "blue"]
+
+
+def image_labels(rows) -> dict[int, tuple[int, int]]:
+    """(shape, colour) class of each image as its questions and answers tell it (-100 = unknown).
+
+    "what shape/colour ..." answers name it; a yes/no question names it when the answer affirms it
+    ("is there a red shape? yes", "is there not a circle? no", "is no blue shape present? no").
+    """
+    labels: dict[int, list[int]] = {}
+    for question, answer, image_id in rows:
+        words = set(question.replace("?", " ").split())
+        label = labels.setdefault(image_id, [-100, -100])
+        if answer in SHAPES:
+            label[0] = SHAPES.index(answer)
+        elif answer in COLOURS:
+            label[1] = COLOURS.index(answer)
+        elif (answer == "yes") != bool(words & {"not", "no"}):
+            for word in words:
+                if word in SHAPES:
+                    label[0] = SHAPES.index(word)
+                elif word in COLOURS:
+                    label[1] = COLOURS.index(word)
+    return {image_id: tuple(label) for image_id, label in labels.items()}
+
+
+def augment(pix: torch.Tensor) -> torch.Tensor:
+    """The same random quarter turn and mirror for every view of a batch (answers do not change)."""
+    pix = torch.rot90(pix, random.randint(0, 3), (-2, -1))
+    return pix.flip(-1) if random.random() < 0.5 else pix
+
+
+def pretrain_vision(model, pix: torch.Tensor, labels: torch.Tensor, minutes: float, lr: float) -> list[dict]:
+    """Stage 1: the vision tower alone learns shape and colour (a classifier on its output tokens).
+
+    The classifier (layer norm + linear on the mean and max of the last hidden states, which are the
+    features LLaVA-OneVision passes on) is thrown away afterwards. Without this stage the whole
+    model trained on answers alone learnt colours but not shapes within the budget (71% accuracy).
+    """
+    vision = model.model.vision_tower
+    width = vision.config.hidden_size
+    norm, head = torch.nn.LayerNorm(width), torch.nn.Linear(2 * width, len(SHAPES) + len(COLOURS))
+    params = [*vision.parameters(), *norm.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)
+    views = pix.flatten(0, 1)  # base view and crop of every image, both labelled
+    targets = labels.repeat_interleave(pix.shape[1], 0)
+    start, step, log = time.time(), 0, []
+    while time.time() - start < minutes * 60:
+        progress = (time.time() - start) / (minutes * 60)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
+        index = torch.randint(0, len(views), (64,))
+        hidden = norm(vision(pixel_values=augment(views[index]), output_hidden_states=True).hidden_states[-1])
+        logits = head(torch.cat([hidden.mean(1), hidden.amax(1)], -1))
+        y = targets[index]
+        loss = loss_fn(logits[:, : len(SHAPES)], y[:, 0]) + loss_fn(logits[:, len(SHAPES) :], y[:, 1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            log.append({"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": loss.item()})
+            print(f"vision step {step} loss {loss.item():.4f} {(time.time() - start) / 60:.1f} min", flush=True)
+    log.append({"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": loss.item()})
+    return log
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=50.0, help="training time budget")
+    parser.add_argument("--vision-minutes", type=float, default=5.0, help="stage 1: vision tower alone")
+    parser.add_argument("--minutes", type=float, default=27.0, help="stage 2: the whole model on answers")
+    parser.add_argument("--vision-lr", type=float, default=3e-3, help="stage 1 learning rate")
+    parser.add_argument("--vision-lr-scale", type=float, default=0.1, help="stage 2: vision lr / lr")
     parser.add_argument("--out", type=Path, default=Path("illava/models/easy-vqa"))
-    parser.add_argument("--images-per-step", type=int, default=16)
-    parser.add_argument("--questions-per-image", type=int, default=4)
+    parser.add_argument("--images-per-step", type=int, default=32)
+    parser.add_argument(
+        "--questions-per-image", type=int, default=8, help="questions per image and step (share its features)"
+    )
+    parser.add_argument("--turns", type=int, default=8, help="questions per conversation (later ones as new turns)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=200)
@@ -69,7 +158,6 @@ def main() -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     train, train_paths = load_split("train")
     test, test_paths = load_split("test")
@@ -100,7 +188,24 @@ def main() -> None:
             return ids
         return ids, tokenizer.convert_tokens_to_ids(answer)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    def turn(question: str) -> str:  # a later turn of the conversation (the chat template's format)
+        return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    labels = image_labels(train)
+    known = torch.tensor([labels.get(i, (-100, -100)) for i in sorted(train_paths)])
+    vision_log = pretrain_vision(model, train_pix, known, args.vision_minutes, args.vision_lr)
+
+    vision_params = list(model.model.vision_tower.parameters())
+    vision_ids = {id(q) for q in vision_params}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": vision_params, "scale": args.vision_lr_scale},
+            {"params": [q for q in model.parameters() if id(q) not in vision_ids], "scale": 1.0},
+        ],
+        lr=args.lr,
+        weight_decay=0.01,
+        betas=(0.9, 0.98),
+    )
     image_ids = sorted(by_image)
     budget = args.minutes * 60
     start = time.time()
@@ -112,26 +217,35 @@ def main() -> None:
         progress = (time.time() - start) / budget
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         batch_images = random.sample(image_ids, args.images_per_step)
-        rows, owners, targets = [], [], []
+        rows, targets, owners = [], [], []
         for n, image_id in enumerate(batch_images):
-            for q, a in random.sample(by_image[image_id], min(args.questions_per_image, len(by_image[image_id]))):
-                ids, answer = encode(q, a)
-                rows.append(ids + [answer, eos])
+            picked = random.sample(by_image[image_id], min(args.questions_per_image, len(by_image[image_id])))
+            for c in range(0, len(picked), args.turns):  # conversations of `turns` questions
+                ids, answer_at = [], []
+                for k, (q, a) in enumerate(picked[c : c + args.turns]):
+                    ids += encode(q, None) if k == 0 else tokenizer(turn(q))["input_ids"]
+                    answer_at.append(len(ids))
+                    ids += [tokenizer.convert_tokens_to_ids(a), eos]
+                rows.append(ids)
+                targets.append(answer_at)
                 owners.append(n)
-                targets.append(len(ids))
         length = max(len(r) for r in rows)
         input_ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, (r, t) in enumerate(zip(rows, targets)):
+        for i, (r, answer_at) in enumerate(zip(rows, targets)):
             input_ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-            labels[i, t : t + 2] = torch.tensor(r[t : t + 2])
+            for t in answer_at:
+                labels[i, t : t + 2] = torch.tensor(r[t : t + 2])
         index = torch.tensor([train_index[i] for i in batch_images])
         features = model.model.get_image_features(
-            train_pix[index], train_sizes[index], vision_feature_layer=-1, vision_feature_select_strategy="full"
+            augment(train_pix[index]),
+            train_sizes[index],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
         ).pooler_output
         features = torch.stack(list(features))  # (images, visual, D)
         embeds = model.model.get_input_embeddings()(input_ids)
@@ -157,7 +271,7 @@ def main() -> None:
     minutes = (time.time() - start) / 60  # training time, without the final evaluation
     accuracy = evaluate(model, tokenizer, encode, test, test_pix, test_sizes, test_index)
     print(f"done: {step} steps in {minutes:.1f} min; test accuracy {accuracy:.4f} on {len(test)} questions")
-    save(model, tokenizer, processor, args, step, minutes, accuracy, log)
+    save(model, tokenizer, processor, args, step, minutes, accuracy, log, vision_log)
 
 
 @torch.no_grad()
@@ -181,7 +295,7 @@ def evaluate(model, tokenizer, encode, questions, pix, sizes, index, batch: int 
     return correct / len(questions)
 
 
-def save(model, tokenizer, processor, args, steps, minutes, accuracy, log) -> None:
+def save(model, tokenizer, processor, args, steps, minutes, accuracy, log, vision_log) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -191,10 +305,16 @@ def save(model, tokenizer, processor, args, steps, minutes, accuracy, log) -> No
         json.dumps(
             {
                 "seed": args.seed,
+                "vision_minutes": args.vision_minutes,
+                "vision_steps": vision_log[-1]["step"] if vision_log else 0,
+                "vision_lr": args.vision_lr,
+                "vision_lr_scale": args.vision_lr_scale,
+                "vision_log": vision_log,
                 "steps": steps,
                 "minutes": round(minutes, 1),
                 "images_per_step": args.images_per_step,
                 "questions_per_image": args.questions_per_image,
+                "turns": args.turns,
                 "lr": args.lr,
                 "test_accuracy": accuracy,
                 "log": log,
@@ -225,9 +345,14 @@ measure what token merging does to accuracy where no pretrained VLM can be downl
   base view + one AnyRes crop = 392 encoder tokens, 406 visual tokens for the LLM); projector;
   decoder 4 layers, width 128, grouped-query attention; word-level tokenizer of the dataset's words
   with a chat template; {size:.1f} MB of float32 safetensors.
-- Training: next-token loss on the answer and end token; {info["steps"]} steps of
-  {info["images_per_step"]} images x {info["questions_per_image"]} questions in {info["minutes"]} minutes;
-  AdamW, lr {info["lr"]}, warm-up and cosine decay.
+- Training, stage 1 ({info.get("vision_minutes", 0)} minutes, {info.get("vision_steps", 0)} steps of 64 views,
+  lr {info.get("vision_lr")}): the vision tower alone classifies the shape and colour of each training
+  image (labels read from its questions and answers; the classifier is dropped afterwards).
+- Training, stage 2: next-token loss on the answer and end token; {info["steps"]} steps of
+  {info["images_per_step"]} images x {info["questions_per_image"]} questions in {info["minutes"]} minutes
+  (up to {info.get("turns", 1)} questions of an image as successive turns of one conversation);
+  AdamW, lr {info["lr"]} (vision tower x{info.get("vision_lr_scale", 1)}), warm-up and cosine decay;
+  random quarter turns and mirrors of the images.
 - Accuracy (first generated token == answer, stock model): **{100 * info["test_accuracy"]:.2f}%** on
   all {9673} test questions.
 
