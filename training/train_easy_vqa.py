@@ -191,8 +191,8 @@ def main() -> None:
     def turn(question: str) -> str:  # a later turn of the conversation (the chat template's format)
         return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
-    labels = image_labels(train)
-    known = torch.tensor([labels.get(i, (-100, -100)) for i in sorted(train_paths)])
+    classes = image_labels(train)
+    known = torch.tensor([classes.get(i, (-100, -100)) for i in sorted(train_paths)])
     vision_log = pretrain_vision(model, train_pix, known, args.vision_minutes, args.vision_lr)
 
     vision_params = list(model.model.vision_tower.parameters())
