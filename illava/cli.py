@@ -41,6 +41,7 @@ def demo(
     model: Annotated[Path | None, typer.Option(help="easy-VQA model folder (default: the shipped one).")] = None,
 ) -> None:
     """Answer an easy-VQA question with the shipped model, stock and with iLLaVA, side by side."""
+    import torch
     from PIL import Image
 
     from .demo import run_demo
@@ -80,15 +81,9 @@ def demo(
     console.print(table)
     console.print(
         f"prefill FLOPs cut {result.flops_ratio:.2f}x; measured prefill speedup {result.speedup:.2f}x "
-        f"(median of {repeats}, CPU threads: {torch_threads()})"
+        f"(median of {repeats}, CPU threads: {torch.get_num_threads()})"
     )
     console.print("[bold]iLLaVA tokens per stage:[/bold]\n" + result.runs["illava"].stats)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:

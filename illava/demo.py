@@ -51,7 +51,6 @@ class RunResult:
 class DemoResult:
     question: str
     reference: str | None  # the dataset's answer (default example only)
-    image: Image.Image
     runs: dict[str, RunResult]  # "baseline", "illava"
 
     @property
@@ -77,10 +76,9 @@ def run_demo(
 
     reference = None
     if image is None:
-        image, default_question, reference = default_example()
-        if question is not None and question != default_question:
-            reference = None
-        question = question or default_question
+        image, default_question, default_answer = default_example()
+        if question in (None, default_question):
+            question, reference = default_question, default_answer
     question = question or "what shape is in the image?"
     model, tokenizer, processor = easy_vqa.load(model_path)
     inputs = build_inputs(model.config, tokenizer, processor, [easy_vqa.prompt(question)], [image])
@@ -106,4 +104,4 @@ def run_demo(
             median = sorted(times[name])[len(times[name]) // 2]
             runs[name] = RunResult(answer.strip(), stats.visual_tokens(), median, gflops, str(stats))
     api.remove(model)
-    return DemoResult(question, reference, image, runs)
+    return DemoResult(question, reference, runs)
