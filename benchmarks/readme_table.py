@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from illava import bench
+from illava.tools import bench
 
 CASES = {
     "cpu": [("llava-onevision-qwen2-0.5b", "image", False, torch.float32)],

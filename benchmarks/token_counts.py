@@ -20,20 +20,13 @@ from PIL import Image
 from skimage import data
 
 import illava
-from illava.architectures import ARCHITECTURES, build_architecture
-from illava.inputs import image_processor_for, placeholder_inputs, qwen_image_processor, qwen_placeholder_inputs
-
-
-def inputs_for(model, images, videos):
-    config = model.config
-    if config.model_type == "llava_onevision":
-        return placeholder_inputs(config, image_processor_for(config), images, videos)
-    return qwen_placeholder_inputs(config, qwen_image_processor(), images, videos)
+from illava.tools.architectures import architectures, build_architecture
+from illava.tools.inputs import placeholder_inputs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b", choices=sorted(architectures()))
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--truncate", action="store_true", help="build decoder layers only up to the last merge")
     parser.add_argument("--json", help="write the results here")
@@ -63,7 +56,7 @@ def main() -> None:
         built = time.time() - start
         illava.apply(model, cfg)
         start = time.time()
-        model(**inputs_for(model, images, videos), use_cache=False, logits_to_keep=1)
+        model(**placeholder_inputs(model.config, images, videos), use_cache=False, logits_to_keep=1)
         stats = illava.stats(model)
         results[name] = {"preset": preset, "config": str(cfg), "decoder_layers_built": depth, **stats.as_dict()}
         print(f"\n== {args.arch}: {name}, preset '{preset}' (built {built:.0f}s, ran {time.time() - start:.0f}s)")

@@ -4,34 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import adapter_for, unswap_class
-from .config import IllavaConfig, preset
+from .adapters import adapter_for
+from .config import IllavaConfig, scale_preset
 from .llm import LLMStage
+from .patch import PatchRecord
 from .state import IllavaState, Stats
 
 
 def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "image", **overrides) -> IllavaConfig:
     """The configuration ``apply`` would use: a preset name scaled to ``model``, or a config."""
     adapter = adapter_for(model)
-    dims = adapter.dimensions(model)
     if config is None:
         config = "image"
     if isinstance(config, str):
-        cfg = preset(
-            config,
-            encoder_depth=dims["encoder_depth"],
-            tokens_per_crop=dims["tokens_per_crop"],
-            llm_depth=dims["llm_depth"],
-            family=adapter.family(model),
-            llm_stage=adapter.llm_stage_in_presets(model),
-        )
-        cfg = adapter.adjust_preset(model, cfg)
-        cfg = cfg.replace(**overrides) if overrides else cfg
+        cfg = adapter.preset(model, config)
     elif isinstance(config, IllavaConfig):
-        cfg = config.replace(**overrides) if overrides else config
+        cfg = config
     else:
         raise TypeError(f"config must be an IllavaConfig or a preset name, got {type(config).__name__}")
-    cfg.check_against(**dims)
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    cfg.check_against(**adapter.dimensions(model).as_dict())
     adapter.check(model, cfg)
     return cfg
 
@@ -41,68 +33,83 @@ def apply(model: torch.nn.Module, config: IllavaConfig | str | None = "image", *
 
     ``config`` is a preset name (``image``, ``video``, ``encoder-only``, ``llm-only``, ``off``)
     scaled to the model's depths, or an ``IllavaConfig``; keyword ``overrides`` replace fields.
-    Applying again replaces the previous configuration. ``remove`` restores stock behaviour.
+    Applying again replaces the previous configuration (if the new one is invalid, the previous
+    one stays). ``remove`` restores stock behaviour.
     """
     cfg = resolve_config(model, config, **overrides)
-    if is_applied(model):
+    previous = config_of(model) if is_applied(model) else None
+    remove(model)
+    try:
+        _patch(model, cfg)
+    except Exception:
         remove(model)
-    adapter = adapter_for(model)
-    state = IllavaState(cfg, renumber_positions=adapter.renumber_positions)
-    inner, _, decoder = adapter.parts(model)
-    adapter.patch(model, state)
-    stage = LLMStage(state, decoder, adapter.query_key())
-    stage.attach()
-    handles = [inner.register_forward_pre_hook(_new_forward_hook(state), with_kwargs=True)]
-    handles += adapter.hooks(model, state)
-    model._illava_state = state
-    model._illava_handles = (stage, handles)
+        if previous is not None:
+            _patch(model, previous)
+        raise
     return cfg
+
+
+def _patch(model: torch.nn.Module, cfg: IllavaConfig) -> None:
+    adapter = adapter_for(model)
+    state = IllavaState(cfg, adapter)
+    record = PatchRecord(state)
+    model._illava = record
+    parts = adapter.parts(model)
+    adapter.patch(model, record)
+    LLMStage(state, parts.decoder, adapter).attach(record, parts.inner)
 
 
 def remove(model: torch.nn.Module) -> None:
     """Restore stock behaviour exactly: every swapped class and hook is undone."""
-    if not is_applied(model):
-        return
-    stage, handles = model._illava_handles
-    stage.detach()
-    for h in handles:
-        h.remove()
-    for module in model.modules():
-        unswap_class(module)
-    del model._illava_state, model._illava_handles
+    record = model.__dict__.pop("_illava", None)
+    if record is not None:
+        record.undo()
 
 
 def is_applied(model: torch.nn.Module) -> bool:
-    return hasattr(model, "_illava_state")
+    return isinstance(model.__dict__.get("_illava"), PatchRecord)
 
 
 def config_of(model: torch.nn.Module) -> IllavaConfig:
-    _require(model)
-    return model._illava_state.config
+    return _state(model).config
 
 
 def set_enabled(model: torch.nn.Module, enabled: bool) -> None:
     """Keep the patches but switch the method on or off (off behaves exactly like stock)."""
-    _require(model)
-    state = model._illava_state
+    state = _state(model)
     state.config = state.config.replace(enabled=enabled)
 
 
 def stats(model: torch.nn.Module) -> Stats:
     """Visual tokens per stage of the last prefill (encoder in/out per crop, LLM in/out per layer)."""
-    _require(model)
-    return model._illava_state.stats
+    return _state(model).last_stats
 
 
-def _require(model) -> None:
+def preset(
+    name: str,
+    *,
+    encoder_depth: int,
+    tokens_per_crop: int,
+    llm_depth: int,
+    family: str = "llava_onevision",
+    llm_stage: bool = True,
+    **overrides,
+) -> IllavaConfig:
+    """The preset ``name`` of a model family (a ``config.model_type``) scaled to the given dimensions."""
+    from .adapters import adapter_for_type
+
+    return scale_preset(
+        name,
+        adapter_for_type(family).presets[family],
+        encoder_depth=encoder_depth,
+        tokens_per_crop=tokens_per_crop,
+        llm_depth=llm_depth,
+        llm_stage=llm_stage,
+        **overrides,
+    )
+
+
+def _state(model: torch.nn.Module) -> IllavaState:
     if not is_applied(model):
         raise ValueError("illava is not applied to this model; call illava.apply(model) first")
-
-
-def _new_forward_hook(state: IllavaState):
-    def hook(module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = cache is None or cache.get_seq_length() == 0
-        state.new_forward(prefill)
-
-    return hook
+    return model._illava.state

@@ -1,23 +1,25 @@
-"""Configuration of the two iLLaVA stages, and the named presets."""
+"""Configuration of the two iLLaVA stages, its validation, and how presets scale to a model."""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 RECYCLE_MODES = ("rank", "cluster", "prune")
+PRESETS = ("image", "video", "encoder-only", "llm-only", "off")
 
 
 @dataclass
 class IllavaConfig:
-    """What iLLaVA does to a model.
+    """What iLLaVA does to a model (docs/method.md).
 
     Encoder stage: at each layer in ``encoder_layers`` (0-based, inside the vision transformer) the
-    ``encoder_removal`` lowest-scored tokens of every crop / frame are removed and recycled into
+    ``encoder_removal`` lowest-scored units of every crop / frame are removed and recycled into
     survivors. ``encoder_removal`` is either one value for every layer or one per layer; an ``int``
-    is a token count, a ``float`` in (0, 1) a fraction of the tokens present at that layer. Qwen-VL
-    removes whole 2x2 blocks: a count is rounded down to whole blocks, a fraction is of the blocks.
+    is a token count, a ``float`` in [0, 1) a fraction of the units present at that layer. Families
+    that remove whole 2x2 blocks (Qwen-VL, InternVL) take counts in patch tokens, a multiple of 4.
 
     LLM stage: before each decoder layer in ``llm_layers`` (prefill only) every visual span keeps
     ``llm_keep_ratio`` of its tokens (one value, or one per layer), scored by the attention the
@@ -25,8 +27,9 @@ class IllavaConfig:
 
     ``recycle`` picks how removed tokens are folded into survivors: ``rank`` (paper v1),
     ``cluster`` (ICLR version; ``cluster_neighbours`` = M, ``cluster_fraction`` = share of kept
-    tokens that act as recycling tokens) or ``prune`` (no recycling). ``enabled=False`` keeps
-    the model patched but behaving exactly like stock transformers.
+    tokens that act as recycling tokens) or ``prune`` (no recycling). ``policy`` replaces how tokens
+    are scored and folded (``illava.policy``; default: the paper's). ``enabled=False`` keeps the
+    model patched but behaving exactly like stock transformers.
     """
 
     encoder_layers: tuple[int, ...] = ()
@@ -37,15 +40,14 @@ class IllavaConfig:
     cluster_neighbours: int = 5
     cluster_fraction: float = 0.05
     enabled: bool = True
+    policy: object | None = None  # an illava.policy.Policy; None: the paper's scoring and recycling
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self.encoder_layers = _as_int_tuple(self.encoder_layers, "encoder_layers")
-        self.llm_layers = _as_int_tuple(self.llm_layers, "llm_layers")
-        if isinstance(self.encoder_removal, Sequence) and not isinstance(self.encoder_removal, str):
-            self.encoder_removal = tuple(self.encoder_removal)
-        if isinstance(self.llm_keep_ratio, Sequence) and not isinstance(self.llm_keep_ratio, str):
-            self.llm_keep_ratio = tuple(float(v) for v in self.llm_keep_ratio)
+        self.encoder_layers = _layer_tuple(self.encoder_layers, "encoder_layers")
+        self.llm_layers = _layer_tuple(self.llm_layers, "llm_layers")
+        self.encoder_removal = _per_layer_values(self.encoder_removal, _removal)
+        self.llm_keep_ratio = _per_layer_values(self.llm_keep_ratio, _ratio)
         self._check_self()
 
     # ----------------------------------------------------------------- per-layer values
@@ -70,41 +72,43 @@ class IllavaConfig:
 
     # ----------------------------------------------------------------- validation
     def _check_self(self) -> None:
-        if self.recycle not in RECYCLE_MODES:
+        if not isinstance(self.recycle, str) or self.recycle not in RECYCLE_MODES:
             raise ValueError(f"IllavaConfig.recycle must be one of {RECYCLE_MODES}, got {self.recycle!r}")
-        if len(set(self.encoder_layers)) != len(self.encoder_layers):
-            raise ValueError(f"IllavaConfig.encoder_layers has duplicates: {self.encoder_layers}")
-        if len(set(self.llm_layers)) != len(self.llm_layers):
-            raise ValueError(f"IllavaConfig.llm_layers has duplicates: {self.llm_layers}")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"IllavaConfig.enabled must be True or False, got {self.enabled!r}")
+        for name in ("encoder_layers", "llm_layers"):
+            layers = getattr(self, name)
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"IllavaConfig.{name} has duplicates: {layers}")
         if isinstance(self.encoder_removal, tuple) and len(self.encoder_removal) != len(self.encoder_layers):
             raise ValueError(
                 f"IllavaConfig.encoder_removal has {len(self.encoder_removal)} values for "
                 f"{len(self.encoder_layers)} encoder_layers; give one value or one per layer"
             )
-        removals = self.encoder_removal if isinstance(self.encoder_removal, tuple) else (self.encoder_removal,)
-        for r in removals:
-            if isinstance(r, bool) or not isinstance(r, (int, float)):
-                raise ValueError(f"IllavaConfig.encoder_removal must be int or float, got {r!r}")
-            if isinstance(r, int) and r < 0:
-                raise ValueError(f"IllavaConfig.encoder_removal count must be >= 0, got {r}")
-            if isinstance(r, float) and not 0.0 <= r < 1.0:
-                raise ValueError(f"IllavaConfig.encoder_removal fraction must be in [0, 1), got {r}")
         if isinstance(self.llm_keep_ratio, tuple) and len(self.llm_keep_ratio) != len(self.llm_layers):
             raise ValueError(
                 f"IllavaConfig.llm_keep_ratio has {len(self.llm_keep_ratio)} values for "
                 f"{len(self.llm_layers)} llm_layers; give one value or one per layer"
             )
-        ratios = self.llm_keep_ratio if isinstance(self.llm_keep_ratio, tuple) else (self.llm_keep_ratio,)
-        for k in ratios:
-            if not 0.0 < float(k) <= 1.0:
-                raise ValueError(f"IllavaConfig.llm_keep_ratio must be in (0, 1], got {k}")
+        if isinstance(self.cluster_neighbours, bool) or not isinstance(self.cluster_neighbours, numbers.Integral):
+            raise ValueError(
+                f"IllavaConfig.cluster_neighbours must be an integer >= 1, got {self.cluster_neighbours!r}"
+            )
         if self.cluster_neighbours < 1:
             raise ValueError(f"IllavaConfig.cluster_neighbours must be >= 1, got {self.cluster_neighbours}")
-        if not 0.0 < self.cluster_fraction <= 1.0:
-            raise ValueError(f"IllavaConfig.cluster_fraction must be in (0, 1], got {self.cluster_fraction}")
+        if not _is_real(self.cluster_fraction) or not 0.0 < self.cluster_fraction <= 1.0:
+            raise ValueError(f"IllavaConfig.cluster_fraction must be a number in (0, 1], got {self.cluster_fraction!r}")
+        if self.policy is not None and not callable(getattr(self.policy, "reduce", None)):
+            raise ValueError(f"IllavaConfig.policy must be an illava.policy.Policy, got {self.policy!r}")
 
-    def check_against(self, *, encoder_depth: int, tokens_per_crop: int, llm_depth: int, feature_layer: int) -> None:
-        """Validate layer indices and removals against a model's dimensions; raise ``ValueError``."""
+    def check_against(
+        self, *, encoder_depth: int, tokens_per_crop: int, llm_depth: int, feature_layer: int, unit: int = 1
+    ) -> None:
+        """Validate layer indices and removals against a model's dimensions; raise ``ValueError``.
+
+        ``tokens_per_crop`` is 0 for dynamic resolution (counts are checked per frame at run time);
+        ``unit`` is the number of patch tokens removed together (4 for a 2x2 block).
+        """
         for layer in self.encoder_layers:
             if not 0 <= layer < encoder_depth:
                 raise ValueError(
@@ -116,21 +120,39 @@ class IllavaConfig:
                     f"IllavaConfig.encoder_layers: layer {layer} comes after the layer the model reads "
                     f"its visual features from ({feature_layer}); allowed 0..{feature_layer}"
                 )
-        n = tokens_per_crop  # 0: dynamic resolution, checked per image at run time
+        removals = self.encoder_removal if isinstance(self.encoder_removal, tuple) else (self.encoder_removal,)
+        for r in removals:
+            if isinstance(r, int) and r % unit:
+                raise ValueError(
+                    f"IllavaConfig.encoder_removal: this model removes whole blocks of {unit} patch tokens; "
+                    f"a count must be a multiple of {unit}, got {r}"
+                )
+        n = tokens_per_crop // unit
         for layer in sorted(self.encoder_layers) if n else ():
-            r = removal_count(n, self.removal_at(layer))
+            r = removal_units(n, self.removal_at(layer), unit)
             if r >= n:
                 raise ValueError(
-                    f"IllavaConfig.encoder_removal: removing {r} tokens at encoder layer {layer} leaves none "
-                    f"of the {n} present; allowed 0..{n - 1}"
+                    f"IllavaConfig.encoder_removal: removing {r * unit} tokens at encoder layer {layer} leaves none "
+                    f"of the {n * unit} present; allowed 0..{(n - 1) * unit}"
                 )
             n -= r
+        if self.llm_layers and llm_depth < 2:
+            raise ValueError(
+                f"IllavaConfig.llm_layers: the decoder has {llm_depth} layer(s); the LLM stage needs at least 2 "
+                "(layer k is scored by the attention of layer k-1)"
+            )
         for layer in self.llm_layers:
             if not 1 <= layer < llm_depth:
                 raise ValueError(
                     f"IllavaConfig.llm_layers: layer {layer} is out of range; allowed 1..{llm_depth - 1} "
                     "(layer k is scored by the attention of layer k-1)"
                 )
+
+    def __str__(self) -> str:
+        fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "preset"]
+        if self.policy is None:
+            fields = [f for f in fields if not f.startswith("policy=")]
+        return f"IllavaConfig({', '.join(fields)})"
 
 
 def removal_count(n: int, removal: int | float) -> int:
@@ -140,6 +162,14 @@ def removal_count(n: int, removal: int | float) -> int:
     return int(removal)
 
 
+def removal_units(n: int, removal: int | float, unit: int = 1) -> int:
+    """Units (patches, or blocks of ``unit`` patches) to remove from ``n`` units: a count is given in
+    patch tokens, a fraction is of the units present."""
+    if isinstance(removal, float):
+        return int(n * removal + 0.5)
+    return int(removal) // unit
+
+
 def keep_count(n: int, ratio: float) -> int:
     """Tokens kept of ``n`` for a keep ratio; at least one token survives."""
     if n == 0:
@@ -147,16 +177,44 @@ def keep_count(n: int, ratio: float) -> int:
     return max(1, min(n, int(n * ratio + 0.5)))
 
 
-def _as_int_tuple(values, name: str) -> tuple[int, ...]:
-    if isinstance(values, int):
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _layer_tuple(values, name: str) -> tuple[int, ...]:
+    if isinstance(values, numbers.Integral) and not isinstance(values, bool):
         values = (values,)
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError):
-        raise ValueError(f"IllavaConfig.{name} must be a sequence of layer indices, got {values!r}") from None
-    if any(isinstance(v, bool) for v in values):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"IllavaConfig.{name} must be a sequence of layer indices (integers), got {values!r}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
         raise ValueError(f"IllavaConfig.{name} must hold integers, got {values!r}")
-    return out
+    return tuple(int(v) for v in values)
+
+
+def _removal(value):
+    if _is_real(value) and isinstance(value, numbers.Integral):
+        if value < 0:
+            raise ValueError(f"IllavaConfig.encoder_removal count must be >= 0, got {value}")
+        return int(value)
+    if _is_real(value):
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"IllavaConfig.encoder_removal fraction must be in [0, 1), got {value}")
+        return float(value)
+    raise ValueError(f"IllavaConfig.encoder_removal must be an int (count) or a float (fraction), got {value!r}")
+
+
+def _ratio(value) -> float:
+    if not _is_real(value):
+        raise ValueError(f"IllavaConfig.llm_keep_ratio must be a number in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"IllavaConfig.llm_keep_ratio must be in (0, 1], got {value}")
+    return float(value)
+
+
+def _per_layer_values(value, convert):
+    if isinstance(value, (list, tuple)):
+        return tuple(convert(v) for v in value)
+    return convert(value)
 
 
 def _per_layer(value, layers: tuple[int, ...], layer: int):
@@ -166,79 +224,50 @@ def _per_layer(value, layers: tuple[int, ...], layer: int):
 
 
 # ---------------------------------------------------------------------------------- presets
-# Per model family: the authors' settings (METHOD.md) and the dimensions they were published for.
-# Other depths scale the layer indices proportionally and integer removals with the tokens per crop,
-# so LLaVA-OV-0.5B (24 LLM layers) and 72B (80) get sensible values.
-_LLAVA_OV = {
-    "reference": {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28},
-    "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 92, "llm_layers": (8,), "llm_keep_ratio": 0.70},
-    "video": {"encoder_layers": (3, 4, 5, 6), "encoder_removal": 92, "llm_layers": (2,), "llm_keep_ratio": 0.70},
-}
-# Qwen2-VL-7B: encoder layers 12-15 remove 16% (whole 2x2 blocks) each; LLM layers 6, 7, 8 keep 0.9.
-_QWEN2_VL = {
-    "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
-    "image": {
-        "encoder_layers": (12, 13, 14, 15),
-        "encoder_removal": 0.16,
-        "llm_layers": (6, 7, 8),
-        "llm_keep_ratio": 0.9,
-    },
-}
-_QWEN2_VL["video"] = _QWEN2_VL["image"]
-# Qwen2.5-VL merges only at full-attention blocks (7, 15, 23, 31): two merges of 29% remove about as
-# much as Qwen2-VL's four of 16% (1 - 0.71^2 = 0.50 vs 1 - 0.84^4 = 0.50).
-_QWEN2_5_VL = {
-    "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
-    "image": {"encoder_layers": (7, 15), "encoder_removal": 0.29, "llm_layers": (6, 7, 8), "llm_keep_ratio": 0.9},
-}
-_QWEN2_5_VL["video"] = _QWEN2_5_VL["image"]
-FAMILY_PRESETS = {"llava_onevision": _LLAVA_OV, "qwen2_vl": _QWEN2_VL, "qwen2_5_vl": _QWEN2_5_VL}
-PRESETS = ("image", "video", "encoder-only", "llm-only", "off")
+def scale_preset(
+    name: str,
+    table: dict,
+    *,
+    encoder_depth: int,
+    tokens_per_crop: int,
+    llm_depth: int,
+    llm_stage: bool = True,
+    **overrides,
+) -> IllavaConfig:
+    """The preset ``name`` of a family's ``table`` scaled to a model of the given dimensions.
+
+    ``table`` (one per adapter) holds the ``reference`` dimensions the settings were published for
+    and the ``image`` / ``video`` settings. Layer indices scale with depth; integer removals scale
+    with the tokens per crop. ``llm_stage=False`` drops the LLM stage; a decoder of fewer than two
+    layers has no LLM stage either. ``overrides`` replace fields of the result.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)}")
+    reference = table["reference"]
+    values = _preset_values(name, table)
+    if "encoder_layers" in values:
+        values["encoder_layers"] = _scale_layers(values["encoder_layers"], reference["encoder_depth"], encoder_depth)
+        if isinstance(values["encoder_removal"], int) and reference["tokens_per_crop"]:
+            scaled = values["encoder_removal"] * tokens_per_crop / reference["tokens_per_crop"]
+            values["encoder_removal"] = max(1, round(scaled))
+    if "llm_layers" in values:
+        if llm_stage and llm_depth >= 2:
+            values["llm_layers"] = _scale_layers(values["llm_layers"], reference["llm_depth"], llm_depth, minimum=1)
+        else:
+            del values["llm_layers"], values["llm_keep_ratio"]
+    values.update(overrides)
+    return IllavaConfig(preset=name, **values)
 
 
-def _preset_values(name: str, family: str) -> dict:
-    table = FAMILY_PRESETS[family]
+def _preset_values(name: str, table: dict) -> dict:
     if name in ("image", "video"):
-        return dict(table[name])
+        return dict(table.get(name, table["image"]))
     image = table["image"]
     if name == "encoder-only":
         return {"encoder_layers": image["encoder_layers"], "encoder_removal": image["encoder_removal"]}
     if name == "llm-only":
         return {"llm_layers": image["llm_layers"], "llm_keep_ratio": image["llm_keep_ratio"]}
     return {"enabled": False}
-
-
-def preset(
-    name: str,
-    *,
-    encoder_depth: int,
-    tokens_per_crop: int,
-    llm_depth: int,
-    family: str = "llava_onevision",
-    llm_stage: bool = True,
-    **overrides,
-) -> IllavaConfig:
-    """The preset ``name`` of a model family scaled to a model of the given dimensions.
-
-    ``llm_stage=False`` drops the LLM stage (the authors turn it off for Qwen2-VL-2B).
-    ``overrides`` replace fields of the result.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)}")
-    reference = FAMILY_PRESETS[family]["reference"]
-    values = _preset_values(name, family)
-    if "encoder_layers" in values:
-        values["encoder_layers"] = _scale_layers(values["encoder_layers"], reference["encoder_depth"], encoder_depth)
-        if isinstance(values["encoder_removal"], int):
-            scaled = values["encoder_removal"] * tokens_per_crop / reference["tokens_per_crop"]
-            values["encoder_removal"] = max(1, round(scaled))
-    if "llm_layers" in values:
-        if llm_stage:
-            values["llm_layers"] = _scale_layers(values["llm_layers"], reference["llm_depth"], llm_depth, minimum=1)
-        else:
-            del values["llm_layers"], values["llm_keep_ratio"]
-    values.update(overrides)
-    return IllavaConfig(preset=name, **values)
 
 
 def _scale_layers(layers: tuple[int, ...], ref_depth: int, depth: int, minimum: int = 0) -> tuple[int, ...]:

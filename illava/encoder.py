@@ -1,36 +1,187 @@
-"""Encoder stage helpers shared by the adapters: one merge step with source tracking, and the
-layout of survivors on the patch grid they came from."""
+"""The encoder stage's runtime, shared by the adapters (docs/method.md, "Encoder stage").
+
+- ``encoder_call``: the context of one ``get_image_features`` / ``get_video_features`` call; the
+  merge layers and the layout of survivors of that call meet in its ``EncoderCall``.
+- ``merge_units``: one merge step of a batch of crops (frames, tiles): score, remove, recycle with
+  the configuration's policy, and keep track of which original unit every survivor is.
+- ``stock_count_features``: survivors written into the stock number of feature rows, the rows of
+  removed tokens set to NaN. Everything downstream of the encoder (placeholder checks, the
+  feature expansion of beam search and ``num_return_sequences``, feature reuse across the
+  forwards of ``generate``) then runs unchanged, and the decoder input drops the NaN rows.
+- layout helpers: ``pool_survivors``, ``rows_with_newlines``.
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
-from .config import removal_count
-from .merge import compose_assign, merge
-from .state import EncoderTrace, IllavaState
+from .config import removal_units
+from .merge import attention_with_received_scores, compose_assign
+from .state import EncoderCall, IllavaState, UnitTrace
 
 
-def encoder_merge(state: IllavaState, layer: int, hidden: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
-    """Remove and recycle the configured number of tokens of every crop at encoder ``layer``."""
+@contextmanager
+def encoder_call(state: IllavaState, kind: str):
+    """The ``EncoderCall`` of a feature call (``None`` while illava is disabled)."""
+    if not state.config.enabled:
+        yield None
+        return
+    with state.scope() as scope:
+        call = EncoderCall(kind)
+        outer, scope.encoder_call = scope.encoder_call, call
+        try:
+            yield call
+        finally:
+            scope.encoder_call = outer
+
+
+def features_done(state: IllavaState, call: EncoderCall | None, output, kind: str):
+    """Attach the call to its feature output (it travels with the features through ``generate``)
+    and hand the output to the forward in progress, if any."""
+    if call is None:
+        return output
+    if hasattr(output, "pooler_output"):
+        output.illava_call = call
+        first = _first_tensor(output.pooler_output)
+        if first is not None:  # found again when the output was copied (accelerate moves inputs)
+            state.keyed[first] = call
+    scope = state.current()
+    if scope is not None:
+        scope.encoder_outputs[kind] = output
+    return output
+
+
+def call_of(state: IllavaState, output) -> EncoderCall | None:
+    """The encoder call that produced a feature output (``None`` if not one of ours)."""
+    call = getattr(output, "illava_call", None)
+    if call is None and output is not None:
+        first = _first_tensor(getattr(output, "pooler_output", None))
+        call = state.keyed.get(first) if first is not None else None
+    return call
+
+
+def _first_tensor(features):
+    if isinstance(features, torch.Tensor):
+        return features
+    if isinstance(features, (list, tuple)) and features and isinstance(features[0], torch.Tensor):
+        return features[0]
+    return None
+
+
+def record_placeholders(state: IllavaState, kind: str, mask: torch.Tensor) -> None:
+    """Remember where stock put the features of ``kind`` (the mask of ``get_placeholder_mask``)."""
+    scope = state.current() if state.config.enabled else None
+    if scope is not None:
+        scope.placeholders[kind] = mask[..., 0] if mask.dim() == 3 else mask
+
+
+def current_call(state: IllavaState) -> EncoderCall | None:
+    """The encoder call in progress on this thread; ``None`` during a backward recomputation
+    (gradient checkpointing) or when the vision tower is called on its own."""
+    if torch._C._current_graph_task_id() != -1:
+        return None
+    scope = state.current()
+    return scope.encoder_call if scope is not None else None
+
+
+def recording(state: IllavaState) -> bool:
+    scope = state.current()
+    return scope is not None and scope.record
+
+
+def collecting_attentions() -> bool:
+    """Whether transformers is collecting attention maps (``output_attentions=True``)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers layouts
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
+def attention_and_scores(attn: torch.nn.Module, hidden: torch.Tensor, q, k, v, scale: float, eager_call):
+    """Attention output and the attention each token receives.
+
+    Normally one explicit softmax gives both (``attention_with_received_scores``). While
+    transformers collects attention maps with eager attention, the stock attention module runs
+    instead (``eager_call()``), so the map of a merge layer is recorded like any other layer's.
+    """
+    if collecting_attentions() and attn.config._attn_implementation == "eager":
+        out, weights = eager_call()
+        return out, weights.float().mean(dim=(1, 2)), True
+    out, received = attention_with_received_scores(q, k, v, scale)
+    return out, received, False
+
+
+class CropTrace:
+    """Which original unit every current unit of a batch of crops is (``work["crops"]``)."""
+
+    def __init__(self, crops: int, units: int, device):
+        index = torch.arange(units, device=device).expand(crops, units)
+        self.positions = index  # (crops, n) original unit of each current unit
+        self.assign = index  # (crops, U) current unit representing each original unit, -1: dropped
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def step(self, layer: int, res, received: torch.Tensor, record: bool) -> None:
+        before = self.positions
+        self.positions = before.gather(1, res.kept)
+        self.assign = compose_assign(self.assign, res.assign)
+        if record:
+            crops, units = self.assign.shape
+            owner = torch.where(self.assign >= 0, self.positions.gather(1, self.assign.clamp(min=0)), -1)
+            scores = torch.full((crops, units), float("nan"), device=received.device)
+            self.records.append((layer, owner.cpu(), scores.scatter(1, before, received.float()).cpu()))
+
+    def unit_trace(self, grids: list[tuple[int, int]], feature: torch.Tensor) -> UnitTrace:
+        """One format for every family: owners over the units of the whole call."""
+        units = self.assign.shape[1]
+        offset = (torch.arange(self.assign.shape[0]) * units)[:, None]
+        layers = [
+            (layer, torch.where(owner >= 0, owner + offset, -1).flatten(), scores.flatten())
+            for layer, owner, scores in self.records
+        ]
+        return UnitTrace(grids=grids, layers=layers, feature=feature)
+
+
+def merge_units(
+    state: IllavaState, layer: int, hidden: torch.Tensor, received: torch.Tensor, unit: int = 1, keep_first: int = 0
+) -> torch.Tensor:
+    """Remove and recycle the configured number of units of every crop at encoder ``layer``.
+
+    ``hidden`` ``(B, N, D)``: ``keep_first`` tokens that are never removed (a CLS token), then
+    units of ``unit`` consecutive tokens (a 2x2 block is 4 tokens); ``received`` ``(B, N)`` the
+    attention every token receives. A unit's score is the mean of its tokens'; recycling treats a
+    unit's tokens position by position (one vector of ``unit * D``).
+    """
     cfg = state.config
-    b, n, _ = hidden.shape
-    if state.encoder_trace is None:
-        state.encoder_trace = EncoderTrace.start(b, n, hidden.device)
-    trace = state.encoder_trace
-    r = removal_count(n, cfg.removal_at(layer))
-    res = merge(
-        hidden, received, r, cfg.recycle, neighbours=cfg.cluster_neighbours, recycle_fraction=cfg.cluster_fraction
-    )
-    before = trace.positions.to(hidden.device)
-    trace.positions = before.gather(1, res.kept)
-    trace.assign = compose_assign(trace.assign.to(hidden.device), res.assign)
-    if state.record:
-        n0 = trace.assign.shape[1]
-        owner = torch.where(trace.assign >= 0, trace.positions.gather(1, trace.assign.clamp(min=0)), -1)
-        scores = torch.full((b, n0), float("nan"), device=hidden.device).scatter(1, before, received.float())
-        trace.records.append((layer, owner.cpu(), scores.cpu()))
-    trace.layers.append((layer, b * n, b * (n - r)))  # totals over the crops of the call
-    return res.tokens
+    b, n, d = hidden.shape
+    head, body = hidden[:, :keep_first], hidden[:, keep_first:]
+    units = body.shape[1] // unit
+    attention = received[:, keep_first:].reshape(b, units, unit).float().mean(-1)
+    scores = state.policy.scores("encoder", attention)
+    r = removal_units(units, cfg.removal_at(layer), unit)
+    if r >= units:
+        raise ValueError(
+            f"illava: encoder layer {layer} would remove {r} of the {units} units of a crop; lower encoder_removal"
+        )
+    res = state.policy.reduce("encoder", body.reshape(b, units, unit * d), scores, r, cfg)
+    call = current_call(state)
+    if call is not None:
+        trace = call.work.get("crops")
+        if trace is None:
+            trace = call.work["crops"] = CropTrace(b, units, hidden.device)
+        trace.step(layer, res, attention, recording(state))
+        call.layers.append((layer, b * n, b * (keep_first + (units - r) * unit)))
+    return torch.cat([head, res.tokens.reshape(b, (units - r) * unit, d)], dim=1)
+
+
+def stock_count_features(survivors: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:
+    """``total`` feature rows: ``survivors`` at ``slots``, NaN in every other row (removed tokens)."""
+    out = survivors.new_full((total, survivors.shape[-1]), float("nan"))
+    out[slots] = survivors
+    return out
 
 
 def pool_survivors(

@@ -3,10 +3,11 @@
 Scoring:
 - ``attention_with_received_scores``: self-attention of an encoder layer that also returns, for
   every token, the attention it receives (mean over heads and queries of the softmax).
-- ``last_query_scores``: the attention the last token pays to every key (one query row).
+- ``query_scores``: the attention a few query rows (the last token of each sequence) pay to
+  every key.
 
 Recycling (``merge``): remove ``r`` tokens of each row and fold them into survivors with one of
-the modes of METHOD.md (``rank``, ``cluster``, ``prune``). Survivors keep their relative order.
+the modes of docs/method.md (``rank``, ``cluster``, ``prune``). Survivors keep their relative order.
 ``MergeResult.assign`` maps every input token to the output token that now represents it (-1:
 dropped), which is what source tracking composes across layers.
 """
@@ -63,20 +64,20 @@ def attention_with_received_scores(
     return out.transpose(1, 2).contiguous(), received
 
 
-def last_query_scores(
-    query_last: torch.Tensor, key: torch.Tensor, scale: float, key_padding_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Attention the last token pays to each key, averaged over heads: ``(B, L)`` float32.
+def query_scores(query: torch.Tensor, key: torch.Tensor, scale: float, key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention a few query rows pay to every key, averaged over heads: ``(B, S, L)`` float32.
 
-    ``query_last``: ``(B, H, 1, hd)``; ``key``: ``(B, Hkv, L, hd)`` with ``H`` a multiple of
-    ``Hkv`` (grouped-query attention); ``key_padding_mask``: ``(B, L)``, True for real tokens.
-    Only one query row is formed, never the ``L x L`` attention matrix.
+    ``query``: ``(B, H, S, hd)`` (S rows, e.g. the last token of each sequence of a row);
+    ``key``: ``(B, Hkv, L, hd)`` with ``H`` a multiple of ``Hkv`` (grouped-query attention);
+    ``key_mask``: ``(B, S, L)``, True for the keys query row ``s`` may see (every row sees at least
+    one). ``scores[b, s, l] = mean_h softmax_l(q[b, h, s] . k[b, h, l] * scale)``; only these S
+    rows are formed, never the ``L x L`` attention matrix.
     """
-    groups = query_last.shape[1] // key.shape[1]
-    q = query_last.float().reshape(query_last.shape[0], key.shape[1], groups, query_last.shape[-1])
-    logits = torch.einsum("bkgd,bkld->bkgl", q, key.float()) * scale
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(~key_padding_mask[:, None, None, :].bool(), float("-inf"))
+    b, h, s, hd = query.shape
+    kv = key.shape[1]
+    q = query.float().reshape(b, kv, h // kv, s, hd)
+    logits = torch.einsum("bkgsd,bkld->bkgsl", q, key.float()) * scale
+    logits = logits.masked_fill(~key_mask[:, None, None].bool(), float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
 
 
@@ -98,7 +99,7 @@ def merge(
 ) -> MergeResult:
     """Remove the ``r`` lowest-scored tokens of every row of ``x`` ``(B, N, D)`` and recycle them.
 
-    Modes (METHOD.md):
+    Modes (docs/method.md):
     - ``rank``: the r+1 lowest-scored tokens p0..pr (ascending score) are averaged with weights
       ``w_t = r + 1 - t`` into ``pr``; p0..p(r-1) are deleted.
     - ``cluster``: of the ``P = N - r`` kept tokens the top ``P - Pc`` stay as they are; the next

@@ -1,49 +1,69 @@
-"""Per-model state shared by reference by every patched module, and the token statistics."""
+"""What a patched model holds, what one call holds, and the statistics of a prefill.
+
+- ``IllavaState``: one per patched model, shared by reference by every patch: the configuration,
+  the family adapter and the statistics of the last prefill. It holds no per-call data.
+- ``CallScope``: one per call of the model on one thread, opened by the outermost patched call
+  (``generate`` encodes images before the forward pass, so an encoder call may have a scope of
+  its own) and shared by nested ones. Everything one forward needs to carry from one patched
+  module to another lives here; two threads never see each other's scope.
+- Decoding state lives on the cache (``illava.llm.Session``), so every conversation carries its own.
+"""
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import IllavaConfig
+from .policy import Policy, policy_of
 
 
 @dataclass
-class EncoderTrace:
-    """Source tracking through one call of the vision encoder (all crops / frames of the call)."""
+class UnitTrace:
+    """Source tracking through one encoder call, in one format for every family.
 
-    positions: torch.Tensor  # (B, N) original patch index of each current token's own patch
-    assign: torch.Tensor  # (B, N0) current token representing each original patch, -1 if dropped
+    A *unit* is what the encoder stage removes: a patch, or a 2x2 block of patches for families
+    whose projector folds blocks into one LLM token. Units are numbered over the call: crop (or
+    frame, tile) after crop, each crop's units in raster order of its unit grid.
+    """
+
+    grids: list[tuple[int, int]]  # unit grid (rows, cols) of every crop
+    # per merge layer: the unit whose token represents each unit (-1: dropped) and each unit's score
+    # before the merge (NaN where already merged away)
+    layers: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    feature: torch.Tensor | None = None  # (units,) row of the call's feature output holding each unit, -1: none
+
+
+@dataclass
+class EncoderCall:
+    """One call of the vision encoder (``get_image_features`` / ``get_video_features``)."""
+
+    kind: str  # "image" or "video"
+    crops: int = 0  # crops / frames / tiles encoded
+    tokens: int = 0  # tokens entering the encoder, all crops
     layers: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, tokens in, out), all crops
-    # recorded only while ``IllavaState.record`` is set (``illava.viz``): per merge layer, the
-    # original patch of the token representing each original patch (-1: dropped) and the score of
-    # each patch still present before the merge (NaN: already merged away)
-    records: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    item_crops: list[int] = field(default_factory=list)  # crops of every image / video, in feature order
+    trace: UnitTrace | None = None  # filled only while recording (``illava.tools.viz``)
+    work: dict = field(default_factory=dict)  # the adapter's bookkeeping during the call
 
-    @classmethod
-    def start(cls, batch: int, tokens: int, device: torch.device) -> EncoderTrace:
-        idx = torch.arange(tokens, device=device).expand(batch, tokens)
-        return cls(positions=idx, assign=idx)
+    def as_stats(self) -> dict:
+        return {"kind": self.kind, "crops": self.crops, "tokens": self.tokens, "layers": list(self.layers)}
 
 
 @dataclass
 class VisualItem:
-    """One image or video as the LLM sees it: placeholder slots of stock transformers vs features."""
+    """One image or video span of one sample as the LLM saw it."""
 
-    kind: str  # "image" or "video"
-    stock_tokens: int  # placeholders the stock processor inserts for it
-    feature_tokens: int  # feature vectors produced for it (padding included)
-    valid: torch.Tensor | None = None  # (feature_tokens,) False for padding features
-    crops: int = 1
-    sample: int = -1
-    # ``illava.viz`` source tracking, filled only while ``IllavaState.record`` is set: units (patches,
-    # or 2x2 blocks for Qwen-VL) of the item, encoder steps and the LLM-input token of every unit
-    trace: dict | None = None
-
-    @property
-    def tokens(self) -> int:
-        return self.feature_tokens if self.valid is None else int(self.valid.sum())
+    kind: str
+    sample: int
+    stock_tokens: int  # placeholders the stock processor inserted for it
+    tokens: int  # those that kept a feature after the encoder stage
+    crops: int | None = None
 
 
 @dataclass
@@ -53,6 +73,18 @@ class LLMLayerStats:
     visual_out: list[int]
     sequence_in: int  # padded batch length
     sequence_out: int
+
+
+@dataclass
+class ForwardTrace:
+    """Source tracking of one forward (recorded for ``illava.tools.viz``)."""
+
+    calls: dict[str, EncoderCall]  # kind -> the encoder call whose features filled its placeholders
+    placeholders: dict[str, torch.Tensor]  # kind -> (B, L) placeholder mask of the input
+    # per LLM merge layer: (layer, (B, L) index of the token representing every input position after
+    # the layer (-1: dropped), (B, N) input position of every token after the layer); entry 0 is the
+    # decoder input after the placeholder compaction
+    llm: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +98,7 @@ class Stats:
     llm: list[LLMLayerStats] = field(default_factory=list)
     sequence_in: int = 0  # LLM input length as given (padded, with stock placeholders)
     sequence_after_encoder: int = 0
+    trace: ForwardTrace | None = None
 
     def visual_tokens(self, sample: int | None = None) -> dict[str, int]:
         """Visual tokens entering the LLM: stock count, after the encoder stage, after the LLM stage."""
@@ -81,16 +114,7 @@ class Stats:
     def as_dict(self) -> dict:
         return {
             "encoder": self.encoder,
-            "items": [
-                {
-                    "kind": i.kind,
-                    "sample": i.sample,
-                    "crops": i.crops,
-                    "stock_tokens": i.stock_tokens,
-                    "tokens": i.tokens,
-                }
-                for i in self.items
-            ],
+            "items": [vars(i) for i in self.items],
             "llm": [vars(layer) for layer in self.llm],
             "sequence_in": self.sequence_in,
             "sequence_after_encoder": self.sequence_after_encoder,
@@ -122,45 +146,106 @@ class Stats:
 
 
 @dataclass
-class IllavaState:
-    config: IllavaConfig
-    encoder_trace: EncoderTrace | None = None
-    # features computed but not yet placed: kind -> list of (items, encoder stats) per encoder call.
-    # generate() runs the encoder before the forward pass, so this survives new_forward().
-    pending: dict[str, list[tuple[list[VisualItem], dict | None]]] = field(default_factory=dict)
-    drop: torch.Tensor | None = None  # (B, L) placeholder slots without a feature
-    item_ids: torch.Tensor | None = None  # (B, L) visual item of each slot, -1 for text
-    items: list[VisualItem] = field(default_factory=list)
-    stats: Stats = field(default_factory=Stats)
-    session: object | None = None  # the LLM-stage session of the forward in progress
-    # After the decoder-input compaction, are positions renumbered as if the prompt had been built
-    # with fewer placeholders (LLaVA: the authors' setting) or gathered from the survivors' true
-    # positions (Qwen-VL's M-RoPE, whose decoding positions come from stock rope deltas)?
-    renumber_positions: bool = True
-    # Qwen-VL vision encoder: reduced inputs handed to the blocks after a merge
-    vision: object | None = None
-    vision_kind: str = "image"
-    # source tracking for ``illava.viz`` (costs a little time and memory; off by default)
+class CallScope:
+    """Everything one call carries from one patched module to the next (one thread)."""
+
     record: bool = False
-    llm_trace: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    encoder_call: EncoderCall | None = None  # the encoder call in progress
+    encoder_outputs: dict[str, object] = field(default_factory=dict)  # kind -> feature output used
+    placeholders: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (B, L) mask
+    published: bool = False  # the call held visual tokens: its statistics become the model's last
+    owner: object | None = None  # the hook that opened it
 
-    def add_pending(self, kind: str, items: list[VisualItem], encoder_stats: dict) -> None:
-        self.pending.setdefault(kind, []).append((items, encoder_stats))
 
-    def take_pending(self, kind: str, feature_tokens: int) -> list[VisualItem]:
-        """The newest encoder call's items whose features add up to ``feature_tokens``; older
-        calls (features computed and never used) are discarded."""
-        for items, encoder_stats in reversed(self.pending.pop(kind, [])):
-            if sum(i.feature_tokens for i in items) == feature_tokens:
-                self.stats.encoder.append(encoder_stats)
-                return items
-        return []
+class TensorKeyed:
+    """A mapping from live tensors (by identity) to values; an entry goes when its tensor does."""
 
-    def new_forward(self, prefill: bool) -> None:
-        self.drop = None
-        self.item_ids = None
-        self.items = []
-        self.session = None
-        if prefill:
-            self.stats = Stats()
-            self.llm_trace = {}
+    def __init__(self):
+        self._data: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, key: torch.Tensor, default=None):
+        entry = self._data.get(id(key))
+        if entry is None or entry[0]() is not key:
+            return default
+        return entry[1]
+
+    def __setitem__(self, key: torch.Tensor, value) -> None:
+        ident = id(key)
+        self._data[ident] = (weakref.ref(key), value)
+        weakref.finalize(key, self._data.pop, ident, None)
+
+
+class IllavaState:
+    """Shared by every patch of one model: configuration, adapter, last statistics."""
+
+    def __init__(self, config: IllavaConfig, adapter):
+        self.config = config
+        self.adapter = adapter
+        self.last_stats = Stats()
+        self._local = threading.local()
+        # per-call data reachable from tensors of that call: gradient checkpointing runs layers
+        # again during backward, after the call (and its scope) ended, possibly on another thread
+        self.keyed = TensorKeyed()
+
+    @property
+    def policy(self) -> Policy:
+        return policy_of(self.config)
+
+    def current(self) -> CallScope | None:
+        return getattr(self._local, "scope", None)
+
+    def open_scope(self, owner) -> CallScope:
+        scope = CallScope(record=getattr(self._local, "record", False), owner=owner)
+        self._local.scope = scope
+        return scope
+
+    def close_scope(self, owner) -> None:
+        scope = self.current()
+        if scope is not None and scope.owner is owner:
+            self._local.scope = None
+            if scope.published:
+                self.last_stats = scope.stats
+
+    def chunk(self):
+        """The LLM stage's bookkeeping of the decoder call in progress on this thread."""
+        return getattr(self._local, "chunk", None)
+
+    def set_chunk(self, chunk):
+        """Replace this thread's chunk; returns the previous one."""
+        previous = self.chunk()
+        self._local.chunk = chunk
+        return previous
+
+    @contextmanager
+    def scope(self):
+        """This thread's call scope: opened by the outermost patched call, shared by nested ones."""
+        scope = self.current()
+        if scope is not None:
+            yield scope
+            return
+        token = object()
+        scope = self.open_scope(token)
+        try:
+            yield scope
+        finally:
+            self.close_scope(token)
+
+    @contextmanager
+    def recording(self):
+        """Record source tracking in the calls made inside this block (this thread only)."""
+        self._local.record = True
+        try:
+            yield
+        finally:
+            self._local.record = False
+
+    def __deepcopy__(self, memo):
+        twin = IllavaState.__new__(IllavaState)
+        memo[id(self)] = twin
+        twin.config = copy.deepcopy(self.config, memo)
+        twin.adapter = self.adapter
+        twin.last_stats = copy.deepcopy(self.last_stats, memo)
+        twin._local = threading.local()
+        twin.keyed = TensorKeyed()
+        return twin

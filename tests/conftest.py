@@ -5,8 +5,9 @@ from PIL import Image
 from skimage import data
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from illava.architectures import tiny_llava_onevision_config
-from illava.inputs import build_inputs, image_processor_for, word_tokenizer
+from illava.tools.architectures import tiny_config
+from illava.tools.inputs import build as build_inputs
+from illava.tools.inputs import word_tokenizer
 
 torch.set_num_threads(2)
 
@@ -18,7 +19,7 @@ def chat(text: str, system: str | None = None) -> str:
 
 @pytest.fixture(scope="session")
 def config():
-    cfg = tiny_llava_onevision_config()
+    cfg = tiny_config("tiny-llava-onevision")
     cfg.text_config.initializer_range = 0.2
     cfg.vision_config.initializer_range = 0.2
     return cfg
@@ -46,11 +47,6 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def processor(config):
-    return image_processor_for(config)
-
-
-@pytest.fixture(scope="session")
 def photos():
     return {
         "astronaut": Image.fromarray(data.astronaut()),  # 512x512
@@ -68,8 +64,8 @@ def frames():
 
 
 @pytest.fixture
-def build(config, tokenizer, processor):
+def build(config, tokenizer):
     def _build(prompts, images=(), videos=()):
-        return build_inputs(config, tokenizer, processor, prompts, images, videos)
+        return build_inputs(config, tokenizer, prompts, images, videos)
 
     return _build

@@ -5,16 +5,16 @@ import torch
 from typer.testing import CliRunner
 
 from illava import IllavaConfig
-from illava.bench import METRICS, _PeakTensorMemory, make_inputs, run_bench, sweep_config
-from illava.cli import app
+from illava.tools.bench import METRICS, _PeakTensorMemory, make_inputs, run_bench, sweep_config
+from illava.tools.cli import app
 
 
 @pytest.fixture
 def tiny_folder(tmp_path, model, config):
-    from illava.inputs import image_processor_for
+    from illava.adapters import adapter_for_config
 
     model.save_pretrained(tmp_path / "tiny")
-    image_processor_for(config).save_pretrained(tmp_path / "tiny")
+    adapter_for_config(config).image_processor(config).save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
 
 
@@ -69,11 +69,11 @@ def test_bench_rejects_bad_arguments(tiny_folder):
 def test_bench_on_qwen_video(tokenizer):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from illava.architectures import tiny_qwen_vl_config
-    from illava.bench import default_video
+    from illava.tools.architectures import tiny_config
+    from illava.tools.bench import default_video
 
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen_vl_config("2")).eval()
+    model = Qwen2VLForConditionalGeneration(tiny_config("tiny-qwen2-vl")).eval()
     inputs = make_inputs(model, None, [], [default_video(4)], batch_size=2)
     config = IllavaConfig(encoder_layers=(1,), encoder_removal=0.3, llm_layers=(2,), llm_keep_ratio=0.5)
     report = run_bench(model, "tiny-qwen2-vl", inputs, config, new_tokens=2, repeats=1, warmup=0)

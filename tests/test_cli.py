@@ -2,7 +2,7 @@ import re
 
 from typer.testing import CliRunner
 
-from illava.cli import app
+from illava.tools.cli import app
 
 
 def test_default_command_runs_the_demo():

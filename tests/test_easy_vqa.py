@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 import illava
-from illava import easy_vqa
-from illava.cli import app
+from illava.tools import easy_vqa
+from illava.tools.cli import app
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +58,14 @@ def test_accuracy_is_what_the_model_answers(folder):
     """The harness' accuracy equals a hand-made count of first-token answers, one question at a time."""
     from PIL import Image
 
-    from illava.inputs import build_inputs
+    from illava.tools.inputs import build
 
     model, tokenizer, processor = easy_vqa.load(folder)
     rows = easy_vqa.test_questions(12)
     hits = 0
     for q, a, path in rows:
-        inputs = build_inputs(
-            model.config, tokenizer, processor, [easy_vqa.prompt(q)], [Image.open(path).convert("RGB")]
-        )
+        image = Image.open(path).convert("RGB")
+        inputs = build(model.config, tokenizer, [easy_vqa.prompt(q)], [image], image_processor=processor)
         with torch.no_grad():
             token = model(**inputs).logits[0, -1].argmax().item()
         hits += tokenizer.convert_ids_to_tokens(token) == a
@@ -84,16 +83,17 @@ def test_image_preset_cuts_flops_more_than_twofold(folder):
     assert stock / ours >= 2.0
 
 
-def test_inverted_scores_keep_the_lowest_and_are_restored():
-    from illava import encoder, llm
-    from illava.merge import merge
-
+def test_inverted_scores_keep_the_lowest_through_the_stages(folder):
+    """The broken scorer is a policy of the stages: it keeps the lowest-scored tokens (pruned), and
+    every stage of every family calls it (the setting of the eval uses it)."""
     x = torch.arange(6.0).view(1, 6, 1)
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.8, 0.3]])
-    with easy_vqa.inverted_scores():
-        assert encoder.merge(x, scores, 3, "prune").kept.tolist() == [[0, 3, 5]]
-        assert llm.merge is encoder.merge
-    assert encoder.merge is merge and llm.merge is merge
+    attention = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.8, 0.3]])
+    policy = illava.InvertedScores()
+    config = illava.IllavaConfig(recycle="rank")
+    assert policy.reduce("encoder", x, policy.scores("encoder", attention), 3, config).kept.tolist() == [[0, 3, 5]]
+    model, _, _ = easy_vqa.load(folder)
+    (name, broken) = easy_vqa.settings(model, ())[-1]
+    assert "INVERTED" in name and isinstance(broken.policy, illava.InvertedScores)
 
 
 def test_eval_command_table_json_and_plot(folder, tmp_path):

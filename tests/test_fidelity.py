@@ -12,7 +12,7 @@ import json
 import pytest
 
 import illava
-from illava import easy_vqa
+from illava.tools import easy_vqa
 
 LIMIT = 1000
 
@@ -30,13 +30,10 @@ def stock_accuracy(shipped):
     return easy_vqa.accuracy(model, tokenizer, processor, rows)
 
 
-def _score(shipped, config, inverted=False):
+def _score(shipped, config):
     model, tokenizer, processor, rows = shipped
     illava.apply(model, config)
     try:
-        if inverted:
-            with easy_vqa.inverted_scores():
-                return easy_vqa.accuracy(model, tokenizer, processor, rows)
         return easy_vqa.accuracy(model, tokenizer, processor, rows)
     finally:
         illava.remove(model)
@@ -73,7 +70,7 @@ def test_a_broken_scorer_loses_clearly(shipped, stock_accuracy):
     model = shipped[0]
     config = illava.resolve_config(model, "image").replace(recycle="prune")
     right = _score(shipped, config)
-    wrong = _score(shipped, config, inverted=True)
+    wrong = _score(shipped, config.replace(policy=illava.InvertedScores()))
     assert right >= stock_accuracy - 0.01
     assert wrong <= right - 0.05, (right, wrong)
 
@@ -81,5 +78,5 @@ def test_a_broken_scorer_loses_clearly(shipped, stock_accuracy):
 def test_impossible_sweep_levels_are_skipped_with_a_warning(shipped):
     model = shipped[0]
     with pytest.warns(UserWarning, match="sweep level 3 skipped"):
-        names = [name for name, _, _ in easy_vqa.settings(model, (0.5, 3.0))]
+        names = [name for name, _ in easy_vqa.settings(model, (0.5, 3.0))]
     assert "image x0.5" in names and "image x3" not in names

@@ -3,7 +3,7 @@ import torch
 from conftest import chat
 
 import illava
-from illava.flops import LayerDims, encoder_macs, layer_macs, llm_macs, prefill_flops
+from illava.tools.flops import LayerDims, encoder_macs, layer_macs, llm_macs, prefill_flops
 
 
 def test_layer_macs_hand_computed():
@@ -29,11 +29,11 @@ def test_llm_macs_switches_length_at_merge_layer():
 def test_prefill_flops_baseline_vs_illava(model, build, photos):
     inputs = build([chat("<image>\nwhat is this?")], [photos["cat"]])
     sequence = inputs["input_ids"].shape[1]
-    illava.apply(model, "image", enabled=False)
+    illava.apply(model, illava.IllavaConfig())  # enabled, no stage: stock compute, stock counts
     with torch.inference_mode():
         model(**inputs)
     base = prefill_flops(model, illava.stats(model), sequence)
-    illava.set_enabled(model, True)
+    illava.apply(model, "image")
     with torch.inference_mode():
         model(**inputs)
     ours = prefill_flops(model, illava.stats(model), sequence)

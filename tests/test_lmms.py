@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is installed by the README's test command")
 
-from illava.lmms import parse_config_args  # noqa: E402
-from illava.lmms_local import write_yes_no_task  # noqa: E402
+from illava.tools.lmms import parse_config_args  # noqa: E402
+from illava.tools.lmms_local import write_yes_no_task  # noqa: E402
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -40,31 +40,32 @@ def test_config_arguments_parse_to_illava_config_fields():
 def test_models_registered_through_entry_points():
     from lmms_eval.models import MODEL_REGISTRY_V2
 
-    assert (
-        MODEL_REGISTRY_V2.get_manifest("illava_llava_onevision").simple_class_path == "illava.lmms.IllavaLlavaOnevision"
-    )
-    assert MODEL_REGISTRY_V2.get_manifest("illava_qwen2_5_vl").simple_class_path == "illava.lmms.IllavaQwenVL"
+    from illava.adapters import ADAPTERS
+
+    for name in ["illava", *(f"illava_{kind}" for adapter in ADAPTERS for kind in adapter.config_types)]:
+        assert MODEL_REGISTRY_V2.get_manifest(name).simple_class_path == "illava.tools.lmms.IllavaLmms", name
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from illava.architectures import tiny_llava_onevision_config, tiny_qwen_vl_config
-    from illava.inputs import image_processor_for, qwen_image_processor, word_tokenizer
+    from illava.adapters import adapter_for_config
+    from illava.tools.architectures import tiny_config
+    from illava.tools.inputs import word_tokenizer
 
     root = tmp_path_factory.mktemp("lmms")
     tokenizer = word_tokenizer()
-    cfg = tiny_llava_onevision_config()
+    cfg = tiny_config("tiny-llava-onevision")
     cfg.text_config.initializer_range = cfg.vision_config.initializer_range = 0.2
     torch.manual_seed(0)
     LlavaOnevisionForConditionalGeneration(cfg).save_pretrained(root / "llava")
-    image_processor_for(cfg).save_pretrained(root / "llava")
+    adapter_for_config(cfg).image_processor(cfg).save_pretrained(root / "llava")
     tokenizer.save_pretrained(root / "llava")
-    qcfg = tiny_qwen_vl_config("2")
+    qcfg = tiny_config("tiny-qwen2-vl")
     torch.manual_seed(0)
     Qwen2VLForConditionalGeneration(qcfg).save_pretrained(root / "qwen")
-    qwen_image_processor(max_pixels=112 * 168).save_pretrained(root / "qwen")
+    adapter_for_config(qcfg).image_processor(qcfg).save_pretrained(root / "qwen")
     tokenizer.save_pretrained(root / "qwen")
     return root, write_yes_no_task(root / "task")
 

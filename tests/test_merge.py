@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from illava.merge import attention_with_received_scores, compose_assign, last_query_scores, merge
+from illava.merge import attention_with_received_scores, compose_assign, merge, query_scores
 
 
 def tokens(n, d=2):
@@ -113,17 +113,20 @@ def test_received_scores_chunking_is_exact(monkeypatch):
     torch.testing.assert_close(full[1], chunked[1])
 
 
-def test_last_query_scores_gqa_and_padding():
+def test_query_scores_gqa_padding_and_several_rows():
     torch.manual_seed(0)
-    q = torch.randn(2, 4, 1, 8)
+    q = torch.randn(2, 4, 2, 8)  # two query rows per sample (e.g. two packed sequences)
     k = torch.randn(2, 2, 5, 8)
-    pad = torch.tensor([[False, True, True, True, True], [True] * 5])
-    got = last_query_scores(q, k, 0.25, pad)
-    k_full = k.repeat_interleave(2, dim=1)
-    logits = (q @ k_full.transpose(-1, -2)).squeeze(2) * 0.25
-    logits[0, :, 0] = float("-inf")
+    mask = torch.ones(2, 2, 5, dtype=torch.bool)
+    mask[0, :, 0] = False  # padding
+    mask[1, 0, 3:] = False  # row 0 of sample 1 sees keys 0..2 only, row 1 sees all
+    got = query_scores(q, k, 0.25, mask)
+    k_full = k.repeat_interleave(2, dim=1)  # each key head serves 2 query heads
+    logits = (q @ k_full.transpose(-1, -2)) * 0.25  # (B, H, S, L)
+    logits = logits.masked_fill(~mask[:, None], float("-inf"))
     torch.testing.assert_close(got, torch.softmax(logits, -1).mean(1))
-    assert got[0, 0] == 0
+    assert got[0, :, 0].eq(0).all() and got[1, 0, 3:].eq(0).all()
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 2))
 
 
 def test_compose_assign():

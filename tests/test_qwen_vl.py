@@ -7,8 +7,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 
 import illava
 from illava import IllavaConfig
-from illava.architectures import tiny_qwen_vl_config
-from illava.inputs import build_qwen_inputs, qwen_image_processor
+from illava.tools.architectures import tiny_config
+from illava.tools.inputs import build
 
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")
 VIDEO_Q = chat("<video>\nwhat happens?")
@@ -29,7 +29,7 @@ def version(request):
 
 @pytest.fixture
 def qconfig(version):
-    cfg = tiny_qwen_vl_config(version)
+    cfg = tiny_config("tiny-qwen2-vl" if version == "2" else "tiny-qwen2.5-vl")
     cfg.text_config.initializer_range = 0.2
     cfg.vision_config.initializer_range = 0.2
     return cfg
@@ -46,17 +46,12 @@ def make_qwen(qconfig, version):
     return make
 
 
-@pytest.fixture(scope="session")
-def qprocessor():
-    return qwen_image_processor(max_pixels=112 * 168)
-
-
 @pytest.fixture
-def qbuild(qconfig, tokenizer, qprocessor):
-    def build(prompts, images=(), videos=()):
-        return build_qwen_inputs(qconfig, tokenizer, qprocessor, prompts, images, videos)
+def qbuild(qconfig, tokenizer):
+    def qwen_inputs(prompts, images=(), videos=()):
+        return build(qconfig, tokenizer, prompts, images, videos)
 
-    return build
+    return qwen_inputs
 
 
 def logits(model, inputs, **kw):
@@ -81,14 +76,16 @@ def test_disabled_and_removed_give_stock_logits(make_qwen, qbuild, photos, frame
     assert torch.equal(logits(model, inputs), ref)
     illava.set_enabled(model, True)
     illava.apply(model, IllavaConfig(encoder_layers=LAYERS, encoder_removal=0.3, llm_layers=(2,), llm_keep_ratio=0.5))
-    assert logits(model, inputs).shape[1] < ref.shape[1]
+    reduced = logits(model, inputs)
+    tokens = illava.stats(model).visual_tokens()
+    assert reduced.shape == ref.shape and tokens["after_llm"] < tokens["after_encoder"] < tokens["stock"]
     illava.remove(model)
     assert torch.equal(logits(model, inputs), ref)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def test_presets_follow_the_authors_settings(make_qwen, version):
-    from illava.architectures import qwen2_5_vl_config, qwen2_vl_config
+    from illava.adapters.qwen_vl import qwen2_5_vl_config, qwen2_vl_config
 
     cls = CLASSES[version]
     for size, llm in (("7b", (6, 7, 8)), ("2b" if version == "2" else "3b", ())):
@@ -135,34 +132,35 @@ def test_pruned_survivors_equal_stock_features_at_their_slots(make_qwen, qbuild,
     illava.apply(model, IllavaConfig(encoder_layers=(last,), encoder_removal=0.4, recycle="prune"))
     with torch.inference_mode():
         ours = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
-    ((items, _),) = model._illava_state.pending["image"]
-    valid = items[0].valid
-    assert 0 < valid.sum() < valid.numel()
+    assert ours.shape == stock.shape  # the stock count: removed blocks are NaN rows
+    valid = ~ours.isnan().all(-1)
+    assert 0 < valid.sum() < valid.numel() and ours[~valid].isnan().all()
     torch.testing.assert_close(ours[valid], stock[valid], atol=1e-5, rtol=1e-5)
-    assert (ours[~valid] == 0).all()
 
 
 def test_mrope_positions_of_survivors_are_gathered(make_qwen, qbuild, photos):
+    """The decoder input keeps the survivors' own (t, h, w) positions, not renumbered ones."""
     model = make_qwen()
     inputs = qbuild([IMAGE_Q, TEXT_Q], [photos["coffee"]])
     seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.update(pos=kw["position_ids"].clone(), n=kw["inputs_embeds"].shape[1]), with_kwargs=True
-    )
+
+    def raw(module, args, kwargs):  # registered first: sees the decoder input as stock builds it
+        seen.update(pos=kwargs["position_ids"].clone(), embeds=kwargs["inputs_embeds"].clone())
+
+    model.model.language_model.register_forward_pre_hook(raw, with_kwargs=True)
     logits(model, inputs)
-    stock_positions = seen["pos"]
+    stock_positions = seen["pos"][-3:]
     illava.apply(model, IllavaConfig(encoder_layers=LAYERS, encoder_removal=0.3))
-    hook.remove()
     captured = {}
     model.model.language_model.register_forward_pre_hook(
         lambda m, a, kw: captured.update(pos=kw["position_ids"].clone(), mask=kw["attention_mask"].clone()),
         with_kwargs=True,
     )
     logits(model, inputs)
-    state = model._illava_state
-    keep = inputs["attention_mask"].bool() & ~state.drop
+    keep = inputs["attention_mask"].bool() & ~seen["embeds"][..., 0].isnan()  # NaN rows: removed blocks
+    assert (~keep & inputs["attention_mask"].bool()).any()
     for row in range(2):
-        got = captured["pos"][:, row][:, captured["mask"][row].bool()]
+        got = captured["pos"][-3:, row][:, captured["mask"][row].bool()]
         torch.testing.assert_close(got, stock_positions[:, row][:, keep[row]])
     assert captured["pos"].shape[-1] < stock_positions.shape[-1]
 
@@ -229,6 +227,6 @@ def test_bf16_is_preserved(make_qwen, qbuild, photos):
 
 def test_qwen25_window_blocks_are_rejected():
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_qwen_vl_config("2.5"))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config("tiny-qwen2.5-vl"))
     with pytest.raises(ValueError, match=r"full-attention blocks \[1, 3\]"):
         illava.apply(model, IllavaConfig(encoder_layers=(2,), encoder_removal=0.2))

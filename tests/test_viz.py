@@ -1,140 +1,147 @@
-"""illava.viz: exact source tracking, known kept regions, output sizes, and the command."""
+"""illava.tools.viz: exact source tracking for every family, a known kept region, output sizes,
+and the command."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import chat
+from families import FAMILIES, chat
 from PIL import Image
 from typer.testing import CliRunner
 
 import illava
-from illava import IllavaConfig, viz
-from illava.adapters import llava_onevision as lo
-from illava.cli import app
+from illava import IllavaConfig, Policy
+from illava.adapters import adapter_for
+from illava.tools import viz
+from illava.tools.cli import app
 
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")
 VIDEO_Q = chat("<video>\nwhat happens?")
 
 
-def decoder_inputs(model):
-    """Capture the decoder input after illava's own compaction: embeddings and item of every slot."""
+@pytest.fixture(params=FAMILIES, ids=lambda f: f.name)
+def fam(request):
+    return request.param
+
+
+def decoder_input(model):
+    """Capture the decoder input after illava's own compaction (hooks run in registration order)."""
     seen = {}
-    state = model._illava_state
 
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-        seen["item_ids"] = state.session.item_ids.clone()
-        return None
 
     return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def check_item(src, embeds, item_ids, n, newline, steps_count):
-    """Every unit belongs to exactly one token or is dropped; tokens no unit reaches are newlines."""
-    units = src.token0.shape[0]
-    for stage in src.stages:
-        label = stage.label
-        assert label.shape == (units,)
-        reached = label[label >= 0]
-        if stage.name.startswith("encoder"):
-            # a representative represents itself: exactly one survivor per unit
-            assert (label[reached] == reached).all()
-    token0 = src.token0
-    slots = (item_ids == n).nonzero()
-    assert slots.shape[0] == src.layout_tokens
-    features = embeds[slots[:, 0], slots[:, 1]]
-    hit = set(np.unique(token0[token0 >= 0]).tolist())
-    not_hit = set(range(src.layout_tokens)) - hit
-    if newline is None:
-        assert not not_hit
-    else:
-        is_newline = torch.isclose(features, newline.to(features)[None], atol=1e-6).all(-1)
-        assert not_hit == set(is_newline.nonzero().flatten().tolist())
-        assert not hit & not_hit
-    final = src.final
-    assert ((final >= -1) & (final < src.tokens)).all()
-    if steps_count:
-        kept0 = src.stages[-1].label  # LLM-input token of the representative of each unit
-        assert ((kept0 >= 0) == (final >= 0)).all()
-    return hit, not_hit
-
-
-@pytest.mark.parametrize("recycle", ["rank", "cluster", "prune"])
-def test_llava_source_tracking_is_exact(model, build, photos, frames, recycle):
-    # order of images follows the samples: cat (sample 0), rocket and coffee (sample 2)
-    inputs = build(
-        [IMAGE_Q, VIDEO_Q, chat("<image>\n<image>\ncompare")],
-        [photos["cat"], photos["rocket"], photos["coffee"]],
-        [frames],
-    )
-    illava.apply(model, "image", recycle=recycle)
-    seen, handle = decoder_inputs(model)
-    result = viz.visualize(model, dict(inputs))
-    handle.remove()
-    stats = illava.stats(model)
-    assert [i.kind for i in result.items] == ["image", "image", "image", "video"]
-    assert [i.sample for i in result.items] == [0, 2, 2, 1]
-    newline = model.model.image_newline
-    for n, src in enumerate(result.items):
-        steps = [s for s in src.stages if s.name.startswith("LLM")]
-        check_item(src, seen["embeds"], seen["item_ids"], n, newline, len(steps))
-        item = stats.items[n]
-        crops = item.crops
-        per_crop = src.token0.shape[0] // crops
-        assert per_crop == 64
-        # survivors per crop at every encoder layer match the configured counts
-        enc = [s for s in src.stages if s.name.startswith("encoder")]
-        call = stats.encoder[0] if src.kind == "image" else stats.encoder[1]
-        for stage, (_, _, out) in zip(enc, call["layers"]):
-            survivors = (stage.label == stage.own).reshape(crops, per_crop).sum(1)
-            assert (survivors == out // call["crops"]).all()
-            if recycle == "rank":
-                assert (stage.label >= 0).all()  # rank recycles every removed token
-            if recycle == "prune":
-                assert ((stage.label >= 0) == (stage.label == stage.own)).all()
-        if recycle == "rank":
-            assert ((src.final >= 0) == (src.token0 >= 0)).all()
+def check_items(model, result, forward, stats, embeds):
+    """Every unit is in exactly one token or dropped; the tokens of an item no unit reaches are
+    exactly its newline tokens (LLaVA-OneVision) or none; counts agree with the statistics."""
+    newline = getattr(model.model, "image_newline", None)
+    _, rep0, _ = forward.llm[0]
+    slots = {kind: mask.nonzero() for kind, mask in forward.placeholders.items()}
+    start = {kind: 0 for kind in slots}
+    for src, item in zip(result.items, stats.items):
+        assert (src.kind, src.sample) == (item.kind, item.sample)
+        for stage in src.stages:
+            label = stage.label
+            reached = label[label >= 0]
+            if stage.name.startswith("encoder"):
+                assert (label[reached] == reached).all()  # a representative represents itself
+        item_slots = slots[item.kind][start[item.kind] : start[item.kind] + item.stock_tokens]
+        start[item.kind] += item.stock_tokens
+        layout = rep0[item_slots[:, 0], item_slots[:, 1]]
+        layout = set(layout[layout >= 0].tolist())
+        assert len(layout) == src.layout_tokens == item.tokens
+        hit = set(np.unique(src.token0[src.token0 >= 0]).tolist())
+        assert hit <= layout
+        not_hit = sorted(layout - hit)
+        if newline is None:
+            assert not not_hit
+        elif not_hit:
+            features = embeds[item.sample, not_hit]
+            assert torch.isclose(features, newline.to(features)[None], atol=1e-6).all()
     assert sum(i.tokens for i in result.items) == stats.visual_tokens()["after_llm"]
     assert sum(i.layout_tokens for i in result.items) == stats.visual_tokens()["after_encoder"]
 
 
-def test_tracking_without_encoder_stage_maps_stock_layout(model, build, photos):
-    inputs = build([IMAGE_Q], [photos["cat"]])
-    illava.apply(model, "llm-only")
-    seen, handle = decoder_inputs(model)
+@pytest.mark.parametrize("recycle", ["rank", "cluster", "prune"])
+def test_source_tracking_is_exact(fam, photos, frames, recycle):
+    model = fam.make()
+    prompts, images, videos = (
+        [IMAGE_Q, chat("<image>\n<image>\ncompare")],
+        [photos["cat"], photos["rocket"], photos["coffee"]],
+        [],
+    )
+    if fam.videos:
+        prompts.insert(1, VIDEO_Q)
+        videos = [frames]
+    inputs = fam.build(prompts, images, videos)
+    illava.apply(model, fam.both_stages(llm_layers=(1, 2), keep=0.6, recycle=recycle))
+    seen, handle = decoder_input(model)
+    forward, stats = viz.trace(model, dict(inputs))
+    result = viz.visualize(model, dict(inputs), max_frames=99)
+    handle.remove()
+    assert [(i.kind, i.sample) for i in result.items] == [(i.kind, i.sample) for i in stats.items]
+    check_items(model, result, forward, stats, seen["embeds"])
+    for src in result.items:
+        call = forward.calls[src.kind]
+        enc = [s for s in src.stages if s.name.startswith("encoder")]
+        assert [s.name for s in enc] == [f"encoder layer {layer}" for layer, _, _ in call.layers]
+        for stage in enc:
+            if recycle == "rank":
+                assert (stage.label >= 0).all()  # rank recycles every removed unit
+            if recycle == "prune":
+                assert ((stage.label >= 0) == (stage.label == stage.own)).all()
+        if recycle == "rank":
+            assert ((src.final >= 0) == (src.token0 >= 0)).all()
+    # survivors at every encoder layer match the counts of the statistics
+    unit = adapter_for(model).unit
+    for call in forward.calls.values():
+        units = sum(rows * cols for rows, cols in call.trace.grids)
+        extra = call.tokens - units * unit  # tokens that are never removed (a CLS token per crop)
+        for (_, owner, _), (_, _, out) in zip(call.trace.layers, call.layers):
+            assert int((owner == torch.arange(owner.shape[0])).sum()) * unit + extra == out
+
+
+def test_tracking_without_encoder_stage_maps_stock_layout(fam, photos):
+    model = fam.make()
+    inputs = fam.build([IMAGE_Q], [photos["cat"]])
+    illava.apply(model, IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.6))
+    seen, handle = decoder_input(model)
+    forward, stats = viz.trace(model, dict(inputs))
     result = viz.visualize(model, dict(inputs))
     handle.remove()
     (src,) = result.items
     assert [s.name for s in src.stages] == ["LLM layer 1"]
-    hit, not_hit = check_item(src, seen["embeds"], seen["item_ids"], 0, model.model.image_newline, 1)
-    # stock layout: every patch of the base view and every unpadded crop patch is one token
-    assert len(hit) + len(not_hit) == src.layout_tokens == illava.stats(model).items[0].stock_tokens
+    check_items(model, result, forward, stats, seen["embeds"])
+    assert src.layout_tokens == stats.items[0].stock_tokens
 
 
-def test_hand_set_scores_keep_the_known_region(model, config, tokenizer, monkeypatch):
-    """A white square on black, and scores that are the brightness of each patch: with pruning,
-    the survivors are exactly the patches of the square, and the picture shows just that."""
-    from illava.inputs import build_inputs, image_processor_for
+class Brightness(Policy):
+    """Scores that are the brightness of each patch (one merge layer: units in raster order)."""
 
-    side, ps = 8, 8  # tiny config: 64 px crops of 8x8 patches
+    def __init__(self, brightness):
+        self.brightness = brightness
+
+    def scores(self, stage, attention):
+        return self.brightness.expand_as(attention) if stage == "encoder" else attention
+
+
+def test_hand_set_scores_keep_the_known_region(model, config, tokenizer):
+    """A white square on black, and scores that are the brightness of each patch (a policy of the
+    stage): with pruning, the survivors are exactly the patches of the square, and the picture
+    shows just that."""
+    from illava.tools.inputs import build
+
+    side, ps = 8, 8  # tiny LLaVA-OneVision: 64 px crops of 8x8 patches
     pixels = np.zeros((64, 64, 3), dtype=np.uint8)
     pixels[16:48, 24:56] = 255  # patch rows 2-5, cols 3-6: 16 patches
     square = np.zeros((side, side), dtype=bool)
     square[2:6, 3:7] = True
-    processor = image_processor_for(config)
-    inputs = build_inputs(config, tokenizer, processor, [IMAGE_Q], [Image.fromarray(pixels)])
-    illava.apply(model, IllavaConfig(encoder_layers=(2,), encoder_removal=48, llm_layers=(), recycle="prune"))
-    state = model._illava_state
+    inputs = build(config, tokenizer, [IMAGE_Q], [Image.fromarray(pixels)])
     brightness = torch.tensor(square.flatten(), dtype=torch.float32) + 0.01 * torch.arange(64) / 64
-    real = lo.attention_with_received_scores
-
-    def hand_set(q, k, v, scale):
-        out, received = real(q, k, v, scale)
-        trace = state.encoder_trace
-        positions = trace.positions if trace is not None else torch.arange(q.shape[2]).expand(q.shape[0], -1)
-        return out, brightness[positions]
-
-    monkeypatch.setattr(lo, "attention_with_received_scores", hand_set)
+    policy = Brightness(brightness)
+    illava.apply(model, IllavaConfig(encoder_layers=(2,), encoder_removal=48, recycle="prune", policy=policy))
     result = viz.visualize(model, dict(inputs))
     (src,) = result.items
     stage = src.stages[0]
@@ -180,91 +187,44 @@ def test_output_sizes_and_files(model, build, photos, frames, tmp_path):
     assert paths[-1].name == "summary.png"
 
 
-@pytest.fixture
-def tiny_folder(tmp_path, model, config):
-    from illava.inputs import image_processor_for
+def test_pictures_are_the_photos_the_processor_made(fam, photos):
+    model = fam.make()
+    illava.apply(model, fam.both_stages())
+    result = viz.visualize(model, dict(fam.build([IMAGE_Q], [photos["cat"]])))
+    (src,) = result.items
+    panel = src.panels[0]
+    h, w = panel.image.shape[:2]
+    assert panel.units.shape == (h // panel.cell, w // panel.cell)
+    resized = np.asarray(photos["cat"].resize((w, h), Image.BICUBIC)).astype(float) / 255
+    assert np.corrcoef(resized.ravel(), panel.image.ravel())[0, 1] > 0.97
 
-    model.save_pretrained(tmp_path / "tiny")
-    image_processor_for(config).save_pretrained(tmp_path / "tiny")
+
+@pytest.fixture
+def tiny_folder(tmp_path, fam):
+    from illava.adapters import adapter_for_config
+
+    fam.make().save_pretrained(tmp_path / "tiny")
+    adapter_for_config(fam.config).image_processor(fam.config).save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
 
 
 @pytest.mark.parametrize("video", [False, True])
-def test_viz_command_writes_pngs(tiny_folder, tmp_path, video):
+def test_viz_command_writes_pngs(fam, tiny_folder, tmp_path, video):
+    if video and not fam.videos:
+        pytest.skip(f"{fam.name} takes no video")
     out = tmp_path / "pictures"
-    args = ["viz", str(tiny_folder), "--out", str(out)] + (["--video", "--frames", "4"] if video else [])
+    layers = ",".join(str(v) for v in fam.encoder_layers)
+    args = ["viz", str(tiny_folder), "--out", str(out), "--encoder-layers", layers, "--llm-layers", "1"]
+    args += ["--llm-keep-ratio", "0.6"]
+    args += ["--encoder-removal", str(fam.encoder_removal)] + (["--video", "--frames", "4"] if video else [])
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "PNGs written" in result.output
-    assert (out / "summary.png").exists() and (out / "00_input.png").exists()
-    assert len(list(out.glob("*.png"))) == 1 + 2 * 4 + 1 + 1
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names[0] == "00_input.png" and "summary.png" in names
+    assert len(names) == 1 + 2 * len(fam.encoder_layers) + 1 + 1
 
 
 def test_viz_needs_illava_applied(model, build, photos):
     with pytest.raises(ValueError, match="apply iLLaVA"):
         viz.visualize(model, dict(build([IMAGE_Q], [photos["cat"]])))
-
-
-@pytest.mark.parametrize("version", ["2", "2.5"])
-@pytest.mark.parametrize("recycle", ["rank", "prune"])
-def test_qwen_tracking_is_exact_at_block_granularity(version, recycle, tokenizer, photos, frames):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    from illava.architectures import tiny_qwen_vl_config
-    from illava.inputs import build_qwen_inputs, qwen_image_processor
-
-    cls = {"2": Qwen2VLForConditionalGeneration, "2.5": Qwen2_5_VLForConditionalGeneration}[version]
-    cfg = tiny_qwen_vl_config(version)
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    processor = qwen_image_processor(max_pixels=112 * 168)
-    inputs = build_qwen_inputs(cfg, tokenizer, processor, [IMAGE_Q, VIDEO_Q], [photos["cat"]], [frames])
-    illava.apply(
-        model,
-        IllavaConfig(encoder_layers=(1, 3), encoder_removal=0.3, llm_layers=(1,), llm_keep_ratio=0.6, recycle=recycle),
-    )
-    seen, handle = decoder_inputs(model)
-    result = viz.visualize(model, dict(inputs))
-    handle.remove()
-    stats = illava.stats(model)
-    image, video = result.items
-    for n, src in enumerate(result.items):
-        check_item(src, seen["embeds"], seen["item_ids"], n, None, 1)
-        t, h, w = stats.items[n].trace["grid_thw"]
-        assert src.token0.shape[0] == t * h * w // 4  # one unit per 2x2 block
-        enc = [s for s in src.stages if s.name.startswith("encoder")]
-        for stage, (_, _, out) in zip(enc, stats.encoder[n]["layers"]):
-            assert (stage.label == stage.own).sum() * 4 == out
-    assert [p.name for p in video.panels] == ["frame 0", "frame 1"]  # 4 frames, temporal patches of 2
-    # the picture rebuilt from pixel_values is the photo the processor resized
-    panel = image.panels[0]
-    h, w = panel.image.shape[:2]
-    assert panel.units.shape == (h // panel.cell, w // panel.cell) and panel.cell == 2 * cfg.vision_config.patch_size
-    resized = np.asarray(photos["cat"].resize((w, h), Image.BICUBIC)).astype(float) / 255
-    assert np.corrcoef(resized.ravel(), panel.image.ravel())[0, 1] > 0.98
-    assert sum(i.tokens for i in result.items) == stats.visual_tokens()["after_llm"]
-
-
-def test_viz_command_on_qwen2_5_vl(tmp_path, tokenizer):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from illava.architectures import tiny_qwen_vl_config
-    from illava.inputs import qwen_image_processor
-
-    cfg = tiny_qwen_vl_config("2.5")
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(tmp_path / "qwen")
-    qwen_image_processor(max_pixels=112 * 168).save_pretrained(tmp_path / "qwen")
-    out = tmp_path / "pictures"
-    args = ["viz", str(tmp_path / "qwen"), "--out", str(out), "--encoder-layers", "1,3", "--encoder-removal", "0.3"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in out.glob("*.png"))
-    assert names == [
-        "00_input.png",
-        "01_encoder_layer_1_scores.png",
-        "02_encoder_layer_1.png",
-        "03_encoder_layer_3_scores.png",
-        "04_encoder_layer_3.png",
-        "summary.png",
-    ]

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from illava.easy_vqa import build_config, build_tokenizer, image_processor, prompt
+from illava.tools.easy_vqa import build_config, build_tokenizer, image_processor, prompt
 
 
 def load_split(split: str):
@@ -177,7 +177,7 @@ def main() -> None:
         by_image.setdefault(image_id, []).append((q, a))
 
     # token ids of each question: prompt with the image placeholders expanded, answer, end token
-    from illava.inputs import image_token_count
+    from illava.adapters.llava_onevision import image_token_count
 
     visual = image_token_count(config, [64, 64])
     eos = tokenizer.eos_token_id

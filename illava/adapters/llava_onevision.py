@@ -1,23 +1,25 @@
 """iLLaVA for ``LlavaOnevisionForConditionalGeneration`` (SigLIP encoder + Qwen2 decoder).
 
-What is patched (``remove`` undoes all of it):
-- the SigLIP encoder layers listed in ``encoder_layers`` get the class ``IllavaSiglipLayer``;
-- the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors and
-  placeholder bookkeeping);
-- forward pre-hooks on the vision tower, the inner model and the decoder (``illava.llm``).
+What is patched (``illava.remove`` undoes all of it):
+- the SigLIP layers listed in ``encoder_layers`` get ``IllavaSiglipLayer`` (the encoder stage);
+- the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors,
+  feature calls, placeholder bookkeeping);
+- the decoder-side hooks of ``illava.llm``.
 
-Layout of survivors (the authors reshaped survivors into a fake square grid; we place every
-survivor at the patch it came from, its own position, not those of the tokens it absorbed):
+Unit of removal: a patch. Layout of survivors (the authors reshaped survivors into a fake square
+grid; we place every survivor at the patch it came from, its own position):
 - base view and single-crop images: survivors in raster order (+ the newline token as stock);
 - AnyRes crops: survivors are placed on the full crop grid, those in the padding that stock
   ``unpad_image`` cuts away are dropped, and a newline follows every row of the unpadded grid.
-  If the survivors still exceed the stock budget (the ``anyres_max_N`` rule), they are averaged
-  into the cells of the grid stock transformers would downsample to;
+  If the survivors still exceed the stock budget (the ``anyres_max_N`` rule), or would need more
+  tokens than stock, they are averaged into the cells of the grid stock would downsample to;
 - video frames: stock pools 27x27 -> 14x14 (``ceil(side / 2)``). With K survivors per frame we
   pool into ``ceil(sqrt(K) / 2)`` squared cells over the frame, averaging the survivors in each
   cell, so pooling shrinks the token count by the same factor as stock (361 -> 100 per frame for
-  the authors' 92-token removals at four layers, their 6272 -> 3200 for 32 frames). Empty cells
-  give no token, so a frame may have a few fewer tokens.
+  the authors' 92-token removals at four layers). Empty cells give no token.
+Features keep the stock count: survivors fill the last slots of each image (each frame's first
+slots for videos), the other rows are NaN and are dropped at the decoder input, whose positions are
+renumbered as if the prompt had been built with fewer placeholders (the authors' setting).
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ import math
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
-from ..encoder import encoder_merge, pool_survivors, rows_with_newlines
-from ..merge import attention_with_received_scores
-from ..placeholders import PlaceholderMixin
-from ..state import EncoderTrace, VisualItem
-from . import Adapter, swap_class
+from ..encoder import (
+    CropTrace,
+    attention_and_scores,
+    current_call,
+    encoder_call,
+    features_done,
+    merge_units,
+    pool_survivors,
+    record_placeholders,
+    recording,
+    rows_with_newlines,
+    stock_count_features,
+)
+from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
 
 
 class IllavaSiglipLayer:
@@ -39,11 +50,11 @@ class IllavaSiglipLayer:
 
     Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
     token receives, whatever ``attn_implementation`` says; after the attention residual and before
-    the MLP, ``illava.encoder.encoder_merge`` removes and recycles tokens. Disabled: stock forward.
+    the MLP, ``illava.encoder.merge_units`` removes and recycles tokens. Disabled: stock forward.
     """
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = self._illava
+        state = self._illava.state
         if not state.config.encoder_active:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
@@ -54,65 +65,108 @@ class IllavaSiglipLayer:
         residual = hidden_states
         hidden = self.layer_norm1(hidden_states)
         shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-        v = attn.v_proj(hidden).view(shape).transpose(1, 2)
-        out, received = attention_with_received_scores(q, k, v, attn.scale)
-        hidden = residual + attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
-        hidden = encoder_merge(state, self._illava_layer, hidden, received)
-        residual = hidden
-        hidden = self.mlp(self.layer_norm2(hidden))
-        return residual + hidden
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden))
+        if not projected:
+            out = attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
+        hidden = residual + out
+        hidden = merge_units(state, self._illava.layer, hidden, received)
+        return hidden + self.mlp(self.layer_norm2(hidden))
 
 
-class IllavaLlavaOnevisionModel(PlaceholderMixin):
+class IllavaLlavaOnevisionModel:
     """LLaVA-OneVision model with iLLaVA's layout of survivors.
 
-    Modifications: ``pack_image_features`` and ``apply_pooling`` lay out the encoder-stage
-    survivors by their source positions (module docstring); ``get_placeholder_mask`` comes from
-    ``PlaceholderMixin``.
+    Modifications: ``get_image_features`` / ``get_video_features`` run inside an encoder call;
+    ``pack_image_features`` and ``apply_pooling`` lay the survivors out by their source positions
+    (module docstring) at the stock feature count; ``get_placeholder_mask`` records where stock
+    puts the features. Disabled: stock.
     """
 
+    # generate() picks the arguments of these from their signatures: keep the stock ones
+    def get_image_features(
+        self,
+        pixel_values,
+        image_sizes,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        vision_aspect_ratio=None,
+        batch_num_images=None,
+        **kwargs,
+    ):
+        state = self._illava.state
+        with encoder_call(state, "image") as call:
+            out = super().get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                vision_aspect_ratio=vision_aspect_ratio,
+                batch_num_images=batch_num_images,
+                **kwargs,
+            )
+        return features_done(state, call, out, "image")
+
+    def get_video_features(
+        self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
+        state = self._illava.state
+        with encoder_call(state, "video") as call:
+            out = super().get_video_features(
+                pixel_values_videos,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                **kwargs,
+            )
+            if call is not None:
+                batch, frames = pixel_values_videos.shape[:2]
+                call.item_crops = [frames] * batch
+                if recording(state) and "video_slots" in call.work:
+                    self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
+        return features_done(state, call, out, "video")
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+        state = self._illava.state
+        if image_features is not None:
+            record_placeholders(state, "image", image_mask)
+        if video_features is not None:
+            record_placeholders(state, "video", video_mask)
+        return image_mask, video_mask
+
+    # ---------------------------------------------------------------------------- images
     def _side(self) -> int:
         return self.config.vision_config.image_size // self.config.vision_config.patch_size
 
-    def _encoder_stats(self, kind: str, crops: int, trace) -> dict:
-        layers = trace.layers if trace is not None else []
-        return {"kind": kind, "crops": crops, "tokens": crops * self._side() ** 2, "layers": layers}
-
-    def _take_trace(self):
-        trace, self._illava.encoder_trace = self._illava.encoder_trace, None
-        return trace
-
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
-        state = self._illava
-        trace = self._take_trace()
+        call = current_call(self._illava.state)
+        if call is None:
+            return super().pack_image_features(image_features, image_sizes, image_newline, vision_aspect_ratio)
+        side = self._side()
         crops = [f.shape[0] for f in image_features]
-        if trace is None:
+        call.crops, call.tokens, call.item_crops = sum(crops), sum(crops) * side**2, crops
+        trace = call.work.get("crops")
+        # stock counts from stock code run on one-channel zeros (cheap, and always in sync)
+        dummy = [f.new_zeros(f.shape[0], side**2, 1) for f in image_features]
+        newline = image_newline[:1] if image_newline is not None else None
+        _, stock_lens = super().pack_image_features(dummy, image_sizes, newline, vision_aspect_ratio)
+        if trace is None:  # no encoder stage: stock features
             packed, lens = super().pack_image_features(image_features, image_sizes, image_newline, vision_aspect_ratio)
-            stock_lens = lens
+            if call.trace is not None or recording(self._illava.state):
+                trace = CropTrace(sum(crops), side**2, image_features[0].device)
         else:
-            # stock counts from stock code run on one-channel zeros (cheap, and always in sync)
-            dummy = [f.new_zeros(f.shape[0], self._side() ** 2, 1) for f in image_features]
-            newline = image_newline[:1] if image_newline is not None else None
-            _, stock_lens = super().pack_image_features(dummy, image_sizes, newline, vision_aspect_ratio)
+            packed, lens = [], stock_lens
             positions = torch.split(trace.positions, crops, dim=0)
-            packed = [
-                self._pack_survivors(f, p, size, image_newline, vision_aspect_ratio)[0]
-                for f, p, size in zip(image_features, positions, image_sizes)
-            ]
-            lens = torch.tensor([p.shape[0] for p in packed], device=image_features[0].device)
-        items = [
-            VisualItem("image", int(s), int(n), crops=c) for s, n, c in zip(stock_lens.tolist(), lens.tolist(), crops)
-        ]
-        if state.record:
-            self._record_images(items, trace, image_sizes, image_newline, vision_aspect_ratio)
-        state.add_pending("image", items, self._encoder_stats("image", sum(crops), trace))
+            for f, p, size, n in zip(image_features, positions, image_sizes, stock_lens.tolist()):
+                tokens, _ = self._pack_survivors(f, p, size, image_newline, vision_aspect_ratio, n)
+                packed.append(stock_count_features(tokens, torch.arange(n - tokens.shape[0], n), n))
+        if recording(self._illava.state):
+            self._image_feature_rows(call, trace, image_sizes, stock_lens, image_newline, vision_aspect_ratio)
         return packed, lens
 
-    def _pack_survivors(self, feature, positions, image_size, newline, aspect):
-        """Survivors laid out by their source positions; also the feature index of every survivor
-        of every crop ``(crops, K)``, -1 where the unpadding cut it away."""
+    def _pack_survivors(self, feature, positions, image_size, newline, aspect, stock: int):
+        """Survivors laid out by their source positions, and the token of every survivor of every
+        crop ``(crops, K)`` (-1: cut by the unpadding); at most ``stock`` tokens."""
         side = self._side()
         base = feature[0]
         crops, k, dim = feature.shape
@@ -131,17 +185,21 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
         height, width = grid_h * side, grid_w * side
         index = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"))
         window = mlo.unpad_image(index, image_size)
-        top, left = int(window[0, 0, 0]), int(window[1, 0, 0])
         unpad_h, unpad_w = window.shape[1:]
+        top = int(window[0, 0, 0]) if unpad_h and unpad_w else 0
+        left = int(window[1, 0, 0]) if unpad_h and unpad_w else 0
         rows, cols = rows.flatten() - top, cols.flatten() - left
         inside = (rows >= 0) & (rows < unpad_h) & (cols >= 0) & (cols < unpad_w)
         tokens, rows, cols = feature[1:].reshape(-1, dim)[inside], rows[inside], cols[inside]
         slot = torch.arange(tokens.shape[0], device=feature.device)  # output token of each survivor inside
-        max_patches = int(aspect.removeprefix("anyres_max_"))
-        budget = max_patches * side**2
-        if math.sqrt(tokens.shape[0] / budget) > 1.1:
+        budget = int(aspect.removeprefix("anyres_max_")) * side**2
+        newlines = newline is not None
+        too_many = k + tokens.shape[0] + (unpad_h if newlines else 0) > stock
+        if math.sqrt(tokens.shape[0] / budget) > 1.1 or too_many:
             ratio = math.sqrt(unpad_h * unpad_w / budget)
-            cells = (int(unpad_h // ratio), int(unpad_w // ratio))
+            cells = (
+                (max(1, int(unpad_h // ratio)), max(1, int(unpad_w // ratio))) if ratio > 1.1 else (unpad_h, unpad_w)
+            )
             tokens, rows, cols, slot = pool_survivors(tokens, rows, cols, (unpad_h, unpad_w), cells)
             num_rows = cells[0]
         else:
@@ -149,7 +207,7 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
             tokens, rows, cols = tokens[order], rows[order], cols[order]
             slot[order] = torch.arange(order.numel(), device=order.device)
             num_rows = unpad_h
-        if newline is not None:
+        if newlines:
             tokens, where = rows_with_newlines(tokens, rows, cols, num_rows, newline)
             slot = where[slot]
         crop_slots = torch.full((crops * k,), -1, dtype=torch.long, device=feature.device)
@@ -157,162 +215,329 @@ class IllavaLlavaOnevisionModel(PlaceholderMixin):
         slots[1:] = crop_slots.view(crops, k)
         return torch.cat([base, tokens]), slots
 
-    def _record_images(self, items, trace, image_sizes, newline, aspect) -> None:
-        """Source tracking of every image of the call (``illava.viz``)."""
+    def _image_feature_rows(self, call, trace, image_sizes, stock_lens, newline, aspect) -> None:
+        """``illava.tools.viz``: the feature row holding every patch of every crop of the call."""
         side = self._side()
-        total = sum(i.crops for i in items)
-        if trace is None:  # no encoder stage: every patch survives, laid out as stock lays it out
-            trace = EncoderTrace.start(total, side**2, image_sizes.device)
         newline = newline[:1] if newline is not None else None
-        starts = [0]
-        for item in items:
-            starts.append(starts[-1] + item.crops)
-        for n, (item, size) in enumerate(zip(items, image_sizes)):
-            sl = slice(starts[n], starts[n + 1])
-            dummy = torch.zeros(item.crops, trace.positions.shape[1], 1)
-            packed, slots = self._pack_survivors(dummy, trace.positions[sl].cpu(), size.cpu(), newline, aspect)
-            if packed.shape[0] != item.feature_tokens:
-                slots = torch.full_like(slots, -1)  # stock layout differs from ours: no mapping to tokens
-            assign = trace.assign[sl].cpu()
-            token0 = torch.where(assign >= 0, slots.gather(1, assign.clamp(min=0)), -1)
-            item.trace = _item_trace(item, side, token0, [(la, o[sl], sc[sl]) for la, o, sc in trace.records])
-            item.trace["image_size"] = tuple(int(v) for v in size)
-            item.trace["grid"] = (
-                mlo.get_anyres_image_grid_shape(
-                    size.tolist(), self.config.image_grid_pinpoints, self.config.vision_config.image_size
-                )
-                if item.crops > 1
-                else None
-            )
+        rows, start, offset = [], 0, 0
+        for crops, size, n in zip(call.item_crops, image_sizes, stock_lens.tolist()):
+            positions = trace.positions[start : start + crops].cpu()
+            dummy = torch.zeros(crops, positions.shape[1], 1)
+            packed, slots = self._pack_survivors(dummy, positions, size.cpu(), newline, aspect, n)
+            if call.work.get("crops") is None and packed.shape[0] != n:
+                slots = torch.full_like(slots, -1)  # stock pooled by interpolation: no exact mapping
+            slots = torch.where(slots >= 0, slots + offset + n - packed.shape[0], -1)
+            assign = trace.assign[start : start + crops].cpu()
+            rows.append(torch.where(assign >= 0, slots.gather(1, assign.clamp(min=0)), -1))
+            start, offset = start + crops, offset + n
+        grids = [(side, side)] * trace.assign.shape[0]
+        call.trace = trace.unit_trace(grids, torch.cat(rows).flatten())
 
+    # ---------------------------------------------------------------------------- videos
     def apply_pooling(self, image_features):
-        trace = self._take_trace()
+        call = current_call(self._illava.state)
+        trace = call.work.get("crops") if call is not None else None
         side = self._side()
+        frames = image_features.shape[0]
+        if call is not None:
+            call.crops, call.tokens = frames, frames * side**2
+        stock_cells = math.ceil(side / 2) ** 2
         if trace is None:
-            self._illava_video = (None, self._encoder_stats("video", image_features.shape[0], None), None)
-            if self._illava.record:
-                trace = EncoderTrace.start(image_features.shape[0], side**2, image_features.device)
+            if call is not None and recording(self._illava.state):
+                trace = CropTrace(frames, side**2, image_features.device)
                 cells = math.ceil(side / 2)
                 slots = [
                     pool_survivors(p[:, None].float(), p // side, p % side, (side, side), (cells, cells))[3]
                     for p in trace.positions
                 ]
-                self._illava_video = (None, self._illava_video[1], (trace, torch.stack(slots), cells**2))
+                call.work["video_slots"] = (trace, torch.stack(slots))
             return super().apply_pooling(image_features)
-        frames, k, _ = image_features.shape
+        k = image_features.shape[1]
         cells = math.ceil(math.sqrt(k) / 2)
-        pooled_frames = [
-            pool_survivors(f, p // side, p % side, (side, side), (cells, cells))
-            for f, p in zip(image_features, trace.positions)
-        ]
-        per_frame = [p[0] for p in pooled_frames]
-        width = max(p.shape[0] for p in per_frame)
-        pooled = image_features.new_zeros(frames, width, image_features.shape[-1])
-        valid = torch.zeros(frames, width, dtype=torch.bool, device=image_features.device)
-        for i, p in enumerate(per_frame):
-            pooled[i, : p.shape[0]] = p
-            valid[i, : p.shape[0]] = True
-        record = (trace, torch.stack([p[3] for p in pooled_frames]), width) if self._illava.record else None
-        self._illava_video = (valid, self._encoder_stats("video", frames, trace), record)
+        pooled = image_features.new_full((frames, stock_cells, image_features.shape[-1]), float("nan"))
+        slots = []
+        for i, (f, p) in enumerate(zip(image_features, trace.positions)):
+            means, _, _, slot = pool_survivors(f, p // side, p % side, (side, side), (cells, cells))
+            pooled[i, : means.shape[0]] = means
+            slots.append(slot)
+        call.work["video_slots"] = (trace, torch.stack(slots))
         return pooled
 
-    # generate() picks the arguments from the signature: keep the stock one
-    def get_video_features(
-        self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ):
-        out = super().get_video_features(
-            pixel_values_videos,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            **kwargs,
-        )
-        state = self._illava
-        batch, frames = pixel_values_videos.shape[:2]
-        valid, encoder_stats, record = self.__dict__.pop("_illava_video")
+    def _video_feature_rows(self, call, batch: int, frames: int, per_video: int) -> None:
+        trace, slots = call.work["video_slots"]
         side = self._side()
-        stock = frames * math.ceil(side / 2) ** 2 + 1
-        features = out.pooler_output.shape[1]
-        items = []
-        for b in range(batch):
-            mask = None if valid is None else torch.cat([valid.view(batch, -1)[b], valid.new_ones(1)])
-            items.append(VisualItem("video", stock, features, mask, crops=frames))
-            if record is not None:
-                trace, slots, width = record
-                sl = slice(b * frames, (b + 1) * frames)
-                # feature index of every survivor: frame * width + its cell; then rank among valid features
-                feature = slots[sl].cpu() + torch.arange(frames)[:, None] * width
-                rank = torch.cumsum(mask.cpu().long(), 0) - 1 if mask is not None else torch.arange(features)
-                assign = trace.assign[sl].cpu()
-                survivor = torch.where(assign >= 0, feature.gather(1, assign.clamp(min=0)), 0)
-                token0 = torch.where(assign >= 0, rank[survivor], -1)
-                items[-1].trace = _item_trace(
-                    items[-1], side, token0, [(la, o[sl], sc[sl]) for la, o, sc in trace.records]
-                )
-        state.add_pending("video", items, encoder_stats)
-        return out
-
-
-def _item_trace(item: VisualItem, side: int, token0: torch.Tensor, records) -> dict:
-    """``illava.viz`` source tracking of one item; units are ``crop * side**2 + patch``."""
-    crops = token0.shape[0]
-    offset = (torch.arange(crops) * side**2)[:, None]
-    layers = []
-    for layer, owner, scores in records:
-        owner = owner.cpu()
-        layers.append((layer, torch.where(owner >= 0, owner + offset, -1).flatten(), scores.cpu().flatten()))
-    return {
-        "family": "llava_onevision",
-        "kind": item.kind,
-        "side": side,
-        "crops": crops,
-        "encoder": layers,
-        "token0": token0.flatten(),
-        "tokens": item.tokens,
-    }
+        cells = math.ceil(side / 2) ** 2
+        frame = torch.arange(batch * frames)
+        row = (frame // frames) * per_video + (frame % frames) * cells
+        assign = trace.assign.cpu()
+        feature = torch.where(assign >= 0, slots.cpu().gather(1, assign.clamp(min=0)) + row[:, None], -1)
+        call.trace = trace.unit_trace([(side, side)] * (batch * frames), feature.flatten())
 
 
 class LlavaOnevisionAdapter(Adapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
-
-    def family(self, model) -> str:
-        return "llava_onevision"
-
-    def parts(self, model):
-        inner = model.model
-        return inner, inner.vision_tower, inner.language_model
-
-    def dimensions(self, model) -> dict:
-        vc, tc = model.config.vision_config, model.config.text_config
-        feature_layer = model.config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            feature_layer = min(feature_layer)
-        depth = vc.num_hidden_layers
-        return {
-            "encoder_depth": depth,
-            "tokens_per_crop": (vc.image_size // vc.patch_size) ** 2,
-            "llm_depth": tc.num_hidden_layers,
-            # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l
-            "feature_layer": (feature_layer % (depth + 1)) - 1,
+    config_types = ("llava_onevision",)
+    unit = 1
+    renumber_positions = True
+    # the authors' settings for LLaVA-OneVision-7B (docs/method.md)
+    presets = {
+        "llava_onevision": {
+            "reference": {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28},
+            "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 92, "llm_layers": (8,), "llm_keep_ratio": 0.7},
+            "video": {"encoder_layers": (3, 4, 5, 6), "encoder_removal": 92, "llm_layers": (2,), "llm_keep_ratio": 0.7},
         }
+    }
 
-    def encoder_layers(self, model):
-        return model.model.vision_tower.encoder.layers
+    def dimensions(self, model) -> Dimensions:
+        vc, tc = model.config.vision_config, model.config.text_config
+        depth = vc.num_hidden_layers
+        layers = model.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l, and
+        # every selected hidden state must see the same tokens
+        feature_layer = min(layer % (depth + 1) for layer in layers) - 1
+        return Dimensions(depth, (vc.image_size // vc.patch_size) ** 2, tc.num_hidden_layers, feature_layer)
 
-    def patch(self, model, state) -> None:
-        if state.config.encoder_layers and model.config.vision_feature_select_strategy != "full":
+    def check(self, model, config) -> None:
+        if config.encoder_layers and model.config.vision_feature_select_strategy != "full":
             raise ValueError(
                 "illava: the encoder stage needs vision_feature_select_strategy='full' (every encoder token is a "
                 f"patch); this model uses {model.config.vision_feature_select_strategy!r}"
             )
-        inner = model.model
-        swap_class(inner, IllavaLlavaOnevisionModel, state)
-        layers = self.encoder_layers(model)
-        for i in state.config.encoder_layers:
-            swap_class(layers[i], IllavaSiglipLayer, state)
-            layers[i]._illava_layer = i
 
-    def hooks(self, model, state) -> list:
-        def reset_trace(module, args):
-            state.encoder_trace = None
+    def patch(self, model, record) -> None:
+        record.swap(model.model, IllavaLlavaOnevisionModel)
+        layers = model.model.vision_tower.encoder.layers
+        for i in record.state.config.encoder_layers:
+            record.swap(layers[i], IllavaSiglipLayer, layer=i)
 
-        return [model.model.vision_tower.register_forward_pre_hook(reset_trace)]
+    # ------------------------------------------------------------------------------ tools
+    architectures = {
+        "llava-onevision-qwen2-0.5b": lambda: llava_onevision_config("0.5b"),
+        "llava-onevision-qwen2-7b": lambda: llava_onevision_config("7b"),
+        "llava-onevision-qwen2-72b": lambda: llava_onevision_config("72b"),
+    }
+
+    def image_processor(self, config):
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        size = config.vision_config.image_size
+        return LlavaOnevisionImageProcessorPil(
+            size={"height": size, "width": size}, image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints]
+        )
+
+    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
+        import numpy as np
+        from transformers import BatchFeature
+
+        processor = image_processor or self.image_processor(config)
+        per_sample = [p.count("<image>") for p in prompts]
+        if sum(per_sample) != len(images) or sum(p.count("<video>") for p in prompts) != len(videos):
+            raise ValueError("the number of <image>/<video> markers must match the images/videos given")
+        data, texts = {}, list(prompts)
+        if images:
+            pix = processor(list(images), return_tensors="pt")
+            data["pixel_values"], data["image_sizes"] = pix["pixel_values"], pix["image_sizes"]
+            data["batch_num_images"] = torch.tensor([n for n in per_sample if n > 0])
+            sizes = iter(pix["image_sizes"].tolist())
+            token = placeholder(tokenizer, config.image_token_id, "<image>")
+            texts = []
+            for prompt, n in zip(prompts, per_sample):
+                for _ in range(n):
+                    count = image_token_count(config, next(sizes), single_crop=n > 1)
+                    prompt = prompt.replace("<image>", "\0" * count, 1)
+                texts.append(prompt.replace("\0", token))
+        if videos:
+            lengths = {len(v) for v in videos}
+            if len(lengths) != 1:
+                raise ValueError("all videos of a batch need the same number of frames")
+            data["pixel_values_videos"] = torch.stack([_video_pixels(v, processor, np) for v in videos])
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            count = lengths.pop() * math.ceil(side / 2) ** 2 + 1
+            token = placeholder(tokenizer, config.video_token_id, "<video>")
+            texts = [t.replace("<video>", token * count) for t in texts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        data.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return BatchFeature(data)
+
+    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
+        import numpy as np
+
+        vc = model.config.vision_config
+        side, ps = vc.image_size // vc.patch_size, vc.patch_size
+        span = side * ps
+        processor = self.image_processor(model.config)
+        mean, std = mean_std or (processor.image_mean, processor.image_std)
+        pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
+        crops = [c for item in pixels for c in item] if kind == "video" else None
+        grid = np.arange(side * side).reshape(side, side)
+        items, unit = [], 0
+        sizes = inputs.get("image_sizes")
+        for n, count in enumerate(call.item_crops):
+            views = crops[unit // side**2 : unit // side**2 + count] if kind == "video" else pixels[n][:count]
+            images = [unnormalise(v, mean, std)[:span, :span] for v in views]
+            if kind == "video":
+                items.append([Panel(f"frame {f}", im, grid + unit + f * side**2, ps) for f, im in enumerate(images)])
+            else:
+                panels = [Panel("base view", images[0], grid + unit, ps)]
+                if count > 1:
+                    gh, gw = mlo.get_anyres_image_grid_shape(
+                        sizes[n].tolist(), model.config.image_grid_pinpoints, vc.image_size
+                    )
+                    canvas = np.zeros((gh * span, gw * span, 3))
+                    units = np.zeros((gh * side, gw * side), dtype=np.int64)
+                    for c, im in enumerate(images[1:]):
+                        r, q = divmod(c, gw)
+                        canvas[r * span : (r + 1) * span, q * span : (q + 1) * span] = im
+                        units[r * side : (r + 1) * side, q * side : (q + 1) * side] = grid + unit + (c + 1) * side**2
+                    panels.append(Panel(f"{count - 1} crops in place", canvas, units, ps))
+                items.append(panels)
+            unit += count * side**2
+        return items
+
+    def flops_dims(self, config) -> FlopsDims:
+        vc, tc = config.vision_config, config.text_config
+        return FlopsDims(
+            encoder=LayerDims(
+                vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False
+            ),
+            encoder_depth=vc.num_hidden_layers,
+            projector_macs_per_token=vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size,
+            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text_depth=tc.num_hidden_layers,
+            vocab=tc.vocab_size,
+        )
+
+    tiny = {"tiny-llava-onevision": lambda: tiny_llava_onevision_config()}
+
+
+def image_token_count(config, image_size, single_crop: bool = False) -> int:
+    """Placeholders stock transformers uses for one image of ``(height, width)`` pixels, computed
+    by the stock ``pack_image_features`` on one-channel zeros (follows the installed transformers)."""
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    crops = (
+        1
+        if single_crop
+        else mlo.image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    )
+    stub = type("Stub", (), {"config": config})()
+    _, lens = mlo.LlavaOnevisionModel.pack_image_features(
+        stub,
+        [torch.zeros(crops, side * side, 1)],
+        torch.tensor([list(image_size)]),
+        torch.zeros(1),
+        config.vision_aspect_ratio,
+    )
+    return int(lens[0])
+
+
+def _video_pixels(frames, processor, np) -> torch.Tensor:
+    """``(frames, 3, H, W)`` as the LLaVA-OneVision video processor makes them: resized, normalised."""
+    from PIL import Image
+
+    size = processor.size
+    mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
+    out = []
+    for frame in frames:
+        img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+        img = img.convert("RGB").resize((size["width"], size["height"]), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        out.append((arr - mean) / std)
+    return torch.from_numpy(np.stack(out))
+
+
+# SigLIP-so400m as used by LLaVA-OneVision (last layer removed: 26 layers), 384 px, patch 14.
+_SIGLIP_SO400M = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+    "vision_use_head": False,
+}
+_QWEN2 = {
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "vocab_size": 152000, "tie_word_embeddings": True},
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152128, "tie_word_embeddings": False},
+    "72b": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "vocab_size": 152128, "tie_word_embeddings": False},
+}  # fmt: skip
+
+
+def _pinpoints(base: int, max_tiles: int = 6) -> list[list[int]]:
+    return [[base * i, base * j] for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1)]
+
+
+def llava_onevision_config(size: str = "0.5b"):
+    """LLaVA-OneVision-Qwen2 ``0.5b``, ``7b`` or ``72b`` with the published dimensions."""
+    from transformers import LlavaOnevisionConfig
+
+    if size not in _QWEN2:
+        raise ValueError(f"unknown LLaVA-OneVision size {size!r}; choose one of {sorted(_QWEN2)}")
+    text = {
+        "model_type": "qwen2",
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        **_QWEN2[size],
+    }
+    return LlavaOnevisionConfig(
+        vision_config=dict(_SIGLIP_SO400M),
+        text_config=text,
+        image_token_id=151646,
+        video_token_id=151647,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=_pinpoints(384),
+        tie_word_embeddings=_QWEN2[size]["tie_word_embeddings"],
+    )
+
+
+def tiny_llava_onevision_config(vocab_size: int = 256, **vision):
+    """A LLaVA-OneVision small enough for CPU tests: 64 px crops of 8x8 patches (64 tokens each),
+    a 6-layer SigLIP and a 4-layer Qwen2 with grouped-query attention. Token ids match
+    ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1, ``<video>`` 2)."""
+    from transformers import LlavaOnevisionConfig
+
+    vision_config = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+        "vision_use_head": False,
+        **vision,
+    }
+    text_config = {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    }
+    return LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=1,
+        video_token_id=2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=_pinpoints(vision_config["image_size"], 3),
+        tie_word_embeddings=True,
+    )

@@ -3,33 +3,44 @@
 The vision transformer packs every image and frame into one sequence (``cu_seqlens`` per frame),
 and its patch merger folds every 2x2 block of neighbouring patches (4 consecutive tokens) into one
 LLM token. So:
-- scoring is per frame: the attention a token receives from the tokens of its own frame;
-- removal is by whole 2x2 blocks (score of a block = mean score of its 4 tokens; recycling works
-  on blocks, i.e. on the 4 tokens position by position), so the merger still folds real 2x2 blocks;
-- after each merge the packed-sequence metadata the later blocks need (``cu_seqlens``, rotary
-  embeddings, Qwen2.5-VL's windows) is gathered for the survivors and handed to them by pre-hooks;
-- the merger output is scattered back to the stock number of LLM tokens with a mask of the
-  survivors, so stock code splits it per image and computes M-RoPE positions as usual; the
-  decoder-input hook then removes the slots of removed blocks and *gathers* the survivors' true
-  (t, h, w) positions (no renumbering), so stock ``rope_deltas`` keep decoding positions right.
+- unit of removal: a 2x2 block; scoring is per frame (the attention a token receives from the
+  tokens of its own frame; a block's score is the mean of its 4 tokens'), recycling works on
+  blocks (their 4 tokens position by position), so the merger still folds real 2x2 blocks;
+- after each merge the packed-sequence metadata later blocks need (``cu_seqlens``, rotary
+  embeddings, Qwen2.5-VL's windows) is kept per merge layer and handed to them by pre-hooks;
+- the merger output is written back at the stock number of LLM tokens (NaN rows for removed
+  blocks), so stock code splits it per image and computes M-RoPE positions as usual; the decoder
+  input drops the removed slots and *gathers* the survivors' true (t, h, w) positions (no
+  renumbering), so stock ``rope_deltas`` keep decoding positions right.
 
 Qwen2.5-VL: most vision blocks attend within windows of 4x4 merged tokens (reordered so that each
 window is contiguous); blocks ``fullatt_block_indexes`` (7, 15, 23, 31) attend over the whole frame.
 Merges are allowed only at full-attention blocks: only there is the received attention a score over
-the whole frame (in a window block it only ranks tokens against their window). Removing blocks
-keeps windows valid: each window keeps its surviving blocks, contiguous, and empty windows vanish.
+the whole frame. Removing blocks keeps windows valid: each window keeps its surviving blocks,
+contiguous, and empty windows vanish.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from ..config import removal_count
-from ..merge import attention_with_received_scores, compose_assign, merge
-from ..placeholders import PlaceholderMixin
-from ..state import VisualItem
-from . import Adapter, swap_class
+from ..config import removal_units
+from ..encoder import (
+    collecting_attentions,
+    current_call,
+    encoder_call,
+    features_done,
+    record_placeholders,
+    recording,
+    stock_count_features,
+)
+from ..merge import attention_with_received_scores, compose_assign
+from ..patch import Hook
+from ..state import UnitTrace
+from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
 
 
 def rope_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,39 +51,64 @@ def rope_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (xf * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
 
 
-class VisionRun:
-    """Packed-sequence metadata of one vision-encoder call, kept in step with the merges."""
+@dataclass
+class Blocks:
+    """The current blocks of one vision call, after some merge layer."""
 
-    def __init__(self, model, grid_thw: torch.Tensor):
-        visual = model.model.visual
-        unit = visual.spatial_merge_size**2
-        self.unit = unit
+    frame_blocks: list[int]  # blocks per frame
+    block_ids: torch.Tensor  # original (window-order) block of every current block
+    window_of_block: torch.Tensor | None  # Qwen2.5-VL: window of every current block
+    position_embeddings: tuple | None  # rotary (cos, sin) of the current tokens
+
+
+class VisionRun:
+    """Packed-sequence metadata of one vision call, after every merge layer (a merge layer run again
+    by gradient checkpointing reuses the same decisions)."""
+
+    def __init__(self, visual, grid_thw: torch.Tensor):
+        self.unit = visual.spatial_merge_size**2
         self.grid_thw = grid_thw
         frame_tokens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-        self.frame_blocks = (frame_tokens // unit).tolist()  # current blocks per frame
-        blocks = int(frame_tokens.sum()) // unit
-        self.block_ids = torch.arange(blocks)  # original (window-order) block of every current block
-        self.assign = torch.arange(blocks)  # current block representing every original block, -1: dropped
-        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # illava.viz: (layer, owner, scores)
+        blocks = int(frame_tokens.sum()) // self.unit
         self.window_index = None  # window order -> raster block index (Qwen2.5-VL)
-        self.window_of_block = None
+        window_of_block = None
         if hasattr(visual, "fullatt_block_indexes"):
             self.window_index, cu_windows = get_vision_window_index(
                 grid_thw.cpu(), visual.spatial_merge_size, visual.window_size, visual.patch_size
             )
-            window_blocks = (cu_windows[1:] - cu_windows[:-1]) // unit
-            self.window_of_block = torch.repeat_interleave(torch.arange(len(window_blocks)), window_blocks)
-        self.position_embeddings = None
-        self.reduced = False
-        self.layers: list[tuple[int, int, int]] = []
+            window_blocks = (cu_windows[1:] - cu_windows[:-1]) // self.unit
+            window_of_block = torch.repeat_interleave(torch.arange(len(window_blocks)), window_blocks)
+        self.initial = Blocks((frame_tokens // self.unit).tolist(), torch.arange(blocks), window_of_block, None)
+        self.after: dict[int, Blocks] = {}
+        self.assign = torch.arange(blocks)  # current block representing every original block, -1: dropped
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # viz: (layer, owner, scores)
 
-    def cu_seqlens(self, full_attention: bool, device) -> torch.Tensor:
-        if full_attention or self.window_of_block is None:
-            counts = torch.tensor(self.frame_blocks)
+    def before(self, layer: int) -> Blocks:
+        done = [k for k in self.after if k < layer]
+        return self.after[max(done)] if done else self.initial
+
+    def last(self) -> Blocks:
+        return self.before(10**9)
+
+    def cu_seqlens(self, blocks: Blocks, full_attention: bool, device) -> torch.Tensor:
+        if full_attention or blocks.window_of_block is None:
+            counts = torch.tensor(blocks.frame_blocks)
         else:
-            counts = torch.unique_consecutive(self.window_of_block, return_counts=True)[1]
+            counts = torch.unique_consecutive(blocks.window_of_block, return_counts=True)[1]
         cu = torch.cat([torch.zeros(1, dtype=torch.long), (counts * self.unit).cumsum(0)])
         return cu.to(device=device, dtype=torch.int32)
+
+
+def _run_of(state, position_embeddings) -> VisionRun | None:
+    """The run of a vision call, found from the call's own rotary tensor (also during backward)."""
+    key = position_embeddings[0]
+    run = state.keyed.get(key)
+    if run is None:
+        call = current_call(state)
+        run = call.work.get("run") if call is not None else None
+        if run is not None:
+            state.keyed[key] = run
+    return run
 
 
 class IllavaQwenVisionBlock:
@@ -84,16 +120,22 @@ class IllavaQwenVisionBlock:
     """
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-        state = self._illava
-        if not state.config.encoder_active:
+        state = self._illava.state
+        run = _run_of(state, position_embeddings) if state.config.encoder_active else None
+        if run is None:
             return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
-        attn, run = self.attn, state.vision
+        layer = self._illava.layer
+        blocks = run.before(layer)
+        if blocks.position_embeddings is not None:
+            position_embeddings = blocks.position_embeddings
+        attn = self.attn
         n = hidden_states.shape[0]
         hidden = self.norm1(hidden_states)
         q, k, v = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = rope_vision(q, cos, sin), rope_vision(k, cos, sin)
-        bounds = cu_seqlens.tolist()
+        cu = run.cu_seqlens(blocks, True, hidden.device)
+        bounds = cu.tolist()
         outputs, received = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
             out, score = attention_with_received_scores(
@@ -101,113 +143,211 @@ class IllavaQwenVisionBlock:
             )
             outputs.append(out[0])
             received.append(score[0])
-        hidden = hidden_states + attn.proj(torch.cat(outputs).reshape(n, -1))
-        run.position_embeddings = position_embeddings
-        hidden = _merge_blocks(state, run, self._illava_layer, hidden, torch.cat(received))
+        if collecting_attentions():  # transformers records what the stock attention module returns
+            kwargs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+            hidden = hidden_states + attn(hidden, cu_seqlens=cu, position_embeddings=position_embeddings, **kwargs)
+        else:
+            hidden = hidden_states + attn.proj(torch.cat(outputs).reshape(n, -1))
+        hidden = _merge_blocks(state, run, layer, blocks, hidden, torch.cat(received), position_embeddings)
         return hidden + self.mlp(self.norm2(hidden))
 
 
-def _merge_blocks(state, run: VisionRun, layer: int, hidden: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, received, position_embeddings):
     """Remove and recycle whole 2x2 blocks, frame by frame (frames of equal size in one batch)."""
     cfg, unit, device = state.config, run.unit, hidden.device
     dim = hidden.shape[-1]
-    blocks = hidden.view(-1, unit * dim)
-    block_scores = received.view(-1, unit).mean(-1)
-    starts = torch.tensor([0, *run.frame_blocks]).cumsum(0)[:-1].tolist()
+    flat = hidden.view(-1, unit * dim)
+    attention = received.view(-1, unit).float().mean(-1)
+    scores = state.policy.scores("encoder", attention)
+    starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1].tolist()
     removal = cfg.removal_at(layer)
-    if isinstance(removal, int):
-        removal = removal // unit  # counts are given in patch tokens; whole blocks are removed
-    kept_blocks, new_values, new_counts = [], {}, []
     by_size: dict[int, list[int]] = {}
-    for f, size in enumerate(run.frame_blocks):
+    for f, size in enumerate(blocks.frame_blocks):
         by_size.setdefault(size, []).append(f)
-    new_frame_blocks = list(run.frame_blocks)
-    local_assign = {}
+    kept_per_frame, tokens_per_frame, assign_per_frame = {}, {}, {}
     for size, frames in by_size.items():
-        r = min(removal_count(size, removal), size - 1)
+        r = removal_units(size, removal, unit)
+        if isinstance(removal, float):
+            r = min(r, size - 1)  # a fraction never removes the last block of a frame
+        if r >= size:
+            raise ValueError(
+                f"illava: encoder_removal={removal} removes {r * unit} tokens at vision block {layer} but a frame "
+                f"has only {size * unit} left; lower encoder_removal (counts are per frame)"
+            )
         index = torch.tensor([starts[f] for f in frames], device=device)[:, None] + torch.arange(size, device=device)
-        res = merge(
-            blocks[index],
-            block_scores[index],
-            r,
-            cfg.recycle,
-            neighbours=cfg.cluster_neighbours,
-            recycle_fraction=cfg.cluster_fraction,
-        )
+        res = state.policy.reduce("encoder", flat[index], scores[index], r, cfg)
         kept = index.gather(1, res.kept)
         for i, f in enumerate(frames):
-            new_values[f] = (kept[i], res.tokens[i])
-            new_frame_blocks[f] = size - r
-            local_assign[f] = res.assign[i]
-    for f in range(len(run.frame_blocks)):
-        kept_blocks.append(new_values[f][0])
-        new_counts.append(new_values[f][1])
-    kept_blocks = torch.cat(kept_blocks)
-    tokens = torch.cat(new_counts).reshape(-1, dim)
-    layer_in, layer_out = sum(run.frame_blocks) * unit, tokens.shape[0]
+            kept_per_frame[f], tokens_per_frame[f], assign_per_frame[f] = kept[i], res.tokens[i], res.assign[i]
+    frames = range(len(blocks.frame_blocks))
+    kept_blocks = torch.cat([kept_per_frame[f] for f in frames])
+    tokens = torch.cat([tokens_per_frame[f] for f in frames]).reshape(-1, dim)
+    if layer in run.after:  # run again (gradient checkpointing): same decisions, nothing to record
+        return tokens
     token_index = (kept_blocks[:, None] * unit + torch.arange(unit, device=device)).flatten()
-    cos, sin = run.position_embeddings
-    run.position_embeddings = (cos[token_index], sin[token_index])
     kept_cpu = kept_blocks.cpu()
-    if state.record:
-        _record_blocks(run, layer, new_frame_blocks, local_assign, block_scores, run.block_ids[kept_cpu])
-    run.block_ids = run.block_ids[kept_cpu]
-    if run.window_of_block is not None:
-        run.window_of_block = run.window_of_block[kept_cpu]
-    run.frame_blocks = new_frame_blocks
-    run.reduced = True
-    run.layers.append((layer, layer_in, layer_out))
+    window = blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None
+    new_counts = [kept_per_frame[f].numel() for f in frames]
+    run.after[layer] = Blocks(
+        new_counts, blocks.block_ids[kept_cpu], window, tuple(t[token_index] for t in position_embeddings)
+    )
+    call = current_call(state)
+    if call is not None:
+        call.layers.append((layer, sum(blocks.frame_blocks) * unit, tokens.shape[0]))
+        if recording(state):
+            starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1].tolist()
+            step = torch.cat(
+                [
+                    torch.where(assign_per_frame[f].cpu() >= 0, assign_per_frame[f].cpu() + starts_new[f], -1)
+                    for f in frames
+                ]
+            )
+            before = torch.full((run.assign.shape[0],), float("nan"))
+            before[blocks.block_ids] = attention.cpu()
+            run.assign = compose_assign(run.assign[None], step[None])[0]
+            ids = run.after[layer].block_ids
+            run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))
     return tokens
 
 
-def _record_blocks(run: VisionRun, layer, new_frame_blocks, local_assign, block_scores, new_ids) -> None:
-    """Source tracking for ``illava.viz``: compose the merge into ``run.assign`` and record, per
-    original block, its score before the merge and the original block now representing it."""
-    new_starts = torch.tensor([0, *new_frame_blocks]).cumsum(0)[:-1].tolist()
-    step = torch.cat([torch.where(a.cpu() >= 0, a.cpu() + new_starts[f], -1) for f, a in sorted(local_assign.items())])
-    scores = torch.full((run.assign.shape[0],), float("nan"))
-    scores[run.block_ids] = block_scores.float().cpu()
-    run.assign = compose_assign(run.assign[None], step[None])[0]
-    owner = torch.where(run.assign >= 0, new_ids[run.assign.clamp(min=0)], -1)
-    run.records.append((layer, owner, scores))
+class Substitute(Hook):
+    """Pre-hook on a vision block after a merge: the survivors' ``cu_seqlens`` (frames or windows),
+    rotary embeddings and maximum length."""
+
+    def __init__(self, state, layer: int, full_attention: bool):
+        super().__init__(state)
+        self.layer = layer
+        self.full_attention = full_attention
+
+    def __call__(self, module, args, kwargs):
+        if not self.state.config.encoder_active:
+            return None
+        embeddings = kwargs.get("position_embeddings")
+        run = _run_of(self.state, embeddings) if embeddings is not None else None
+        if run is None:
+            return None
+        blocks = run.before(self.layer)
+        if blocks.position_embeddings is None:
+            return None
+        device = args[0].device if args else kwargs["hidden_states"].device
+        cu = run.cu_seqlens(blocks, self.full_attention, device)
+        kwargs["cu_seqlens"] = cu
+        if kwargs.get("max_seqlen") is not None:
+            kwargs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+        kwargs["position_embeddings"] = tuple(t.to(device) for t in blocks.position_embeddings)
+        return args, kwargs
 
 
-class IllavaQwenVLModel(PlaceholderMixin):
-    """Qwen2-VL / Qwen2.5-VL model: records whether the vision encoder runs for images or videos.
+class StartRun(Hook):
+    """Pre-hook on the vision transformer: the bookkeeping of this call."""
 
-    Modifications: ``get_image_features`` / ``get_video_features`` tag the encoder call with its
-    modality; ``get_placeholder_mask`` comes from ``PlaceholderMixin``.
+    def __call__(self, module, args, kwargs):
+        call = current_call(self.state)
+        if call is not None:
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            call.work["run"] = VisionRun(module, grid.cpu())
+        return None
+
+
+class ScatterMerged(Hook):
+    """Forward hook on the patch merger: its output back at the stock number of LLM tokens (window
+    order), NaN for removed blocks; and the call's statistics."""
+
+    def __call__(self, module, args, kwargs, output):
+        call = current_call(self.state)
+        run = call.work.get("run") if call is not None else None
+        if run is None:
+            return None
+        total = sum(int(t * h * w) for t, h, w in run.grid_thw.tolist()) // run.unit
+        blocks = run.last()
+        call.crops, call.tokens = len(run.initial.frame_blocks), total * run.unit
+        call.item_crops = run.grid_thw[:, 0].tolist()
+        if blocks is not run.initial:
+            output = stock_count_features(output, blocks.block_ids.to(output.device), total)
+        if recording(self.state):
+            _unit_trace(call, run)
+        return output
+
+
+def _unit_trace(call, run: VisionRun) -> None:
+    """``illava.tools.viz``: units are 2x2 blocks in raster order of every frame."""
+    total = run.assign.shape[0]
+    to_raster = run.window_index if run.window_index is not None else torch.arange(total)  # window pos -> raster
+    from_raster = torch.argsort(to_raster)
+
+    def raster(owner_window: torch.Tensor) -> torch.Tensor:
+        owner = owner_window[from_raster]
+        return torch.where(owner >= 0, to_raster[owner.clamp(min=0)], -1)
+
+    blocks = run.last()
+    final = raster(torch.where(run.assign >= 0, blocks.block_ids[run.assign.clamp(min=0)], -1))
+    side = round(run.unit**0.5)
+    grids = [(int(h) // side, int(w) // side) for t, h, w in run.grid_thw.tolist() for _ in range(int(t))]
+    layers = [(layer, raster(owner), scores[from_raster]) for layer, owner, scores in run.records]
+    call.trace = UnitTrace(grids=grids, layers=layers, feature=final)
+
+
+class IllavaQwenVLModel:
+    """Qwen2-VL / Qwen2.5-VL model: feature calls and placeholder bookkeeping.
+
+    Modifications: ``get_image_features`` / ``get_video_features`` run inside an encoder call;
+    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
     """
 
     # generate() picks the arguments of these from their signatures: keep the stock ones
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
-        self._illava.vision_kind = "image"
-        return super().get_image_features(pixel_values, image_grid_thw, **kwargs)
+        state = self._illava.state
+        with encoder_call(state, "image") as call:
+            out = super().get_image_features(pixel_values, image_grid_thw, **kwargs)
+        return features_done(state, call, out, "image")
 
     def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
-        self._illava.vision_kind = "video"
-        return super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
+        state = self._illava.state
+        with encoder_call(state, "video") as call:
+            out = super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
+        return features_done(state, call, out, "video")
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+        state = self._illava.state
+        if image_features is not None:
+            record_placeholders(state, "image", image_mask)
+        if video_features is not None:
+            record_placeholders(state, "video", video_mask)
+        return image_mask, video_mask
 
 
 class QwenVLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    config_types = ("qwen2_vl", "qwen2_5_vl")
+    unit = 4
     renumber_positions = False
+    presets = {
+        # Qwen2-VL-7B, the authors' settings: blocks 12-15 remove 16% each; LLM layers 6, 7, 8 keep 0.9
+        # (images and videos alike).
+        "qwen2_vl": {
+            "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
+            "image": {"encoder_layers": (12, 13, 14, 15), "encoder_removal": 0.16,
+                      "llm_layers": (6, 7, 8), "llm_keep_ratio": 0.9},
+        },
+        # Qwen2.5-VL merges only at full-attention blocks (7, 15, 23, 31): two merges of 29% remove
+        # about as much as Qwen2-VL's four of 16% (1 - 0.71^2 = 0.50 vs 1 - 0.84^4 = 0.50).
+        "qwen2_5_vl": {
+            "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
+            "image": {"encoder_layers": (7, 15), "encoder_removal": 0.29,
+                      "llm_layers": (6, 7, 8), "llm_keep_ratio": 0.9},
+        },
+    }  # fmt: skip
 
     def parts(self, model):
+        from .base import Parts
+
         inner = model.model
-        return inner, inner.visual, inner.language_model
+        return Parts(inner, inner.visual, inner.language_model)
 
-    def family(self, model) -> str:
-        return "qwen2_5_vl" if hasattr(model.model.visual, "fullatt_block_indexes") else "qwen2_vl"
-
-    def dimensions(self, model) -> dict:
+    def dimensions(self, model) -> Dimensions:
         vc, tc = model.config.vision_config, model.config.text_config
-        return {
-            "encoder_depth": vc.depth,
-            "tokens_per_crop": 0,  # dynamic resolution: removals are fractions of the blocks present
-            "llm_depth": tc.num_hidden_layers,
-            "feature_layer": vc.depth - 1,
-        }
+        return Dimensions(vc.depth, 0, tc.num_hidden_layers, vc.depth - 1, unit=self.unit)
 
     def llm_stage_in_presets(self, model) -> bool:
         # the authors turn the LLM stage off for Qwen2-VL-2B (text width 1536)
@@ -234,115 +374,224 @@ class QwenVLAdapter(Adapter):
                     f"(window blocks score tokens only within their window); got {bad}"
                 )
 
-    def patch(self, model, state) -> None:
-        inner, visual, _ = self.parts(model)
-        swap_class(inner, IllavaQwenVLModel, state)
-        state.vision_kind = "image"
-        for i in state.config.encoder_layers:
-            swap_class(visual.blocks[i], IllavaQwenVisionBlock, state)
-            visual.blocks[i]._illava_layer = i
-
-    def hooks(self, model, state) -> list:
-        visual = model.model.visual
-        full = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
-        handles = [
-            visual.register_forward_pre_hook(_start_run(model, state), with_kwargs=True),
-            visual.merger.register_forward_hook(_scatter_merged(state)),
-        ]
-        if state.config.encoder_layers:
-            first = min(state.config.encoder_layers)
+    def patch(self, model, record) -> None:
+        inner = model.model
+        visual = inner.visual
+        state = record.state
+        record.swap(inner, IllavaQwenVLModel)
+        layers = state.config.encoder_layers
+        for i in layers:
+            record.swap(visual.blocks[i], IllavaQwenVisionBlock, layer=i)
+        record.hook(visual, StartRun(state), "pre")
+        record.hook(visual.merger, ScatterMerged(state), "post")
+        if layers:
+            full = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
             for i, block in enumerate(visual.blocks):
-                if i > first:
-                    handles.append(block.register_forward_pre_hook(_substitute(state, i in full), with_kwargs=True))
-        return handles
+                if i > min(layers) and i not in layers:
+                    record.hook(block, Substitute(state, i, i in full), "pre")
+
+    # ------------------------------------------------------------------------------ tools
+    architectures = {
+        "qwen2-vl-2b": lambda: qwen2_vl_config("2b"),
+        "qwen2-vl-7b": lambda: qwen2_vl_config("7b"),
+        "qwen2.5-vl-3b": lambda: qwen2_5_vl_config("3b"),
+        "qwen2.5-vl-7b": lambda: qwen2_5_vl_config("7b"),
+    }
+    tiny = {"tiny-qwen2-vl": lambda: tiny_qwen_vl_config("2"), "tiny-qwen2.5-vl": lambda: tiny_qwen_vl_config("2.5")}
+
+    def image_processor(self, config):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        size = getattr(config, "illava_processor", {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+        return Qwen2VLImageProcessorPil(size=dict(size))
+
+    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
+        """Qwen2-VL / Qwen2.5-VL batch: ``<image>``/``<video>`` markers become ``<|vision_start|>``
+        + stock placeholders + ``<|vision_end|>``; ``mm_token_type_ids`` as the stock processor
+        returns them. Placeholders are spelled as the tokenizer spells the config's ids
+        (``<|image_pad|>`` / ``<|video_pad|>`` for the released tokenizers)."""
+        from transformers import BatchFeature
+
+        processor = image_processor or self.image_processor(config)
+        merge = config.vision_config.spatial_merge_size**2
+        data, texts = {}, list(prompts)
+        if sum(p.count("<image>") for p in prompts) != len(images) or sum(p.count("<video>") for p in prompts) != len(
+            videos
+        ):
+            raise ValueError("the number of <image>/<video> markers must match the images/videos given")
+        if images:
+            pix = processor(list(images), return_tensors="pt")
+            data.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+            counts = iter((pix["image_grid_thw"].prod(-1) // merge).tolist())
+            token = placeholder(tokenizer, config.image_token_id, "<image>")
+            texts = [_expand(t, "<image>", counts, token) for t in texts]
+        if videos:
+            packed = [_video_pixels(v, processor) for v in videos]
+            data["pixel_values_videos"] = torch.cat([p for p, _ in packed])
+            data["video_grid_thw"] = torch.tensor([g for _, g in packed])
+            counts = iter((data["video_grid_thw"].prod(-1) // merge).tolist())
+            token = placeholder(tokenizer, config.video_token_id, "<video>")
+            texts = [_expand(t, "<video>", counts, token) for t in texts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        ids = enc["input_ids"]
+        types = torch.zeros_like(ids)
+        types[ids == config.image_token_id] = 1
+        types[ids == config.video_token_id] = 2
+        data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=types)
+        return BatchFeature(data)
+
+    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
+        import numpy as np
+
+        vc = model.config.vision_config
+        ps, tps, m = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
+        processor = self.image_processor(model.config)
+        mean, std = mean_std or (processor.image_mean, processor.image_std)
+        pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
+        grids = inputs["image_grid_thw" if kind == "image" else "video_grid_thw"]
+        items, offset, unit = [], 0, 0
+        for gt, gh, gw in grids.tolist():
+            patches = gt * gh * gw
+            x = pixels[offset : offset + patches].float().cpu().reshape(gt, gh // m, gw // m, m, m, -1, tps, ps, ps)
+            # -> (gt, tps, C, gh//m, m, ps, gw//m, m, ps): the processor's patch flattening undone
+            x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(gt, tps, -1, gh * ps, gw * ps)
+            rows, cols = gh // m, gw // m
+            grid = np.arange(rows * cols).reshape(rows, cols)
+            name = "frame" if kind == "video" else "image"
+            items.append(
+                [
+                    Panel(
+                        f"{name} {f}" if gt > 1 else name,
+                        unnormalise(frame[0], mean, std),
+                        grid + unit + f * rows * cols,
+                        m * ps,
+                    )
+                    for f, frame in enumerate(x)
+                ]
+            )
+            offset += patches
+            unit += gt * rows * cols
+        return items
+
+    def flops_dims(self, config) -> FlopsDims:
+        vc, tc = config.vision_config, config.text_config
+        qwen2 = config.model_type == "qwen2_vl"
+        width = vc.embed_dim if qwen2 else vc.hidden_size
+        mlp = int(vc.embed_dim * vc.mlp_ratio) if qwen2 else vc.intermediate_size
+        out = vc.hidden_size if qwen2 else vc.out_hidden_size
+        unit = vc.spatial_merge_size**2
+        return FlopsDims(
+            encoder=LayerDims(width, mlp, vc.num_heads, vc.num_heads, not qwen2),
+            encoder_depth=vc.depth,
+            # the patch merger folds each surviving 2x2 block: an MLP on unit * width
+            projector_macs_per_token=(unit * width * unit * width + unit * width * out) / unit,
+            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text_depth=tc.num_hidden_layers,
+            vocab=tc.vocab_size,
+            window=None if qwen2 else (vc.window_size // vc.patch_size) ** 2,
+            full_layers=() if qwen2 else tuple(vc.fullatt_block_indexes),
+        )
 
 
-def _record_items(run: VisionRun, items, raster_valid: torch.Tensor, merge_size: int) -> None:
-    """Per-item ``illava.viz`` source tracking in raster block order (units: 2x2 blocks)."""
-    total = raster_valid.shape[0]
-    to_raster = run.window_index if run.window_index is not None else torch.arange(total)  # window pos -> raster
-    from_raster = torch.argsort(to_raster)
-
-    def raster(owner_window: torch.Tensor) -> torch.Tensor:
-        """Per raster block: raster id of its representative (window-order arrays in)."""
-        owner = owner_window[from_raster]
-        return torch.where(owner >= 0, to_raster[owner.clamp(min=0)], -1)
-
-    final = raster(torch.where(run.assign >= 0, run.block_ids[run.assign.clamp(min=0)], -1))
-    start = 0
-    for item, (t, h, w) in zip(items, run.grid_thw.tolist()):
-        n = item.feature_tokens
-        sl = slice(start, start + n)
-        rank = torch.cumsum(raster_valid[sl].long(), 0) - 1
-        local = final[sl] - start
-        token0 = torch.where(local >= 0, rank[local.clamp(min=0)], -1)
-        layers = []
-        for layer, owner, scores in run.records:
-            o = raster(owner)[sl] - start
-            layers.append((layer, torch.where(o >= 0, o, -1), scores[from_raster][sl]))
-        item.trace = {
-            "family": "qwen_vl",
-            "kind": item.kind,
-            "grid_thw": (int(t), int(h), int(w)),
-            "merge_size": merge_size,
-            "encoder": layers,
-            "token0": token0,
-            "tokens": item.tokens,
-        }
-        start += n
+def _expand(text: str, marker: str, counts, token: str) -> str:
+    parts = text.split(marker)
+    out = parts[0]
+    for part in parts[1:]:
+        out += "<|vision_start|>" + "\0" * next(counts) + "<|vision_end|>" + part
+    return out.replace("\0", token)
 
 
-def _start_run(model, state):
-    def hook(module, args, kwargs):
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        state.vision = VisionRun(model, grid.cpu())
+def _video_pixels(frames, processor) -> tuple[torch.Tensor, list[int]]:
+    """``pixel_values_videos`` and ``[t, h, w]`` as the Qwen2-VL video processor makes them: frames
+    resized like images, consecutive frame pairs packed into the temporal patch of 2."""
+    import numpy as np
+    from PIL import Image
 
-    return hook
-
-
-def _substitute(state, full_attention: bool):
-    def hook(module, args, kwargs):
-        run = state.vision
-        if run is None or not run.reduced:
-            return None
-        device = args[0].device if args else kwargs["hidden_states"].device
-        cu = run.cu_seqlens(full_attention, device)
-        kwargs["cu_seqlens"] = cu
-        if kwargs.get("max_seqlen") is not None:
-            kwargs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
-        kwargs["position_embeddings"] = tuple(t.to(device) for t in run.position_embeddings)
-        return args, kwargs
-
-    return hook
+    frames = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
+    if len(frames) % 2:
+        frames = frames + frames[-1:]
+    out = processor(frames, return_tensors="pt")
+    grid = out["image_grid_thw"][0].tolist()
+    per_frame = out["pixel_values"].view(len(frames), grid[1] * grid[2], 3, 2, -1)[:, :, :, 0]  # drop the copy
+    pairs = per_frame.view(len(frames) // 2, 2, *per_frame.shape[1:]).permute(0, 2, 3, 1, 4)
+    return pairs.reshape(-1, 3 * 2 * per_frame.shape[-1]), [len(frames) // 2, grid[1], grid[2]]
 
 
-def _scatter_merged(state):
-    """Merger output back to the stock number of LLM tokens (window order), plus survivor masks."""
+_QWEN2_TEXT = {
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
+    "2b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
+    "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
+}  # fmt: skip
+_QWEN_TOKENS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
 
-    def hook(module, args, output):
-        run = state.vision
-        total = sum(int(t * h * w) for t, h, w in run.grid_thw.tolist()) // run.unit
-        valid = torch.zeros(total, dtype=torch.bool)
-        valid[run.block_ids] = True
-        if run.reduced:
-            full = output.new_zeros(total, output.shape[-1])
-            full[run.block_ids.to(output.device)] = output
-            output = full
-        raster_valid = valid if run.window_index is None else valid[torch.argsort(run.window_index)]
-        sizes = (run.grid_thw.prod(-1) // run.unit).tolist()
-        items = [
-            VisualItem(state.vision_kind, n, n, v if run.reduced else None, crops=int(t))
-            for n, v, t in zip(sizes, torch.split(raster_valid, sizes), run.grid_thw[:, 0].tolist())
-        ]
-        if state.record:
-            _record_items(run, items, raster_valid, round(run.unit**0.5))
-        stats = {
-            "kind": state.vision_kind,
-            "crops": len(run.frame_blocks),
-            "tokens": total * run.unit,
-            "layers": run.layers,
-        }
-        state.add_pending(state.vision_kind, items, stats)
-        return output
 
-    return hook
+def _qwen_text(size: str) -> dict:
+    return {
+        **_QWEN2_TEXT[size],
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    }
+
+
+def qwen2_vl_config(size: str = "7b"):
+    """Qwen2-VL ``2b`` or ``7b`` with the published dimensions (675M-parameter ViT, 32 blocks)."""
+    from transformers import Qwen2VLConfig
+
+    if size not in ("2b", "7b"):
+        raise ValueError(f"unknown Qwen2-VL size {size!r}; choose 2b or 7b")
+    text = _qwen_text(size)
+    vision = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": text["hidden_size"],
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+    return Qwen2VLConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **_QWEN_TOKENS
+    )
+
+
+def qwen2_5_vl_config(size: str = "7b"):
+    """Qwen2.5-VL ``3b`` or ``7b`` with the published dimensions (windowed ViT, 32 blocks)."""
+    from transformers import Qwen2_5_VLConfig
+
+    if size not in ("3b", "7b"):
+        raise ValueError(f"unknown Qwen2.5-VL size {size!r}; choose 3b or 7b")
+    text = _qwen_text(size)
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+              "out_hidden_size": text["hidden_size"], "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 2}  # fmt: skip
+    return Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **_QWEN_TOKENS
+    )
+
+
+def tiny_qwen_vl_config(version: str = "2", vocab_size: int = 256):
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) small enough for CPU tests, with a
+    pixel budget of 112x168 for its image processor; token ids match
+    ``illava.tools.inputs.word_tokenizer`` (image 1, video 2, vision start 6, vision end 7)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": vocab_size, "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    }  # fmt: skip
+    tokens = {"image_token_id": 1, "video_token_id": 2, "vision_start_token_id": 6, "vision_end_token_id": 7}
+    if version == "2":
+        vision = {"depth": 4, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 2, "hidden_size": 64, "patch_size": 14,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)
+    else:
+        vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
+                  "window_size": 112, "fullatt_block_indexes": [1, 3], "patch_size": 14, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "tokens_per_second": 2}  # fmt: skip
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)
+    config.illava_processor = {"shortest_edge": 56 * 56, "longest_edge": 112 * 168}
+    return config

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import PRESETS
+from ..config import PRESETS
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="iLLaVA token merging for transformers VLMs.")
 console = Console()
@@ -256,7 +256,7 @@ def _check_preset(preset: str) -> None:
 
 
 def _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle):
-    from .api import resolve_config
+    from ..api import resolve_config
 
     _check_preset(preset)
     overrides = {

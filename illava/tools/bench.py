@@ -9,7 +9,7 @@ and the spread (min..max) over repeats:
 - peak memory (once per setting, untimed): on CUDA the peak allocated during ``generate`` above
   what was allocated before; on CPU the peak of live tensor storage created during ``generate``
   (tracked op by op, so the allocator's caching does not blur it).
-Visual tokens per stage come from ``illava.stats``; FLOPs from ``illava.flops`` on those counts.
+Visual tokens per stage come from ``illava.stats``; FLOPs from ``illava.tools.flops`` on those counts.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import api
+from .. import api
+from ..adapters import adapter_for
+from ..config import IllavaConfig
 from .flops import prefill_flops
 
 METRICS = ("encoder_s", "prefill_s", "decode_tokens_per_s", "samples_per_s", "peak_memory_mb")
@@ -121,8 +123,7 @@ def peak_memory_mb(model, inputs: dict, new_tokens: int, device: torch.device) -
 
 
 def _vision_module(model) -> torch.nn.Module:
-    inner = model.model
-    return getattr(inner, "vision_tower", None) or inner.visual
+    return adapter_for(model).parts(model).vision
 
 
 def _use(model, setting: Setting) -> None:
@@ -178,7 +179,7 @@ def measure(
     sequence = int(inputs["attention_mask"][0].sum())
     batch = inputs["input_ids"].shape[0]
     with torch.inference_mode():
-        api.apply(model, "off")  # stock compute, counted through the disabled patch
+        api.apply(model, IllavaConfig())  # stock compute, counted (statistics need an enabled patch)
         model(**inputs, use_cache=True, logits_to_keep=1)
         stock_counts = _counts(model, sequence, batch)
         for repeat in range(warmup + repeats):
@@ -204,7 +205,8 @@ def measure(
                     for key, value in zip(METRICS, timings):
                         m.values[key].append(value)
                     if m.tokens is None:
-                        counts = stock_counts if setting.config is None else _counts(model, sequence, batch)
+                        stock = setting.config is None or not setting.config.enabled
+                        counts = stock_counts if stock else _counts(model, sequence, batch)
                         m.tokens, m.flops, m.stats = counts
                         # memory is deterministic: measured once, untimed (tracking slows CPU runs)
                         m.values["peak_memory_mb"].append(peak_memory_mb(model, inputs, new_tokens, device))
@@ -265,16 +267,10 @@ def load_model(model: str | None, arch: str | None, dtype: torch.dtype, device: 
 
 
 def make_inputs(model, source: str | None, images, videos, batch_size: int) -> dict:
-    """Stock inputs (random text ids around the stock placeholders: speed does not depend on them)."""
-    from .inputs import (
-        image_processor_for,
-        placeholder_inputs,
-        qwen_image_processor,
-        qwen_placeholder_inputs,
-        repeat_batch,
-    )
+    """Stock inputs (random text ids around the stock placeholders: speed does not depend on them);
+    the image processor of ``source`` (hub id or folder) when it has one, else the family's."""
+    from .inputs import placeholder_inputs, repeat_batch
 
-    config = model.config
     processor = None
     if source is not None:
         try:
@@ -283,10 +279,7 @@ def make_inputs(model, source: str | None, images, videos, batch_size: int) -> d
             processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError, ImportError):
             processor = None
-    if config.model_type == "llava_onevision":
-        inputs = placeholder_inputs(config, processor or image_processor_for(config), images, videos)
-    else:
-        inputs = qwen_placeholder_inputs(config, processor or qwen_image_processor(), images, videos)
+    inputs = placeholder_inputs(model.config, images, videos, image_processor=processor)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     out = {}
     for key, value in repeat_batch(dict(inputs), batch_size).items():
@@ -365,7 +358,8 @@ def run_bench(
 def _config_dict(cfg) -> dict:
     from dataclasses import asdict
 
-    return {k: v for k, v in asdict(cfg).items() if k != "preset"} | {"preset": cfg.preset}
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("preset", "policy")}
+    return fields | {"preset": cfg.preset, "policy": None if cfg.policy is None else cfg.policy.name}
 
 
 def plot_sweep(report: dict, path: str) -> None:

@@ -11,22 +11,17 @@ An encoder merge layer runs its attention on the tokens before the merge and its
 survivors. Vision encoders attend per crop / frame (``c`` = tokens of that crop; Qwen2.5-VL's
 window blocks: ``c`` = tokens of a window, at most 256). The LLM runs the visual and text tokens
 of the prefill; layers from an LLM merge layer on run the reduced sequence. Also counted: the
-projector (LLaVA) / patch merger (Qwen), and the LM head on the last token. Not counted: norms,
+projector / patch merger (per token leaving the encoder, from the adapter), and the LM head on
+the last token. Not counted: norms,
 rotary embeddings, softmax, the scoring row of the LLM stage (one query, ``L*d`` MACs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..adapters import adapter_for
+from ..adapters.base import LayerDims
 
-
-@dataclass
-class LayerDims:
-    d: int
-    m: int
-    heads: int
-    kv_heads: int
-    gated: bool
+__all__ = ["LayerDims", "encoder_macs", "layer_macs", "llm_macs", "prefill_flops"]
 
 
 def layer_macs(n: float, context: float, dims: LayerDims, mlp_tokens: float | None = None) -> float:
@@ -78,39 +73,21 @@ def prefill_flops(model, stats, sequence: int, batch: int = 1) -> dict[str, floa
 
     ``stats`` is the ``illava.Stats`` of the prefill (with illava disabled it holds stock counts);
     ``sequence`` the LLM input length per sample as the stock model sees it (padding excluded).
-    Returns ``encoder``, ``projector``, ``llm``, ``lm_head`` and ``total``.
+    The dimensions come from the family adapter (``flops_dims``). Returns ``encoder``,
+    ``projector``, ``llm``, ``lm_head`` and ``total``.
     """
-    config = model.config
-    family = config.model_type
-    vc, tc = config.vision_config, config.text_config
-    encoder = 0.0
-    for call in stats.encoder:
-        if family == "llava_onevision":
-            dims = LayerDims(
-                vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False
-            )
-            encoder += encoder_macs(vc.num_hidden_layers, call["tokens"], call["crops"], call["layers"], dims)
-            continue
-        qwen2 = family == "qwen2_vl"
-        width = vc.embed_dim if qwen2 else vc.hidden_size
-        mlp = int(vc.embed_dim * vc.mlp_ratio) if qwen2 else vc.intermediate_size
-        dims = LayerDims(width, mlp, vc.num_heads, vc.num_heads, not qwen2)
-        window = None if qwen2 else (vc.window_size // vc.patch_size) ** 2
-        full = None if qwen2 else set(vc.fullatt_block_indexes)
-        encoder += encoder_macs(vc.depth, call["tokens"], call["crops"], call["layers"], dims, window, full)
+    dims = adapter_for(model).flops_dims(model.config)
+    full = set(dims.full_layers)
+    encoder = sum(
+        encoder_macs(dims.encoder_depth, call["tokens"], call["crops"], call["layers"], dims.encoder, dims.window, full)
+        for call in stats.encoder
+    )
     encoder_out = sum(c["layers"][-1][2] if c["layers"] else c["tokens"] for c in stats.encoder)
-    if family == "llava_onevision":
-        projector = encoder_out * (vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size)
-    else:  # the patch merger folds each surviving 2x2 block
-        unit = vc.spatial_merge_size**2
-        width = vc.embed_dim if family == "qwen2_vl" else vc.hidden_size
-        out = vc.hidden_size if family == "qwen2_vl" else vc.out_hidden_size
-        projector = encoder_out / unit * (unit * width * unit * width + unit * width * out)
-    text = LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True)
+    projector = encoder_out * dims.projector_macs_per_token
     removed_at_input = sum(i.stock_tokens - i.tokens for i in stats.items) / batch
     merges = [(layer.layer, layer.sequence_out) for layer in stats.llm]
-    llm = llm_macs(tc.num_hidden_layers, sequence - removed_at_input, merges, text, batch)
-    lm_head = batch * tc.hidden_size * tc.vocab_size
+    llm = llm_macs(dims.text_depth, sequence - removed_at_input, merges, dims.text, batch)
+    lm_head = batch * dims.text.d * dims.vocab
     result = {"encoder": encoder, "projector": projector, "llm": llm, "lm_head": lm_head}
     result = {k: 2 * v / 1e9 for k, v in result.items()}
     result["total"] = sum(result.values())

@@ -7,13 +7,13 @@ the embedded default of ``illava`` (the demo) and what ``tests/test_fidelity.py`
 Every answer of easy-VQA is one word, and one token of the model's tokenizer, so a prediction is
 the argmax of the logits of the first generated token, computed by the stock forward pass with
 illava applied (both stages). ``run_eval`` scores the stock model, each preset, each recycle mode,
-a sweep of reduction levels and a deliberately wrong merge (prune keeping the *lowest*-scored
-tokens: a broken scorer must lose accuracy), with the analytic prefill FLOPs of every setting.
+a sweep of reduction levels and a deliberately broken policy (``illava.InvertedScores``: prune
+keeping the *lowest*-scored tokens; a check that cannot see this lose accuracy cannot tell a good
+scorer from a bad one), with the analytic prefill FLOPs of every setting.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import warnings
 from dataclasses import dataclass
@@ -26,10 +26,11 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from . import api
-from .config import IllavaConfig
+from .. import api
+from ..config import IllavaConfig
+from ..policy import InvertedScores
 
-MODEL_DIR = Path(__file__).parent / "models" / "easy-vqa"
+MODEL_DIR = Path(__file__).parent.parent / "models" / "easy-vqa"
 
 
 SPECIALS = ["<pad>", "<image>", "<video>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -160,24 +161,6 @@ def test_questions(limit: int | None = 1000, seed: int = 0, kinds: str = "all") 
     return rows
 
 
-@contextlib.contextmanager
-def inverted_scores():
-    """A deliberately broken scorer: every merge keeps the tokens the real scores rank lowest."""
-    from . import encoder, llm
-
-    originals = encoder.merge, llm.merge
-
-    def wrong(x, scores, r, mode="rank", **kwargs):
-        flipped = torch.where(torch.isinf(scores), scores, -scores)  # the forced last prompt token stays
-        return originals[0](x, flipped, r, mode, **kwargs)
-
-    encoder.merge = llm.merge = wrong
-    try:
-        yield
-    finally:
-        encoder.merge, llm.merge = originals
-
-
 @dataclass
 class Score:
     setting: str
@@ -191,14 +174,14 @@ def accuracy(model, tokenizer, processor, rows, batch: int = 64) -> float:
     """Share of questions whose first generated token is the answer (the model as it is set up)."""
     from PIL import Image
 
-    from .inputs import build_inputs
+    from .inputs import build
 
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
             images = [Image.open(p).convert("RGB") for _, _, p in chunk]
-            inputs = build_inputs(model.config, tokenizer, processor, [prompt(q) for q, _, _ in chunk], images)
+            inputs = build(model.config, tokenizer, [prompt(q) for q, _, _ in chunk], images, image_processor=processor)
             logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
             predicted = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
             correct += sum(p == a for p, (_, a, _) in zip(predicted, chunk))
@@ -210,12 +193,13 @@ def _flops(model, tokenizer, processor, row) -> tuple[float, dict]:
     from PIL import Image
 
     from .flops import prefill_flops
-    from .inputs import build_inputs
+    from .inputs import build
 
-    inputs = build_inputs(model.config, tokenizer, processor, [prompt(row[0])], [Image.open(row[2]).convert("RGB")])
+    image = Image.open(row[2]).convert("RGB")
+    inputs = build(model.config, tokenizer, [prompt(row[0])], [image], image_processor=processor)
     was_applied = api.is_applied(model)
     if not was_applied:
-        api.apply(model, "off")
+        api.apply(model, IllavaConfig())  # counts need an enabled patch; no stage: stock compute
     with torch.inference_mode():
         model(**inputs, use_cache=False, logits_to_keep=1)
     stats = api.stats(model)
@@ -226,16 +210,16 @@ def _flops(model, tokenizer, processor, row) -> tuple[float, dict]:
     return gflops, tokens
 
 
-def settings(model, levels=(0.5, 1.25, 1.5)) -> list[tuple[str, IllavaConfig | None, bool]]:
-    """(name, config or None for stock, inverted scorer?) of every setting ``run_eval`` scores."""
+def settings(model, levels=(0.5, 1.25, 1.5)) -> list[tuple[str, IllavaConfig | None]]:
+    """(name, config or None for stock) of every setting ``run_eval`` scores."""
     from .bench import sweep_config
 
     image = api.resolve_config(model, "image")
-    out: list[tuple[str, IllavaConfig | None, bool]] = [("stock", None, False)]
+    out: list[tuple[str, IllavaConfig | None]] = [("stock", None)]
     for name in ("image", "video", "encoder-only", "llm-only"):
-        out.append((f"preset {name}", api.resolve_config(model, name), False))
+        out.append((f"preset {name}", api.resolve_config(model, name)))
     for mode in ("cluster", "prune"):
-        out.append((f"image, recycle {mode}", image.replace(recycle=mode), False))
+        out.append((f"image, recycle {mode}", image.replace(recycle=mode)))
     for level in levels:
         config = sweep_config(image, level)
         try:
@@ -243,8 +227,8 @@ def settings(model, levels=(0.5, 1.25, 1.5)) -> list[tuple[str, IllavaConfig | N
         except ValueError as error:  # e.g. more removed than there are tokens
             warnings.warn(f"easy-VQA sweep level {level:g} skipped: {error}", stacklevel=2)
             continue
-        out.append((f"image x{level:g}", config, False))
-    out.append(("image, prune, INVERTED scores (broken on purpose)", image.replace(recycle="prune"), True))
+        out.append((f"image x{level:g}", config))
+    out.append(("image, INVERTED scores (broken on purpose)", image.replace(policy=InvertedScores())))
     return out
 
 
@@ -252,15 +236,13 @@ def run_eval(model, tokenizer, processor, rows, levels=(0.5, 1.25, 1.5), progres
     """Accuracy and prefill FLOPs on ``rows`` of every setting of ``settings(model, levels)`` (or of
     ``chosen``, a list such as ``settings`` returns)."""
     scores = []
-    for name, config, inverted in chosen if chosen is not None else settings(model, levels):
+    for name, config in chosen if chosen is not None else settings(model, levels):
         if config is None:
             api.remove(model)
         else:
             api.apply(model, config)
-        context = inverted_scores() if inverted else contextlib.nullcontext()
-        with context:
-            acc = accuracy(model, tokenizer, processor, rows)
-            gflops, tokens = _flops(model, tokenizer, processor, rows[0])
+        acc = accuracy(model, tokenizer, processor, rows)
+        gflops, tokens = _flops(model, tokenizer, processor, rows[0])
         scores.append(Score(name, acc, tokens, gflops, "stock" if config is None else str(config)))
         if progress:
             progress(scores[-1])

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import api, easy_vqa
+from .. import api
+from ..config import IllavaConfig
+from . import easy_vqa
 
 DEFAULT_QUESTION_INDEX = 0  # easy-VQA test question 0: "what is the red shape?" (image 0)
 
@@ -72,7 +74,7 @@ def run_demo(
     """Answer ``question`` about ``image`` (default: an easy-VQA test example) with the stock model
     and with iLLaVA; time the prefill of both in alternation (median of ``repeats``)."""
     from .flops import prefill_flops
-    from .inputs import build_inputs
+    from .inputs import build
 
     reference = None
     if image is None:
@@ -81,7 +83,7 @@ def run_demo(
             question, reference = default_question, default_answer
     question = question or "what shape is in the image?"
     model, tokenizer, processor = easy_vqa.load(model_path)
-    inputs = build_inputs(model.config, tokenizer, processor, [easy_vqa.prompt(question)], [image])
+    inputs = build(model.config, tokenizer, [easy_vqa.prompt(question)], [image], image_processor=processor)
     api.apply(model, preset)
     times: dict[str, list[float]] = {"baseline": [], "illava": []}
     runs = {}
@@ -96,7 +98,10 @@ def run_demo(
                 model(**inputs, use_cache=True, logits_to_keep=1)
                 times[name].append(time.perf_counter() - start)
         for name in times:
-            api.set_enabled(model, name == "illava")
+            # statistics are recorded while enabled: the baseline runs an enabled configuration
+            # without stages (stock compute, stock counts)
+            api.apply(model, IllavaConfig() if name == "baseline" else preset)
+            api.set_enabled(model, True)
             out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
             answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             stats = api.stats(model)

@@ -3,16 +3,15 @@
 ``visualize(model, inputs)`` runs one prefill with source tracking on and returns a
 ``Visualization``: for every stage an image (PIL) and a summary figure (matplotlib).
 
-Source tracking. A *unit* is what the vision encoder starts with: a patch of a crop or frame
-(LLaVA-OneVision), or a 2x2 block of patches (Qwen2-VL / Qwen2.5-VL, whose patch merger folds
-each block into one LLM token, and whose encoder stage removes whole blocks). For every unit the
-trace holds:
+Source tracking, one format for every family (``illava.state.UnitTrace``, ``ForwardTrace``). A
+*unit* is what the encoder stage removes: a patch, or a 2x2 block of patches for families whose
+projector folds blocks into one LLM token. For every unit the trace holds:
 
 - per encoder merge layer, the unit whose token now represents it (itself while it survives, the
   survivor it was recycled into, or -1 once pruned) and the score it had at that layer;
-- the LLM-input token it ended up in (after the survivor layout: unpadding, newline tokens,
-  pooling), or -1;
-- per LLM merge layer, the LLM-input token that represents that token after the layer.
+- the feature row that holds it after the layout of survivors (unpadding, newline tokens,
+  pooling), hence the input position of the LLM it ended up at, or -1;
+- per LLM merge layer, the input position of the token that represents it after the layer.
 
 Where stock transformers does the layout itself (no encoder stage: bilinear pooling of video
 frames, or of AnyRes crops beyond the ``anyres_max`` budget), a unit is assigned to the pooled
@@ -21,9 +20,9 @@ token whose cell contains it: exact for the token counts, approximate for interp
 Drawing. Pruned units are greyed out; recycled units are tinted with the colour of the survivor
 that absorbed them, and that survivor is outlined in the same colour; survivors that absorbed
 nothing get a thin white outline. Heat maps colour the units present at a layer by the rank of
-their score (bright: high), so that maps of heavy-tailed attention scores stay readable. AnyRes
-crops are drawn in place on the high-resolution canvas the processor tiled, next to the base view;
-videos are strips of frames; Qwen-VL is drawn at 2x2-block granularity.
+their score (bright: high), so that maps of heavy-tailed attention scores stay readable. The
+pictures come from the family adapter (``adapter.pictures``): AnyRes crops in place on the canvas
+the processor tiled, video frames, 2x2-block cells for Qwen-VL, tiles for InternVL.
 """
 
 from __future__ import annotations
@@ -37,24 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .api import is_applied
+from ..adapters import adapter_for
+from ..adapters.base import Panel
+from ..api import is_applied
 
-# processor normalisation used to turn pixel_values back into pictures
-_MEAN_STD = {
-    "llava_onevision": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "qwen_vl": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-}
 _MIN_CELL_PX = 12  # cells are drawn at least this large (tiny test models have small crops)
-
-
-@dataclass
-class Panel:
-    """One picture a unit grid is drawn on: an image and the unit of every cell (-1: none)."""
-
-    name: str
-    image: np.ndarray  # (H, W, 3) float in [0, 1], H = rows * cell, W = cols * cell
-    units: np.ndarray  # (rows, cols) unit index
-    cell: int  # pixels per cell
 
 
 @dataclass
@@ -75,10 +61,10 @@ class ItemSources:
     sample: int
     panels: list[Panel]
     stages: list[Stage]
-    final: np.ndarray  # (U,) index of the final visual token of the item holding the unit, -1: dropped
+    final: np.ndarray  # (U,) position (in the reduced sequence) of the token holding the unit at the end, -1: dropped
     tokens: int  # visual tokens of the item after the last stage
     layout_tokens: int  # tokens of the item entering the LLM (newline tokens included)
-    token0: np.ndarray  # (U,) LLM-input token of every unit
+    token0: np.ndarray  # (U,) decoder-input token of every unit (after the placeholder compaction), -1: none
 
 
 @dataclass
@@ -152,116 +138,79 @@ class Visualization:
 
 
 # ------------------------------------------------------------------------------------ tracing
-def trace(model: torch.nn.Module, inputs: dict) -> list:
-    """Run one prefill of ``model`` (iLLaVA applied) with source tracking; the visual items with
-    their ``trace`` and the LLM-stage steps per item."""
+def trace(model: torch.nn.Module, inputs: dict):
+    """Run one prefill of ``model`` (iLLaVA applied) with source tracking; its ``ForwardTrace``
+    and statistics."""
     if not is_applied(model):
         raise ValueError("illava.viz: apply iLLaVA to the model first (illava.apply(model, ...))")
-    state = model._illava_state
-    state.record = True
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        state.record = False
-    items = list(state.stats.items)
-    if any(i.trace is None for i in items):
-        raise RuntimeError("illava.viz: the forward pass produced visual items without source tracking")
-    return [(i, state.llm_trace.get(n, [])) for n, i in enumerate(items)]
+    state = model._illava.state
+    with state.recording(), torch.no_grad():
+        model(**inputs, use_cache=False)
+    stats = state.last_stats
+    if stats.trace is None or not stats.items:
+        raise ValueError("illava.viz: the inputs hold no image or video")
+    missing = [
+        kind for kind in {i.kind for i in stats.items} if getattr(stats.trace.calls.get(kind), "trace", None) is None
+    ]
+    if missing:
+        raise RuntimeError(f"illava.viz: the forward pass produced {missing} features without source tracking")
+    return stats.trace, stats
 
 
-def sources(item, llm_steps) -> tuple[list[Stage], np.ndarray]:
-    """Stages of one item and the final token of every unit."""
-    t = item.trace
-    token0 = t["token0"].numpy()
-    units = token0.shape[0]
-    own = np.arange(units)
-    stages = []
-    for layer, owner, scores in t["encoder"]:
-        stages.append(Stage(f"encoder layer {layer}", owner.numpy(), own, scores.numpy()))
-    final = token0.copy()
-    for layer, assign0, kept0 in llm_steps:
-        assign0, kept0 = assign0.numpy(), kept0.numpy()
-        present = token0 >= 0
-        current = np.where(present, assign0[np.clip(token0, 0, None)], -1)
-        label = np.where(current >= 0, kept0[np.clip(current, 0, None)], -1)
-        stages.append(Stage(f"LLM layer {layer}", label, token0))
-        final = current
-    return stages, final
-
-
-# ------------------------------------------------------------------------------------ panels
-def _unnormalise(pixels: torch.Tensor, family: str, mean_std=None) -> np.ndarray:
-    """(3, H, W) normalised -> (H, W, 3) in [0, 1]."""
-    mean, std = mean_std or _MEAN_STD[family]
-    x = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return x.clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def _llava_panels(model, item, pixels: torch.Tensor, mean_std) -> list[Panel]:
-    """Base view; AnyRes crops in place on the canvas; video frames. ``pixels`` (crops, 3, S, S)."""
-    t = item.trace
-    side = t["side"]
-    ps = model.config.vision_config.patch_size
-    span = side * ps
-    images = [_unnormalise(p, "llava_onevision", mean_std)[:span, :span] for p in pixels[: t["crops"]]]
-    grid = np.arange(side * side).reshape(side, side)
-    if t["kind"] == "video":
-        return [Panel(f"frame {f}", im, grid + f * side * side, ps) for f, im in enumerate(images)]
-    panels = [Panel("base view", images[0], grid, ps)]
-    if t["crops"] > 1:
-        gh, gw = t["grid"]
-        canvas = np.zeros((gh * span, gw * span, 3))
-        units = np.zeros((gh * side, gw * side), dtype=np.int64)
-        for c, im in enumerate(images[1:]):
-            r, q = divmod(c, gw)
-            canvas[r * span : (r + 1) * span, q * span : (q + 1) * span] = im
-            units[r * side : (r + 1) * side, q * side : (q + 1) * side] = grid + (c + 1) * side * side
-        panels.append(Panel(f"{t['crops'] - 1} crops in place", canvas, units, ps))
-    return panels
-
-
-def _qwen_frames(model, pixels: torch.Tensor, grid_thw, mean_std) -> list[np.ndarray]:
-    """Undo the Qwen-VL processor's patch flattening: (patches, C*T*ps*ps) -> frames (H, W, 3)."""
-    vc = model.config.vision_config
-    ps, tps, m = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
-    gt, gh, gw = grid_thw
-    x = pixels.float().cpu().reshape(gt, gh // m, gw // m, m, m, -1, tps, ps, ps)
-    # -> (gt, tps, C, gh//m, m, ps, gw//m, m, ps)
-    x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(gt, tps, -1, gh * ps, gw * ps)
-    return [_unnormalise(frame[0], "qwen_vl", mean_std) for frame in x]
-
-
-def _qwen_panels(model, item, pixels: torch.Tensor, mean_std) -> list[Panel]:
-    t = item.trace
-    gt, gh, gw = t["grid_thw"]
-    m = t["merge_size"]
-    cell = m * model.config.vision_config.patch_size
-    rows, cols = gh // m, gw // m
-    frames = _qwen_frames(model, pixels, (gt, gh, gw), mean_std)
-    grid = np.arange(rows * cols).reshape(rows, cols)
-    name = "frame" if t["kind"] == "video" else "image"
-    return [Panel(f"{name} {f}" if gt > 1 else name, im, grid + f * rows * cols, cell) for f, im in enumerate(frames)]
-
-
-def item_pixels(model, inputs: dict, items) -> list[torch.Tensor]:
-    """The pixel values each visual item came from, in the order of ``items``."""
-    out = []
-    kinds = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
-    counters = {"image": 0, "video": 0}
-    offsets = {"image": 0, "video": 0}
-    for item in items:
-        key, grid_key = kinds[item.kind]
-        pixels = inputs[key]
-        n = counters[item.kind]
-        counters[item.kind] += 1
-        if item.trace["family"] == "qwen_vl":
-            patches = int(np.prod(inputs[grid_key][n].tolist()))
-            out.append(pixels[offsets[item.kind] : offsets[item.kind] + patches])
-            offsets[item.kind] += patches
-        else:
-            out.append(pixels.reshape(-1, *pixels.shape[-4:])[n])
-    return out
+def item_sources(model, inputs: dict, forward, stats, mean_std=None) -> list[ItemSources]:
+    """Stages of every unit of every item (image / video), in the order of ``stats.items``."""
+    adapter = adapter_for(model)
+    out: list[ItemSources] = []
+    for kind in ("image", "video"):
+        items = [i for i in stats.items if i.kind == kind]
+        if not items:
+            continue
+        call = forward.calls[kind]
+        panels_per_item = adapter.pictures(model, inputs, kind, call, mean_std)
+        where = forward.placeholders[kind].nonzero()  # row-major: feature row -> input position
+        unit_trace = call.trace
+        feature = unit_trace.feature.cpu()
+        present = feature >= 0
+        rows = where[feature.clamp(min=0)]
+        sample, position = rows[:, 0], rows[:, 1]
+        _, rep0, origin0 = forward.llm[0]
+        token0 = torch.where(present, rep0[sample, position], -1)  # decoder-input token of every unit
+        grids = [g[0] * g[1] for g in unit_trace.grids]
+        starts = np.cumsum([0, *grids])
+        crop, slot = 0, 0
+        for item, panels in zip(items, panels_per_item):
+            crops = item.crops or 1
+            units = slice(int(starts[crop]), int(starts[crop + crops]))
+            crop += crops
+            panels = [Panel(p.name, p.image, np.where(p.units >= 0, p.units - units.start, -1), p.cell) for p in panels]
+            stages = [
+                Stage(
+                    f"encoder layer {layer}",
+                    owner[units].numpy() - units.start,
+                    np.arange(units.stop - units.start),
+                    scores[units].numpy(),
+                )
+                for layer, owner, scores in unit_trace.layers
+            ]
+            for stage in stages:
+                stage.label = np.where(stage.label >= -units.start, stage.label, -1)
+            own = torch.where(present[units], position[units], -1)
+            final = torch.where(present[units], rep0[sample[units], position[units]], -1)
+            for layer, rep, origin in forward.llm[1:]:
+                current = torch.where(present[units], rep[sample[units], position[units]], -1)
+                label = torch.where(current >= 0, origin[sample[units], current.clamp(min=0)], -1)
+                stages.append(Stage(f"LLM layer {layer}", label.numpy(), own.numpy()))
+                final = current
+            slots = where[slot : slot + item.stock_tokens]
+            slot += item.stock_tokens
+            last = forward.llm[-1][1][slots[:, 0], slots[:, 1]]
+            tokens = int(torch.unique(last[last >= 0]).numel())
+            out.append(
+                ItemSources(
+                    kind, item.sample, panels, stages, final.numpy(), tokens, item.tokens, token0[units].numpy()
+                )
+            )
+    return sorted(out, key=lambda src: (src.sample, src.kind != "image"))
 
 
 # ------------------------------------------------------------------------------------ drawing
@@ -368,23 +317,12 @@ def visualize(model: torch.nn.Module, inputs: dict, max_frames: int = 8, mean_st
     ``inputs`` are the stock model inputs (processor output). ``max_frames`` limits the frames
     drawn per video; ``mean_std`` overrides the processor normalisation used to show the pixels.
     """
-    traced = trace(model, inputs)
-    if not traced:
-        raise ValueError("illava.viz: the inputs hold no image or video")
-    items: list[ItemSources] = []
-    for (item, steps), pixels in zip(traced, item_pixels(model, inputs, [i for i, _ in traced])):
-        family = item.trace["family"]
-        panels = (_llava_panels if family == "llava_onevision" else _qwen_panels)(model, item, pixels, mean_std)
-        if item.kind == "video" and len(panels) > max_frames:
-            keep = np.linspace(0, len(panels) - 1, max_frames).round().astype(int)
-            panels = [panels[i] for i in sorted(set(keep.tolist()))]
-        stages, final = sources(item, steps)
-        tokens = item.tokens if not steps else int(steps[-1][2].shape[0])
-        items.append(
-            ItemSources(
-                item.kind, item.sample, panels, stages, final, tokens, item.tokens, item.trace["token0"].numpy()
-            )
-        )
+    forward, stats = trace(model, inputs)
+    items = item_sources(model, inputs, forward, stats, mean_std)
+    for src in items:
+        if src.kind == "video" and len(src.panels) > max_frames:
+            keep = np.linspace(0, len(src.panels) - 1, max_frames).round().astype(int)
+            src.panels = [src.panels[i] for i in sorted(set(keep.tolist()))]
     viz = Visualization(items)
     rows: dict[str, list[Image.Image]] = {"input": []}
     for src in items:

@@ -1,9 +1,8 @@
 """illava models for lmms-eval (https://github.com/EvolvingLMMs-Lab/lmms-eval), without a fork.
 
 Registered through lmms-eval's entry-point group ``lmms_eval.models`` (see ``pyproject.toml``):
-
-- ``illava_llava_onevision``: ``LlavaOnevisionForConditionalGeneration``;
-- ``illava_qwen2_vl`` (alias ``illava_qwen2_5_vl``): Qwen2-VL and Qwen2.5-VL.
+``illava`` serves every supported family (the checkpoint says which), with one alias per family,
+``illava_<model_type>`` (``illava_llava_onevision``, ``illava_qwen2_vl``, ``illava_qwen2_5_vl``, ...).
 
 Model arguments (``--model_args``): ``pretrained`` (hub id or folder), ``preset`` (an illava
 preset, or ``none`` for the stock model as the baseline row), every ``IllavaConfig`` field
@@ -29,11 +28,12 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from . import api
-from .config import IllavaConfig
+from .. import api
+from ..adapters import ADAPTERS, adapter_for
+from ..config import IllavaConfig
 
 _TUPLE_FIELDS = {"encoder_layers", "llm_layers"}
-_CONFIG_FIELDS = {f.name for f in fields(IllavaConfig)} - {"preset"}
+_CONFIG_FIELDS = {f.name for f in fields(IllavaConfig)} - {"preset", "policy"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,12 +41,8 @@ def manifests():
     """Entry point of the ``lmms_eval.models`` group."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [
-        ModelManifest(model_id="illava_llava_onevision", simple_class_path="illava.lmms.IllavaLlavaOnevision"),
-        ModelManifest(
-            model_id="illava_qwen2_vl", simple_class_path="illava.lmms.IllavaQwenVL", aliases=("illava_qwen2_5_vl",)
-        ),
-    ]
+    aliases = tuple(f"illava_{kind}" for adapter in ADAPTERS for kind in adapter.config_types)
+    return [ModelManifest(model_id="illava", simple_class_path="illava.tools.lmms.IllavaLmms", aliases=aliases)]
 
 
 def parse_config_args(preset: str | None, args: dict) -> tuple[str | None, dict]:
@@ -117,9 +113,8 @@ class _Timer:
 
 
 class IllavaLmms(lmms):
-    """A transformers VLM with illava applied, for lmms-eval's ``generate_until`` tasks."""
-
-    families: tuple[str, ...] = ()
+    """A transformers VLM of any supported family with illava applied, for lmms-eval's
+    ``generate_until`` tasks."""
 
     def __init__(
         self,
@@ -149,12 +144,7 @@ class IllavaLmms(lmms):
             pretrained, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
         )
         self.model = model.to(self._device).eval()
-        family = self.model.config.model_type
-        if family not in self.families:
-            raise ValueError(
-                f"illava lmms-eval model {type(self).__name__} expects a {' / '.join(self.families)} model, "
-                f"{pretrained} is {family}"
-            )
+        self.adapter = adapter_for(self.model)  # a clear TypeError for unsupported families
         self.config = None if preset is None else api.apply(self.model, preset, **overrides)
         self.batch_size_per_gpu = int(batch_size)
         self.system_prompt = system_prompt
@@ -216,7 +206,8 @@ class IllavaLmms(lmms):
         return out
 
     def _fallback_inputs(self, prompts, images, videos):
-        raise NotImplementedError
+        config = self.model.config
+        return self.adapter.build_inputs(config, self.tokenizer, prompts, images, videos, self.image_processor)
 
     # ---------------------------------------------------------------------------- lmms-eval API
     @property
@@ -338,33 +329,3 @@ def read_video(path: str, frames: int) -> list:
     if not picked:
         raise ValueError(f"illava lmms-eval models: no frames could be read from {path}")
     return picked
-
-
-class IllavaLlavaOnevision(IllavaLmms):
-    families = ("llava_onevision",)
-
-    def _fallback_inputs(self, prompts, images, videos):
-        from .inputs import build_inputs
-
-        return build_inputs(self.model.config, self.tokenizer, self.image_processor, prompts, images, videos)
-
-
-class IllavaQwenVL(IllavaLmms):
-    families = ("qwen2_vl", "qwen2_5_vl")
-
-    def _fallback_inputs(self, prompts, images, videos):
-        from .inputs import build_qwen_inputs
-
-        vocab = self.tokenizer.get_vocab()
-        image_token = "<|image_pad|>" if "<|image_pad|>" in vocab else "<image>"
-        video_token = "<|video_pad|>" if "<|video_pad|>" in vocab else "<video>"
-        return build_qwen_inputs(
-            self.model.config,
-            self.tokenizer,
-            self.image_processor,
-            prompts,
-            images,
-            videos,
-            image_token=image_token,
-            video_token=video_token,
-        )

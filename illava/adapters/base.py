@@ -1,0 +1,193 @@
+"""The adapter interface: everything illava knows about one model family, in one place.
+
+Adding a family = one adapter file (a subclass of ``Adapter``), its tests, and one line in the
+registry (``illava/adapters/__init__.py``). Nothing outside the adapters asks which family a model
+is; the runtime (``illava.encoder``, ``illava.llm``) and the tools (``illava.tools``) only call what
+is declared here.
+
+An adapter says:
+
+1. **which classes it serves** (``model_classes``, ``config_types``);
+2. **its parts** (``parts``: the inner multimodal model, the vision tower, the decoder; and
+   ``scoring_attention``: the attention module of a decoder layer);
+3. **its dimensions and presets** (``dimensions``; ``presets``: the authors' settings or our own
+   choice by the same principle, with the reference dimensions they were chosen for);
+4. **its unit of removal** (``unit``: 1 for a patch, 4 for a 2x2 block that a patch merger or a
+   pixel shuffle folds into one LLM token) and how the encoder stage runs (``patch``: the merge
+   layers and the layout of survivors, producing features at the stock count with NaN rows for
+   removed tokens, ``illava.encoder.stock_count_features``);
+5. **how survivors are positioned for the LLM** (``renumber_positions``: as if the prompt had fewer
+   placeholders, or the survivors' own positions, e.g. M-RoPE) and how the features split into
+   images / videos (``item_lengths``);
+6. **the scoring query/key of its decoder attention** (``query_key``; default: Llama-style RoPE);
+7. **extra decoder inputs** that must be gathered with the kept tokens (``gather_decoder_inputs``,
+   e.g. Qwen3-VL's deepstack features; default: none);
+8. **for the tools**: published architectures (``architectures``) and tiny test configurations
+   (``tiny``), how to build stock inputs without the combined processor (``build_inputs``), how to
+   turn pixel values back into pictures of its units (``pictures``), and its FLOPs dimensions
+   (``flops_dims``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import IllavaConfig, scale_preset
+
+
+@dataclass
+class Parts:
+    inner: torch.nn.Module  # the multimodal model (``model.model``)
+    vision: torch.nn.Module  # the vision tower
+    decoder: torch.nn.Module  # the language model (decoder stack with ``.layers``)
+
+
+@dataclass
+class Dimensions:
+    encoder_depth: int
+    tokens_per_crop: int  # 0: dynamic resolution, checked per frame at run time
+    llm_depth: int
+    feature_layer: int  # last encoder layer whose output the model reads
+    unit: int = 1
+
+    def as_dict(self) -> dict:
+        return vars(self).copy()
+
+
+@dataclass
+class LayerDims:
+    """One transformer layer for the FLOPs model (``illava.tools.flops``)."""
+
+    d: int
+    m: int
+    heads: int
+    kv_heads: int
+    gated: bool
+
+
+@dataclass
+class FlopsDims:
+    encoder: LayerDims
+    encoder_depth: int
+    projector_macs_per_token: float  # per token leaving the encoder (after merges)
+    text: LayerDims
+    text_depth: int
+    vocab: int
+    window: int | None = None  # tokens a window layer attends over (Qwen2.5-VL), None: whole crop
+    full_layers: tuple[int, ...] = ()  # layers attending over the whole crop when ``window`` is set
+
+
+@dataclass
+class Panel:
+    """A picture the units of one item are drawn on (``illava.tools.viz``)."""
+
+    name: str
+    image: object  # (H, W, 3) float numpy array in [0, 1], H = rows * cell, W = cols * cell
+    units: object  # (rows, cols) numpy array: unit (numbered over the encoder call) of every cell, -1: none
+    cell: int  # pixels per cell
+
+
+class Adapter:
+    """Base of every family adapter; the defaults fit Llama-style decoders."""
+
+    model_classes: tuple[str, ...] = ()
+    config_types: tuple[str, ...] = ()
+    unit = 1
+    renumber_positions = True
+    presets: dict[str, dict] = {}  # config type -> {"reference": dims, "image": settings, "video": settings}
+    architectures: dict[str, Callable] = {}  # name -> config with the published dimensions
+    tiny: dict[str, Callable] = {}  # name -> small config for CPU tests (word_tokenizer ids)
+
+    # ------------------------------------------------------------------ parts and dimensions
+    def family(self, model) -> str:
+        return model.config.model_type
+
+    def parts(self, model) -> Parts:
+        inner = model.model
+        return Parts(inner, inner.vision_tower, inner.language_model)
+
+    def dimensions(self, model) -> Dimensions:
+        raise NotImplementedError
+
+    def scoring_attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.self_attn
+
+    # ------------------------------------------------------------------ presets and checks
+    def presets_for(self, model) -> dict:
+        return self.presets[model.config.model_type]
+
+    def llm_stage_in_presets(self, model) -> bool:
+        return True
+
+    def preset(self, model, name: str) -> IllavaConfig:
+        """The preset ``name`` scaled to ``model``."""
+        dims = self.dimensions(model)
+        cfg = scale_preset(
+            name,
+            self.presets_for(model),
+            encoder_depth=dims.encoder_depth,
+            tokens_per_crop=dims.tokens_per_crop,
+            llm_depth=dims.llm_depth,
+            llm_stage=self.llm_stage_in_presets(model),
+        )
+        return self.adjust_preset(model, cfg)
+
+    def adjust_preset(self, model, config: IllavaConfig) -> IllavaConfig:
+        return config
+
+    def check(self, model, config: IllavaConfig) -> None:
+        """Raise ``ValueError`` for a configuration this family cannot run."""
+
+    # ------------------------------------------------------------------ the stages
+    def patch(self, model, record) -> None:
+        """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``)."""
+        raise NotImplementedError
+
+    def item_lengths(self, kind: str, output) -> list[int] | None:
+        """Feature rows of every image / video in an encoder output (``pooler_output`` a list per
+        item, or a tensor with one row per item); ``None`` if the output does not tell."""
+        features = getattr(output, "pooler_output", None)
+        if isinstance(features, (list, tuple)):
+            return [int(f.shape[0]) for f in features]
+        if isinstance(features, torch.Tensor) and features.dim() == 3:
+            return [int(features.shape[1])] * features.shape[0]
+        return None
+
+    def query_key(self, attn, hidden: torch.Tensor, position_embeddings, rows: torch.Tensor) -> tuple:
+        from ..llm import rope_query_key
+
+        return rope_query_key(attn, hidden, position_embeddings, rows)
+
+    def gather_decoder_inputs(self, kwargs: dict, index: torch.Tensor) -> None:
+        """Gather decoder inputs aligned with the sequence (other than embeddings and positions)
+        with the kept tokens ``index`` ``(B, L')`` at the decoder input."""
+
+    # ------------------------------------------------------------------ for the tools
+    def build_inputs(self, config, tokenizer, prompts, images=(), videos=()):
+        """Stock inputs for ``prompts`` whose ``<image>`` / ``<video>`` markers are filled in order
+        from PIL ``images`` and ``videos`` (lists of frames), without the combined processor."""
+        raise NotImplementedError
+
+    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
+        """Panels of every item of an encoder call, from the pixel values the model received
+        (``mean_std``: the normalisation to undo, default the family's image processor's)."""
+        raise NotImplementedError
+
+    def flops_dims(self, config) -> FlopsDims:
+        raise NotImplementedError
+
+
+def placeholder(tokenizer, token_id: int, default: str) -> str:
+    """The tokenizer's spelling of a placeholder id (``<|image_pad|>`` for Qwen's, ``<image>`` ...)."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    token = convert(token_id) if convert is not None and token_id is not None else None
+    return token if isinstance(token, str) else default
+
+
+def unnormalise(pixels: torch.Tensor, mean, std):
+    """``(3, H, W)`` normalised pixel values -> ``(H, W, 3)`` numpy array in [0, 1]."""
+    x = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()

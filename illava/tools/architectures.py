@@ -1,0 +1,49 @@
+"""Bundled architectures (published dimensions) and tiny test configurations, from the adapters.
+
+Random weights are enough for token counts, FLOPs and timing: compute does not depend on the weight
+values. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import ADAPTERS
+
+
+def architectures() -> dict:
+    """name -> config factory of every bundled architecture (published dimensions)."""
+    return {name: factory for adapter in ADAPTERS for name, factory in adapter.architectures.items()}
+
+
+def tiny_configs() -> dict:
+    return {name: factory for adapter in ADAPTERS for name, factory in adapter.tiny.items()}
+
+
+def tiny_config(name: str):
+    """A small configuration of a family for CPU tests and demos (``adapter.tiny``)."""
+    configs = tiny_configs()
+    if name not in configs:
+        raise ValueError(f"unknown tiny configuration {name!r}; choose one of {sorted(configs)}")
+    return configs[name]()
+
+
+def build_architecture(name: str, dtype=None, device=None, llm_layers: int | None = None):
+    """A model of a bundled architecture with random weights (no download).
+
+    ``llm_layers`` keeps only the first decoder layers (token counts of layers beyond the last LLM
+    merge layer do not depend on them); ``device="meta"`` builds without memory.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    known = architectures()
+    if name not in known:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(known)}")
+    config = known[name]()
+    if llm_layers is not None:
+        config.text_config.num_hidden_layers = llm_layers
+        config.text_config.layer_types = config.text_config.layer_types[:llm_layers]
+    with torch.device(device or "cpu"):
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForImageTextToText.from_config(config, **kwargs)
+    return model.eval()
