@@ -42,3 +42,66 @@ def test_unknown_preset_is_a_clear_error():
     result = CliRunner().invoke(app, ["demo", "--preset", "turbo", "--repeats", "1"])
     assert result.exit_code == 2
     assert "unknown iLLaVA preset 'turbo'" in result.output
+
+
+def one_error_line(result, *words):
+    """Exit code 2 and one line naming the problem (no traceback; transformers' loading bar aside)."""
+    assert result.exit_code == 2, result.output
+    output = result.output.replace("\r", "\n").replace("it/s]error:", "it/s]\nerror:")
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def test_bad_arguments_end_in_one_line(tmp_path, model, config):
+    from illava.adapters import adapter_for_config
+
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    adapter_for_config(config).image_processor(config).save_pretrained(folder)
+    empty, corrupt, text_only = tmp_path / "empty.png", tmp_path / "corrupt.jpg", tmp_path / "text"
+    empty.write_bytes(b"")
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    text_only.mkdir()
+    (text_only / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 8}')
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, list(args), env={"COLUMNS": "80"})
+
+    fast = ["--repeats", "1", "--warmup", "0", "--new-tokens", "1"]
+    one_error_line(run("bench", str(folder), "--image", str(tmp_path / "missing.png"), *fast), "missing.png")
+    one_error_line(run("bench", str(folder), "--image", str(empty), *fast), "empty.png")
+    one_error_line(run("bench", str(folder), "--image", str(corrupt), *fast), "corrupt.jpg")
+    one_error_line(run("bench", str(tmp_path / "nowhere"), *fast), "nowhere")
+    one_error_line(run("bench", str(text_only), *fast), "cannot use model")
+    one_error_line(run("bench", str(folder), "--encoder-layers", "a,b", *fast), "--encoder-layers")
+    one_error_line(run("bench", str(folder), "--encoder-removal", "lots", *fast), "--encoder-removal")
+    one_error_line(run("bench", str(folder), "--sweep", "-1", *fast), "--sweep")
+    one_error_line(run("bench", str(folder), "--device", "tpu", *fast), "--device")
+    one_error_line(run("bench", str(folder), "--attn", "magic", *fast), "--attn")
+    one_error_line(run("bench", "--arch", "llava-9000b", *fast), "--arch")
+    one_error_line(run("bench", str(folder), "--json", str(tmp_path / "no" / "dir" / "r.json"), *fast), "--json")
+    one_error_line(run("bench", str(folder), "--plot", str(tmp_path), *fast), "--plot")
+    one_error_line(run("viz", str(folder), "--out", str(empty / "sub")), "--out")
+    one_error_line(run("viz", str(folder), "--image", str(corrupt)), "corrupt.jpg")
+    one_error_line(run("viz", str(folder), "--llm-layers", "9"), "llm_layers")
+    one_error_line(run("demo", "--image", str(empty), "--repeats", "1"), "empty.png")
+    one_error_line(run("eval", "easy-vqa", "--levels", "x", "--limit", "10"), "--levels")
+    one_error_line(run("eval", "easy-vqa", "--json", str(tmp_path / "no" / "s.json"), "--limit", "10"), "--json")
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, model, config, monkeypatch):
+    """An unwritable --json fails before the model is even loaded."""
+    from illava.tools import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: calls.append(a))
+    result = CliRunner().invoke(
+        app, ["bench", "--arch", "llava-onevision-qwen2-0.5b", "--json", str(tmp_path / "x" / "y.json")]
+    )
+    one_error_line(result, "--json")
+    assert calls == []

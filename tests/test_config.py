@@ -98,3 +98,69 @@ def test_transformers_version_gate():
         check_transformers_version("4.57.1")
     with pytest.raises(ImportError, match="pip install"):
         check_transformers_version("5.40.0")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"llm_keep_ratio": "0.5"}, "llm_keep_ratio"),
+        ({"llm_layers": (2,), "llm_keep_ratio": ("0.5",)}, "llm_keep_ratio"),
+        ({"cluster_neighbours": 2.5}, "cluster_neighbours"),
+        ({"cluster_neighbours": True}, "cluster_neighbours"),
+        ({"cluster_fraction": "0.1"}, "cluster_fraction"),
+        ({"enabled": "no"}, "enabled"),
+        ({"enabled": 0}, "enabled"),
+        ({"encoder_layers": "12"}, "encoder_layers"),
+        ({"encoder_layers": (1.5,)}, "encoder_layers"),
+        ({"encoder_layers": (True,)}, "encoder_layers"),
+        ({"encoder_removal": "92"}, "encoder_removal"),
+        ({"encoder_removal": True}, "encoder_removal"),
+        ({"recycle": None}, "recycle"),
+        ({"policy": "inverted"}, "policy"),
+    ],
+)
+def test_values_of_the_wrong_type_are_rejected_at_construction(kwargs, field):
+    """Wrong types fail when the configuration is made, not later inside a forward pass."""
+    with pytest.raises(ValueError, match=field):
+        IllavaConfig(**kwargs)
+
+
+def test_block_families_take_counts_in_multiples_of_their_unit():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        IllavaConfig(encoder_layers=(1,), encoder_removal=6).check_against(**{**DIMS, "tokens_per_crop": 0, "unit": 4})
+    IllavaConfig(encoder_layers=(1,), encoder_removal=8).check_against(**{**DIMS, "tokens_per_crop": 0, "unit": 4})
+
+
+def test_presets_for_very_small_models_have_no_impossible_stage():
+    """A one-layer decoder has no LLM stage (layer k is scored by layer k-1): the preset drops it
+    instead of failing with an empty range, and an explicit request says why."""
+    cfg = preset("image", encoder_depth=2, tokens_per_crop=16, llm_depth=1)
+    assert cfg.llm_layers == () and cfg.encoder_layers
+    with pytest.raises(ValueError, match="decoder has 1 layer"):
+        IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5).check_against(**{**DIMS, "llm_depth": 1})
+
+
+def test_feature_layers_of_mixed_signs_bound_the_encoder_stage():
+    """With vision_feature_layer=[-1, 3] the model reads the output of layer 2 as well: a merge
+    after it would make the selected hidden states disagree in length."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from illava.tools.architectures import tiny_config
+
+    cfg = tiny_config("tiny-llava-onevision")
+    cfg.vision_feature_layer = [-1, 3]
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    assert illava.resolve_config(model, illava.IllavaConfig(encoder_layers=(1, 2), encoder_removal=4))
+    with pytest.raises(ValueError, match="after the layer the model reads"):
+        illava.apply(model, illava.IllavaConfig(encoder_layers=(3,), encoder_removal=4))
+
+
+def test_qwen_counts_that_leave_no_block_fail_clearly(photos):
+    """Dynamic resolution: a count larger than a frame is checked per frame, at run time."""
+    from families import FAMILIES, chat
+
+    fam = next(f for f in FAMILIES if f.name == "qwen2_vl")
+    model = fam.make()
+    illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4000))
+    with pytest.raises(ValueError, match="lower encoder_removal"):
+        model(**fam.build([chat("<image>\nwhat is this?")], [photos["cat"]]))

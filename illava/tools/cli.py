@@ -1,4 +1,9 @@
-"""The ``illava`` command line. With no command it runs the embedded demo."""
+"""The ``illava`` command line. With no command it runs the embedded demo.
+
+Every problem with the arguments (a file that cannot be read, a model that cannot be loaded or is
+not supported, an unparseable number, an unknown device, an output path that cannot be written) ends
+in one line naming the problem and exit code 2; output paths are checked before any work starts.
+"""
 
 from __future__ import annotations
 
@@ -42,20 +47,16 @@ def demo(
 ) -> None:
     """Answer an easy-VQA question with the shipped model, stock and with iLLaVA, side by side."""
     import torch
-    from PIL import Image
 
     from .demo import run_demo
 
-    if preset not in PRESETS:
-        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
-        raise typer.Exit(2)
-    picture = Image.open(image).convert("RGB") if image is not None else None
+    _check_preset(preset)
+    picture = _open_image(image) if image is not None else None
     with console.status("loading the shipped easy-VQA model and running baseline vs iLLaVA..."):
         try:
             result = run_demo(picture, question, preset, repeats=repeats, model_path=model)
         except FileNotFoundError as error:
-            console.print(f"[red]{error}[/red]")
-            raise typer.Exit(2) from None
+            _fail(str(error))
     console.print(f"[bold]Question:[/bold] {result.question}")
     if result.reference is not None:
         console.print(f"[bold]Reference answer (easy-VQA test split):[/bold] {result.reference}")
@@ -86,15 +87,75 @@ def demo(
     console.print("[bold]iLLaVA tokens per stage:[/bold]\n" + result.runs["illava"].stats)
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else tuple(int(v) for v in text.split(",") if v.strip())
+def _fail(message: str) -> None:
+    """One line naming the problem, exit code 2."""
+    console.print(f"[red]error: {message}[/red]", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        _fail(f"{option} takes integers separated by commas (e.g. 5,6,7,8), got {text!r}")
 
 
 def _removal(text: str | None):
     if text is None:
         return None
-    values = [float(v) if "." in v else int(v) for v in text.split(",")]
+    try:
+        values = [float(v) if "." in v else int(v) for v in text.split(",")]
+    except ValueError:
+        _fail(f"--encoder-removal takes a count (92) or a fraction (0.16), or one per layer, got {text!r}")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _levels(text: str | None, option: str) -> list[float]:
+    if text is None:
+        return []
+    try:
+        levels = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        levels = None
+    if not levels or any(not 0 <= v < 100 for v in levels):
+        _fail(f"{option} takes numbers >= 0 separated by commas (e.g. 0.5,1,1.5), got {text!r}")
+    return levels
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        _fail(f"image {path} does not exist")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        _fail(f"cannot read image {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+
+
+def _writable(path: Path | None, option: str, folder: bool = False) -> None:
+    """Fail now, before any work, if ``path`` cannot be written (a folder is created)."""
+    if path is None:
+        return
+    try:
+        if folder:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".illava-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:
+            if path.is_dir():
+                _fail(f"{option} {path} is a folder; give a file name")
+            existed = path.exists()
+            with open(path, "ab"):
+                pass
+            if not existed:
+                path.unlink()
+    except OSError as error:
+        _fail(f"{option} {path} cannot be written: {error.strerror or error}")
 
 
 # options shared by the commands that load a model and configure illava
@@ -139,19 +200,20 @@ def bench(
     """Measure stock vs patched-but-disabled vs iLLaVA side by side, alternating in one process."""
     import json
 
-    from PIL import Image
     from rich.progress import Progress
 
     from . import bench as b
 
     _check_preset(preset)
-    net, name = _load(model, arch, dtype, device)
-    net.set_attn_implementation(attn)
-    config = _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
-    pictures = [] if video else [Image.open(image).convert("RGB") if image else b.default_image()]
+    overrides = _overrides(encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
+    levels = _levels(sweep, "--sweep")
+    _writable(json_path, "--json")
+    _writable(plot, "--plot")
+    pictures = [] if video else [_open_image(image) if image else b.default_image()]
+    net, name = _load(model, arch, dtype, device, attn)
+    config = _config(net, preset, overrides)
     clips = [b.default_video(frames)] if video else []
-    inputs = b.make_inputs(net, model, pictures, clips, batch_size)
-    levels = [float(v) for v in sweep.split(",")] if sweep else []
+    inputs = _inputs(net, model, pictures, clips, batch_size)
     runs = (warmup + repeats) * (3 + len(levels))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"benchmarking {name}", total=runs)
@@ -197,22 +259,23 @@ def viz(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Draw what iLLaVA merged, stage by stage, on the image or video the model saw."""
-    from PIL import Image
 
     from . import bench as b
     from .demo import default_image
     from .viz import visualize
 
     _check_preset(preset)
+    overrides = _overrides(encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
+    _writable(out, "--out", folder=True)
     if model is None and arch is None:
         arch = "llava-onevision-qwen2-0.5b"
-    net, name = _load(model, arch, dtype, device)
-    config = _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
     if video:
         pictures, clips = [], [b.default_video(frames)]
     else:
-        pictures, clips = [Image.open(image).convert("RGB") if image else default_image()], []
-    inputs = b.make_inputs(net, model, pictures, clips, 1)
+        pictures, clips = [_open_image(image) if image else default_image()], []
+    net, name = _load(model, arch, dtype, device)
+    config = _config(net, preset, overrides)
+    inputs = _inputs(net, model, pictures, clips, 1)
     import illava
 
     illava.apply(net, config)
@@ -230,47 +293,76 @@ def viz(
     console.print(f"{len(paths)} PNGs written to {out} (summary: {paths[-1]})")
 
 
-def _load(model, arch, dtype: str, device: str):
+def _load(model, arch, dtype: str, device: str, attn: str | None = None):
+    """The model of a hub id / folder or of a bundled architecture; every failure is one line."""
     import torch
 
+    from ..adapters import adapter_for
     from . import bench as b
+    from .architectures import architectures
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
-        console.print(f"[red]--dtype must be float32, bfloat16 or float16, got {dtype!r}[/red]")
-        raise typer.Exit(2)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        console.print("[red]--device cuda asked for, but torch sees no CUDA device[/red]")
-        raise typer.Exit(2)
+        _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     try:
-        return b.load_model(model, arch, torch_dtype, device)
-    except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        target = torch.device(device)
+    except RuntimeError:
+        _fail(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda asked for, but torch sees no CUDA device")
+    if target.type not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if arch is not None and arch not in architectures():
+        _fail(f"unknown --arch {arch!r}; choose one of {', '.join(sorted(architectures()))}")
+    if model is not None and arch is None and not Path(model).exists() and model.count("/") != 1:
+        _fail(f"model {model!r} is neither a folder nor a hub id (owner/name)")
+    try:
+        net, name = b.load_model(model, arch, torch_dtype, device)
+        adapter_for(net)
+    except (TypeError, ValueError, OSError, KeyError) as error:
+        lines = str(error).strip().splitlines()
+        _fail(f"cannot use model {model or arch}: {lines[0] if lines else type(error).__name__}")
+    if attn is not None:
+        try:
+            net.set_attn_implementation(attn)
+        except (ValueError, ImportError, KeyError) as error:
+            _fail(f"--attn {attn!r} cannot be used: {str(error).splitlines()[0]}")
+    return net, name
+
+
+def _inputs(net, model, pictures, clips, batch_size):
+    from . import bench as b
+
+    try:
+        return b.make_inputs(net, model, pictures, clips, batch_size)
+    except (ValueError, OSError) as error:
+        _fail(f"cannot build the inputs: {str(error).splitlines()[0]}")
 
 
 def _check_preset(preset: str) -> None:
     if preset not in PRESETS:
-        console.print(f"[red]unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}[/red]")
-        raise typer.Exit(2)
+        _fail(f"unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}")
 
 
-def _config(net, preset, encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle):
-    from ..api import resolve_config
-
-    _check_preset(preset)
+def _overrides(encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle) -> dict:
+    """Configuration overrides from the options, parsed before any work."""
     overrides = {
-        "encoder_layers": _ints(encoder_layers),
+        "encoder_layers": _ints(encoder_layers, "--encoder-layers"),
         "encoder_removal": _removal(encoder_removal),
-        "llm_layers": _ints(llm_layers),
+        "llm_layers": _ints(llm_layers, "--llm-layers"),
         "llm_keep_ratio": llm_keep_ratio,
         "recycle": recycle,
     }
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _config(net, preset: str, overrides: dict):
+    from ..api import resolve_config
+
     try:
-        return resolve_config(net, preset, **{k: v for k, v in overrides.items() if v is not None})
+        return resolve_config(net, preset, **overrides)
     except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+        _fail(str(err))
 
 
 def _fmt(metric: dict | None) -> str:
@@ -363,16 +455,16 @@ def eval_easy_vqa(
 
     from . import easy_vqa
 
+    if questions not in ("open", "all"):
+        _fail(f"--questions must be 'open' or 'all', got {questions!r}")
+    sweep = tuple(_levels(levels, "--levels"))
+    _writable(json_path, "--json")
+    _writable(plot, "--plot")
     try:
         net, tokenizer, processor = easy_vqa.load(model_path)
     except FileNotFoundError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
-    if questions not in ("open", "all"):
-        console.print(f"[red]--questions must be 'open' or 'all', got {questions!r}[/red]")
-        raise typer.Exit(2)
+        _fail(str(err))
     rows = easy_vqa.test_questions(limit, kinds=questions)
-    sweep = tuple(float(v) for v in levels.split(",") if v.strip())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         chosen = easy_vqa.settings(net, sweep)
@@ -420,8 +512,7 @@ def eval_lmms(ctx: typer.Context) -> None:
     try:
         from lmms_eval.__main__ import cli_evaluate
     except ImportError:
-        console.print(f"[red]lmms-eval is not installed. {_LMMS_INSTALL}[/red]")
-        raise typer.Exit(2) from None
+        _fail(f"lmms-eval is not installed. {_LMMS_INSTALL}")
     sys.argv = ["lmms_eval", *ctx.args]
     cli_evaluate()
 
@@ -433,6 +524,7 @@ def eval_local_task(
     """Write a small MME-style yes/no task on real photos that lmms-eval runs offline."""
     from .lmms_local import write_yes_no_task
 
+    _writable(folder, "folder", folder=True)
     path = write_yes_no_task(folder)
     console.print(
         f"task 'illava_mme_local' written to {path}; run it with:\n"
