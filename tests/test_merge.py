@@ -1,4 +1,4 @@
-"""The algorithm against METHOD.md's formulas on small hand-computed tensors."""
+"""The algorithm against the formulas of docs/method.md on small hand-computed tensors."""
 
 import math
 
