@@ -98,13 +98,15 @@ def preset(
     """The preset ``name`` of a model family (a ``config.model_type``) scaled to the given dimensions."""
     from .adapters import adapter_for_type
 
+    adapter = adapter_for_type(family)
     return scale_preset(
         name,
-        adapter_for_type(family).presets[family],
+        adapter.presets[family],
         encoder_depth=encoder_depth,
         tokens_per_crop=tokens_per_crop,
         llm_depth=llm_depth,
         llm_stage=llm_stage,
+        unit=adapter.unit,
         **overrides,
     )
 

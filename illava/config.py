@@ -232,14 +232,16 @@ def scale_preset(
     tokens_per_crop: int,
     llm_depth: int,
     llm_stage: bool = True,
+    unit: int = 1,
     **overrides,
 ) -> IllavaConfig:
     """The preset ``name`` of a family's ``table`` scaled to a model of the given dimensions.
 
     ``table`` (one per adapter) holds the ``reference`` dimensions the settings were published for
     and the ``image`` / ``video`` settings. Layer indices scale with depth; integer removals scale
-    with the tokens per crop. ``llm_stage=False`` drops the LLM stage; a decoder of fewer than two
-    layers has no LLM stage either. ``overrides`` replace fields of the result.
+    with the tokens per crop, in whole units of ``unit`` tokens. ``llm_stage=False`` drops the LLM
+    stage; a decoder of fewer than two layers has no LLM stage either. ``overrides`` replace fields
+    of the result.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)}")
@@ -249,7 +251,7 @@ def scale_preset(
         values["encoder_layers"] = _scale_layers(values["encoder_layers"], reference["encoder_depth"], encoder_depth)
         if isinstance(values["encoder_removal"], int) and reference["tokens_per_crop"]:
             scaled = values["encoder_removal"] * tokens_per_crop / reference["tokens_per_crop"]
-            values["encoder_removal"] = max(1, round(scaled))
+            values["encoder_removal"] = max(1, round(scaled / unit)) * unit
     if "llm_layers" in values:
         if llm_stage and llm_depth >= 2:
             values["llm_layers"] = _scale_layers(values["llm_layers"], reference["llm_depth"], llm_depth, minimum=1)

@@ -618,9 +618,20 @@ def _item_stats(state, scope, items: list[tuple[str, int, int]], lost: list[int]
             stats.encoder.append(call.as_stats())
         crops[kind] = list(call.item_crops) if call is not None else []
     counts = {kind: sum(1 for item in items if item[0] == kind) for kind in crops}
+    # tokens per crop, when every crop of the call yields the same number (tiles that the encoder
+    # cannot group into images: an image's crops are then its tokens / tokens per crop)
+    per_crop = {}
+    for kind in crops:
+        total = sum(n for k, _, n in items if k == kind)
+        call = call_of(state, scope.encoder_outputs.get(kind))
+        if call is not None and call.crops and total % call.crops == 0:
+            per_crop[kind] = total // call.crops
     ordinal = dict.fromkeys(crops, 0)
     for (kind, row, n), gone in zip(items, lost):
-        crop = crops[kind][ordinal[kind]] if len(crops[kind]) == counts[kind] else None
+        if len(crops[kind]) == counts[kind]:
+            crop = crops[kind][ordinal[kind]]
+        else:
+            crop = n // per_crop[kind] if kind in per_crop and n % per_crop[kind] == 0 else None
         ordinal[kind] += 1
         stats.items.append(VisualItem(kind, row, n, n - gone, crop))
     scope.published = True

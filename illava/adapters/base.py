@@ -78,6 +78,7 @@ class FlopsDims:
     vocab: int
     window: int | None = None  # tokens a window layer attends over (Qwen2.5-VL), None: whole crop
     full_layers: tuple[int, ...] = ()  # layers attending over the whole crop when ``window`` is set
+    projector_on_stock: bool = False  # the projector runs on the stock token count (removed rows included)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Adapter:
             tokens_per_crop=dims.tokens_per_crop,
             llm_depth=dims.llm_depth,
             llm_stage=self.llm_stage_in_presets(model),
+            unit=dims.unit,
         )
         return self.adjust_preset(model, cfg)
 

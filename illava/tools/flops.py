@@ -82,7 +82,9 @@ def prefill_flops(model, stats, sequence: int, batch: int = 1) -> dict[str, floa
         encoder_macs(dims.encoder_depth, call["tokens"], call["crops"], call["layers"], dims.encoder, dims.window, full)
         for call in stats.encoder
     )
-    encoder_out = sum(c["layers"][-1][2] if c["layers"] else c["tokens"] for c in stats.encoder)
+    encoder_out = sum(
+        c["layers"][-1][2] if c["layers"] and not dims.projector_on_stock else c["tokens"] for c in stats.encoder
+    )
     projector = encoder_out * dims.projector_macs_per_token
     removed_at_input = sum(i.stock_tokens - i.tokens for i in stats.items) / batch
     merges = [(layer.layer, layer.sequence_out) for layer in stats.llm]
