@@ -1,7 +1,9 @@
 """Tiny random-weight models of every supported family, and their inputs, for the shared tests.
 
-Every family gives: a model factory, an input builder (prompts with ``<image>`` / ``<video>``
-markers, PIL images, videos as lists of frames), and a configuration that exercises both stages.
+The families come from the adapters (``adapter.tiny``): a new family is tested by the shared test
+modules as soon as it is registered. Every family gives a model factory, an input builder (prompts
+with ``<image>`` / ``<video>`` markers, PIL images, videos as lists of frames), and a configuration
+that exercises both stages.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from illava.tools.architectures import tiny_config
+from illava.tools.architectures import tiny_config, tiny_configs
 from illava.tools.inputs import build, word_tokenizer
 
 
 @dataclass
 class Family:
-    name: str
-    architecture: str  # key of illava.tools.architectures.TINY
-    encoder_layers: tuple[int, ...]  # valid encoder merge layers of the tiny model
-    encoder_removal: int | float
+    name: str  # the model type
+    architecture: str  # key of illava.tools.architectures.tiny_configs()
+    # valid for every tiny model (Qwen2.5-VL's tiny config has full attention at blocks 1 and 3)
+    encoder_layers: tuple[int, ...] = (1, 3)
+    encoder_removal: int | float = 0.3
     llm_layers: tuple[int, ...] = (1, 2, 3)
     videos: bool = True
     _config: object = field(default=None, repr=False)
@@ -56,11 +59,7 @@ class Family:
         )
 
 
-FAMILIES = [
-    Family("llava_onevision", "tiny-llava-onevision", (1, 3), 10),
-    Family("qwen2_vl", "tiny-qwen2-vl", (1, 3), 0.3),
-    Family("qwen2_5_vl", "tiny-qwen2.5-vl", (1, 3), 0.3),
-]
+FAMILIES = [Family(tiny_config(name).model_type, name) for name in sorted(tiny_configs())]
 
 
 def chat(text: str, system: str | None = None) -> str:
