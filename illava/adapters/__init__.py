@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter
+from .internvl import InternVLAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
@@ -10,6 +11,7 @@ from .qwen_vl import QwenVLAdapter
 ADAPTERS: tuple[Adapter, ...] = (
     LlavaOnevisionAdapter(),
     QwenVLAdapter(),
+    InternVLAdapter(),
 )
 
 
