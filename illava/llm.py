@@ -255,9 +255,9 @@ class LLMStage:
     def attach(self, record: PatchRecord, inner: torch.nn.Module) -> None:
         opener = OpenScope(self.state)
         record.hook(inner, opener, "pre")
-        record.hook(inner, CloseScope(self.state, opener), "post")
+        record.hook(inner, CloseScope(self.state, opener), "post", always=True)
         record.hook(self.decoder, DecoderInput(self.state, self.adapter), "pre")
-        record.hook(self.decoder, DecoderOutput(self.state), "post")
+        record.hook(self.decoder, DecoderOutput(self.state), "post", always=True)
         for i, layer in enumerate(self.decoder.layers):
             if i > 0:
                 record.hook(layer, LayerInput(self.state, self.decoder.config, i), "pre")

@@ -56,13 +56,14 @@ class PatchRecord:
             module._old_forward = types.MethodType(module.__class__.forward, module)
         self.swapped.append(module)
 
-    def hook(self, module: torch.nn.Module, hook: Hook, kind: str = "pre") -> None:
+    def hook(self, module: torch.nn.Module, hook: Hook, kind: str = "pre", always: bool = False) -> None:
         """Register ``hook`` on ``module``: ``pre`` (forward pre-hook) or ``post`` (forward hook),
-        both with keyword arguments."""
+        both with keyword arguments; ``always``: a forward hook that also runs when the forward
+        raises (it ends per-call state)."""
         if kind == "pre":
             module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
-            module.register_forward_hook(hook, with_kwargs=True)
+            module.register_forward_hook(hook, with_kwargs=True, always_call=always)
         self.hooks.append((module, hook, kind))
 
     def undo(self) -> None:

@@ -522,3 +522,23 @@ def test_a_failed_reapply_keeps_the_previous_patch(fam, photos):
         illava.apply(model, IllavaConfig(encoder_layers=(99,), encoder_removal=1))
     assert illava.config_of(model) == cfg
     torch.testing.assert_close(logits(model, inputs), ref)
+
+
+def test_a_failed_forward_leaves_nothing_behind(fam, photos, frames):
+    """A forward that raises (here: placeholders that do not match the features) must not leave
+    per-call state that a later call on the same thread would pick up."""
+    model = fam.make()
+    illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
+    good = fam.build([IMAGE_Q, VIDEO_Q], [photos["cat"]], [frames])
+    ref = logits(model, good)
+    broken = fam.build([IMAGE_Q], [photos["cat"]])
+    broken["input_ids"] = broken["input_ids"].masked_fill(broken["input_ids"] == model.config.image_token_id, 100)
+    with pytest.raises(Exception):
+        logits(model, broken)
+    assert model._illava.state.current() is None and model._illava.state.chunk() is None
+    torch.testing.assert_close(logits(model, good), ref)
+    text = fam.build([TEXT_Q])
+    illava.remove(model)
+    stock = logits(model, text)
+    illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
+    assert torch.equal(logits(model, text), stock)
