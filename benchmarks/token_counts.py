@@ -1,11 +1,13 @@
 """Visual tokens per stage for the `image` and `video` presets at real architecture sizes.
 
 Random weights: compute and counts do not depend on the weight values (which tokens survive does).
-With --truncate, decoder layers after the last LLM merge layer are not built (no count depends on
-them), so 7B-size models fit a 24 GB CPU machine in fp32.
+With --truncate, decoder layers after the last LLM merge layer and vision layers after the last
+encoder merge layer are not built (no count depends on them: the models read the encoder's last
+layer), so 7B-size models fit a 24 GB CPU machine in fp32, and InternVL2.5-26B in bfloat16.
 
     python benchmarks/token_counts.py --arch llava-onevision-qwen2-0.5b --frames 32
     python benchmarks/token_counts.py --arch qwen2-vl-7b --frames 8 --truncate
+    python benchmarks/token_counts.py --arch internvl2.5-26b --truncate --dtype bfloat16 --cases 1280x720
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b", choices=sorted(architectures()))
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--truncate", action="store_true", help="build decoder layers only up to the last merge")
+    parser.add_argument("--truncate", action="store_true", help="build layers only up to the last merge of each stage")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--cases", default="384x384,1280x720,video", help="comma-separated: 384x384, 1280x720, video")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -39,26 +43,33 @@ def main() -> None:
         "image 1280x720": ("image", [astronaut.resize((1280, 720))], []),
         f"video {args.frames} frames 640x360": ("video", [], [frames]),
     }
+    wanted = args.cases.split(",")
+    cases = {name: case for name, case in cases.items() if any(w in name for w in wanted)}
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     meta = build_architecture(args.arch, device="meta")
     results = {}
     model, model_preset = None, None
     for name, (preset, images, videos) in cases.items():
         cfg = illava.resolve_config(meta, preset)
         depth = max(cfg.llm_layers) + 1 if args.truncate and cfg.llm_layers else None
+        vision = max(cfg.encoder_layers) + 1 if args.truncate and cfg.encoder_layers else None
         start = time.time()
-        if model is None or model_preset != (depth, preset):
+        if model is None or model_preset != (depth, vision, preset):
             model = None
             gc.collect()
             torch.manual_seed(0)
-            model = build_architecture(args.arch, llm_layers=depth)
+            model = build_architecture(args.arch, dtype=dtype, llm_layers=depth, vision_layers=vision)
             model.lm_head = torch.nn.Identity()  # no count depends on the logits: save its memory
-            model_preset = (depth, preset)
+            model_preset = (depth, vision, preset)
         built = time.time() - start
         illava.apply(model, cfg)
         start = time.time()
-        model(**placeholder_inputs(model.config, images, videos), use_cache=False, logits_to_keep=1)
+        inputs = placeholder_inputs(model.config, images, videos)
+        inputs = {k: v.to(dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+        model(**inputs, use_cache=False, logits_to_keep=1)
         stats = illava.stats(model)
-        results[name] = {"preset": preset, "config": str(cfg), "decoder_layers_built": depth, **stats.as_dict()}
+        layers = {"decoder_layers_built": depth, "vision_layers_built": vision}
+        results[name] = {"preset": preset, "config": str(cfg), **layers, **stats.as_dict()}
         print(f"\n== {args.arch}: {name}, preset '{preset}' (built {built:.0f}s, ran {time.time() - start:.0f}s)")
         print(f"config: {cfg}\n{stats}", flush=True)
     if args.json:

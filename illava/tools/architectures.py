@@ -28,11 +28,14 @@ def tiny_config(name: str):
     return configs[name]()
 
 
-def build_architecture(name: str, dtype=None, device=None, llm_layers: int | None = None):
+def build_architecture(
+    name: str, dtype=None, device=None, llm_layers: int | None = None, vision_layers: int | None = None
+):
     """A model of a bundled architecture with random weights (no download).
 
-    ``llm_layers`` keeps only the first decoder layers (token counts of layers beyond the last LLM
-    merge layer do not depend on them); ``device="meta"`` builds without memory.
+    ``llm_layers`` / ``vision_layers`` keep only the first decoder / vision-encoder layers (token
+    counts do not depend on layers after the last merge layer of a stage, when the model reads the
+    encoder's last layer); ``device="meta"`` builds without memory.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -42,7 +45,11 @@ def build_architecture(name: str, dtype=None, device=None, llm_layers: int | Non
     config = known[name]()
     if llm_layers is not None:
         config.text_config.num_hidden_layers = llm_layers
-        config.text_config.layer_types = config.text_config.layer_types[:llm_layers]
+        if getattr(config.text_config, "layer_types", None) is not None:
+            config.text_config.layer_types = config.text_config.layer_types[:llm_layers]
+    if vision_layers is not None:
+        vision = config.vision_config
+        setattr(vision, "depth" if hasattr(vision, "depth") else "num_hidden_layers", vision_layers)
     with torch.device(device or "cpu"):
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = AutoModelForImageTextToText.from_config(config, **kwargs)
