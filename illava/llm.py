@@ -222,6 +222,7 @@ class Chunk:
     base: tuple | None = None  # decoder-input position ids and rotary embeddings
     kwargs_cache: dict = field(default_factory=dict)  # (group, layer type) -> layer kwargs
     changed: bool = False
+    done: bool = False  # the decoder call returned (what runs now is a recomputation)
     # viz: [(layer, (B, fed) token representing every fed position, (B, n) fed position of every token)]
     trace: list | None = None
 
@@ -400,7 +401,11 @@ class DecoderOutput(Hook):
 
     def __call__(self, module, args, kwargs, output):
         chunk = self.state.set_chunk(None)
-        if chunk is None or output is None:
+        if chunk is None:
+            return None
+        # the decoder's own tensors key the chunk (recomputation): the chunk must not keep them alive
+        chunk.done, chunk.base = True, None
+        if output is None:
             return None
         session = chunk.session
         if session is not None:
@@ -477,13 +482,13 @@ class LayerInput(Hook):
         if g == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        if chunk.base is None:
+        if chunk.base is None and not chunk.done:
             chunk.base = (kwargs.get("position_ids"), embeddings)
         if self.i == chunk.groups[g] and self.i in chunk.reduce_at:
             hidden = reduce(self.state, chunk, self.i, g, hidden)
         chunk.group_masks.setdefault(g, chunk.mask)
         chunk.group_index.setdefault(g, chunk.index)
-        kwargs.update(_layer_kwargs(self.state, chunk, g, self.layer_type, hidden, self.i, self.config))
+        kwargs.update(_layer_kwargs(chunk, g, self.layer_type, hidden, self.i, self.config))
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -550,16 +555,14 @@ def reduce(state: IllavaState, chunk: Chunk, k: int, g: int, hidden: torch.Tenso
     return out
 
 
-def _layer_kwargs(state: IllavaState, chunk: Chunk, g: int, layer_type: str, hidden, i: int, config) -> dict:
+def _layer_kwargs(chunk: Chunk, g: int, layer_type: str, hidden, i: int, config) -> dict:
     """Positions, rotary embeddings and mask of the sequence group ``g`` caches (built once per call)."""
     key = (g, layer_type)
     if key not in chunk.kwargs_cache:
         out = {}
         if chunk.before:  # a merge in this call: the survivors' own positions and embeddings
             positions, embeddings = chunk.base
-            gathered = tuple(gather_seq(t, chunk.index.to(t.device)) for t in embeddings)
-            out["position_embeddings"] = gathered
-            state.keyed[gathered[0]] = chunk
+            out["position_embeddings"] = tuple(gather_seq(t, chunk.index.to(t.device)) for t in embeddings)
             if positions is not None:
                 out["position_ids"] = gather_positions(positions, chunk.index.to(positions.device))
         mask2d = torch.cat([chunk.past[g].to(hidden.device), chunk.group_masks[g].to(hidden.device)], 1)

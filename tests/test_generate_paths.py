@@ -533,7 +533,7 @@ def test_a_failed_forward_leaves_nothing_behind(fam, photos, frames):
     ref = logits(model, good)
     broken = fam.build([IMAGE_Q], [photos["cat"]])
     broken["input_ids"] = broken["input_ids"].masked_fill(broken["input_ids"] == model.config.image_token_id, 100)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="do not match"):
         logits(model, broken)
     assert model._illava.state.current() is None and model._illava.state.chunk() is None
     torch.testing.assert_close(logits(model, good), ref)
@@ -542,3 +542,17 @@ def test_a_failed_forward_leaves_nothing_behind(fam, photos, frames):
     stock = logits(model, text)
     illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
     assert torch.equal(logits(model, text), stock)
+
+
+def test_per_call_state_does_not_accumulate(fam, photos):
+    """What a call keys by its own tensors (for recomputation) goes when the call's tensors go."""
+    import gc
+
+    model = fam.make()
+    illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
+    inputs = fam.build([IMAGE_Q, SYSTEM_Q], [photos["cat"], photos["rocket"]])
+    for _ in range(3):
+        logits(model, inputs)
+        generate(model, inputs)
+    gc.collect()
+    assert len(model._illava.state.keyed._data) == 0
