@@ -88,9 +88,10 @@ def compact(keep: torch.Tensor, pad_left: bool = True) -> tuple[torch.Tensor, to
     """Indices that gather the kept tokens of each row in order, and the new padding mask.
 
     Rows are aligned right (padding on the left, as generation needs) or, with ``pad_left=False``,
-    left. Padding slots point at tokens that were not kept, so their values stay finite.
+    left. Padding slots point at tokens that were not kept. At least one slot remains (a padding
+    slot, when nothing is kept: a prefill chunk that holds only removed placeholders).
     """
-    length = int(keep.sum(1).max())
+    length = max(1, int(keep.sum(1).max()))
     if pad_left:
         index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - length :]
     else:

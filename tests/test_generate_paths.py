@@ -81,6 +81,7 @@ MODES = {
     "return_sequences": {"num_beams": 2, "num_return_sequences": 2},
     "sample_return_sequences": {"do_sample": True, "top_k": 0, "num_return_sequences": 2},
     "no_cache": {"use_cache": False},
+    "chunked_prefill": {"prefill_chunk_size": 16},
 }
 
 
