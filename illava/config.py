@@ -155,13 +155,6 @@ class IllavaConfig:
         return f"IllavaConfig({', '.join(fields)})"
 
 
-def removal_count(n: int, removal: int | float) -> int:
-    """Tokens to remove from ``n`` for a removal given as a count (int) or a fraction (float)."""
-    if isinstance(removal, float):
-        return int(n * removal + 0.5)
-    return int(removal)
-
-
 def removal_units(n: int, removal: int | float, unit: int = 1) -> int:
     """Units (patches, or blocks of ``unit`` patches) to remove from ``n`` units: a count is given in
     patch tokens, a fraction is of the units present."""

@@ -258,8 +258,9 @@ class LLMStage:
         opener = OpenScope(self.state)
         record.hook(inner, opener, "pre")
         record.hook(inner, CloseScope(self.state, opener), "post", always=True)
-        record.hook(self.decoder, DecoderInput(self.state, self.adapter), "pre")
-        record.hook(self.decoder, DecoderOutput(self.state), "post", always=True)
+        decoder_input = DecoderInput(self.state, self.adapter)
+        record.hook(self.decoder, decoder_input, "pre")
+        record.hook(self.decoder, DecoderOutput(self.state, decoder_input), "post", always=True)
         for i, layer in enumerate(self.decoder.layers):
             if i > 0:
                 record.hook(layer, LayerInput(self.state, self.decoder.config, i), "pre")
@@ -307,7 +308,7 @@ class DecoderInput(Hook):
                 return None
             embeds = module.get_input_embeddings()(kwargs["input_ids"])
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
-        scope = state.current()
+        scope = state.current() or state.open_scope(owner=self)  # a scope of its own: disabled, reduced cache
         b, q = embeds.shape[:2]
         device = embeds.device
         mask = kwargs.get("attention_mask")
@@ -320,12 +321,13 @@ class DecoderInput(Hook):
         segments = _segments(positions, valid, packed)
         spans, items = visual_spans(state, scope, b, q, device)
         removed = (spans >= 0) & embeds[..., 0].isnan()
-        if scope is not None and items:
+        if items:
             lost = torch.bincount(spans[removed], minlength=len(items)).tolist()
             _item_stats(state, scope, items, lost, q)
         spans = _exclude_last(spans, segments)
         reduce_at = _llm_reduces(state.config, spans, removed)
         if session is None and not removed.any() and not reduce_at:
+            state.close_scope(owner=self)
             return None  # nothing to remove: the decoder runs exactly as stock
         if not two_d:
             raise ValueError(
@@ -389,21 +391,27 @@ class DecoderInput(Hook):
             changed=bool(removed.any()),
         )
         chunk.group_masks[0], chunk.group_index[0] = new_valid, chunk.index
-        if scope is not None:
-            scope.stats.sequence_after_encoder = index.shape[1]
-            if scope.record:
-                _start_trace(state, scope, chunk)
-        state.set_chunk(chunk)
+        scope.stats.sequence_after_encoder = index.shape[1]
+        if scope.record:
+            _start_trace(state, scope, chunk)
+        scope.chunk = chunk
         return args, kwargs
 
 
 class DecoderOutput(Hook):
     """Ends the decoder call: the cache's session takes the chunk; outputs line up with the input."""
 
+    def __init__(self, state: IllavaState, opener: DecoderInput):
+        super().__init__(state)
+        self.opener = opener
+
     def __call__(self, module, args, kwargs, output):
-        chunk = self.state.set_chunk(None)
+        scope = self.state.current()
+        chunk = scope.chunk if scope is not None else None
         if chunk is None:
             return None
+        scope.chunk = None
+        self.state.close_scope(owner=self.opener)
         # the decoder's own tensors key the chunk (recomputation): the chunk must not keep them alive
         chunk.done, chunk.base = True, None
         if output is None:

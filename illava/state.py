@@ -4,8 +4,9 @@
   the family adapter and the statistics of the last prefill. It holds no per-call data.
 - ``CallScope``: one per call of the model on one thread, opened by the outermost patched call
   (``generate`` encodes images before the forward pass, so an encoder call may have a scope of
-  its own) and shared by nested ones. Everything one forward needs to carry from one patched
-  module to another lives here; two threads never see each other's scope.
+  its own) and shared by nested ones; opening it is the one reset point. Everything one forward
+  needs to carry from one patched module to another lives here (the LLM stage's ``Chunk``
+  included); two threads never see each other's scope.
 - Decoding state lives on the cache (``illava.llm.Session``), so every conversation carries its own.
 """
 
@@ -154,6 +155,7 @@ class CallScope:
     encoder_call: EncoderCall | None = None  # the encoder call in progress
     encoder_outputs: dict[str, object] = field(default_factory=dict)  # kind -> feature output used
     placeholders: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (B, L) mask
+    chunk: object | None = None  # the LLM stage's bookkeeping of the decoder call in progress (illava.llm)
     published: bool = False  # the call held visual tokens: its statistics become the model's last
     owner: object | None = None  # the hook that opened it
 
@@ -209,13 +211,8 @@ class IllavaState:
 
     def chunk(self):
         """The LLM stage's bookkeeping of the decoder call in progress on this thread."""
-        return getattr(self._local, "chunk", None)
-
-    def set_chunk(self, chunk):
-        """Replace this thread's chunk; returns the previous one."""
-        previous = self.chunk()
-        self._local.chunk = chunk
-        return previous
+        scope = self.current()
+        return scope.chunk if scope is not None else None
 
     @contextmanager
     def scope(self):

@@ -557,3 +557,18 @@ def test_per_call_state_does_not_accumulate(fam, photos):
         generate(model, inputs)
     gc.collect()
     assert len(model._illava.state.keyed._data) == 0
+
+
+def test_an_unsupported_cache_is_a_clear_error_that_leaves_nothing_behind(fam, photos):
+    from transformers import StaticCache
+
+    model = fam.make()
+    illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
+    inputs = fam.build([IMAGE_Q], [photos["cat"]])
+    cache = StaticCache(config=model.config.text_config, max_cache_len=1024)
+    with pytest.raises(ValueError, match="DynamicCache"):
+        logits(model, inputs, past_key_values=cache)
+    assert model._illava.state.current() is None
+    ref = logits(model, inputs)
+    illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
+    torch.testing.assert_close(logits(model, inputs), ref)

@@ -152,14 +152,15 @@ class IllavaLlavaOnevisionModel:
         _, stock_lens = super().pack_image_features(dummy, image_sizes, newline, vision_aspect_ratio)
         if trace is None:  # no encoder stage: stock features
             packed, lens = super().pack_image_features(image_features, image_sizes, image_newline, vision_aspect_ratio)
-            if call.trace is not None or recording(self._illava.state):
+            if recording(self._illava.state):
                 trace = CropTrace(sum(crops), side**2, image_features[0].device)
         else:
             packed, lens = [], stock_lens
             positions = torch.split(trace.positions, crops, dim=0)
             for f, p, size, n in zip(image_features, positions, image_sizes, stock_lens.tolist()):
                 tokens, _ = self._pack_survivors(f, p, size, image_newline, vision_aspect_ratio, n)
-                packed.append(stock_count_features(tokens, torch.arange(n - tokens.shape[0], n), n))
+                slots = torch.arange(n - tokens.shape[0], n, device=tokens.device)  # survivors last: the prompt's
+                packed.append(stock_count_features(tokens, slots, n))  # last token stays a real one
         if recording(self._illava.state):
             self._image_feature_rows(call, trace, image_sizes, stock_lens, image_newline, vision_aspect_ratio)
         return packed, lens
