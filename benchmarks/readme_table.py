@@ -4,6 +4,11 @@ CPU rows: LLaVA-OneVision-0.5B architecture (random weights), fp32, one 384x384 
 preset. With a CUDA device (--device cuda): bf16, SDPA, 7B architectures.
 
     python benchmarks/readme_table.py --device cpu --out benchmarks/results/cpu.json
+
+--from-json turns the JSON of benchmarks/gpu.py (benchmarks/gpu.sh) into the README's GPU table rows
+and notes, without measuring anything:
+
+    python benchmarks/readme_table.py --from-json out/gpu/gpu.json
 """
 
 from __future__ import annotations
@@ -48,8 +53,90 @@ HEADER = (
 )
 
 
+GPU_HEADER = (
+    "| architecture | GPU | dtype | preset | visual tokens (stock -> encoder -> LLM) | stock prefill | "
+    "prefill gain (pair median / min) | FLOPs-predicted | encoder gain | end-to-end gain | decode gain | "
+    "memory gain | throughput gain at equal memory |\n|" + "---|" * 13
+)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def gpu_row(entry: dict, throughput: dict | None = None) -> str:
+    """One table row of a run_bench row of benchmarks/gpu.py: gains of iLLaVA over stock as the median of
+    the ratios of adjacent runs (prefill: also the ratio of the best runs); the absolute stock prefill
+    only on a GPU; the throughput gain when ``throughput`` (the throughput row) measured the same case."""
+    gains, tokens = entry["gains"]["illava"], entry["visual_tokens"]["illava"]
+    settings = entry["report"]["settings"]
+    stock_prefill = settings["stock"]["metrics"]["prefill_s"]["median"]
+    absolute = f"{1000 * stock_prefill:.0f} ms" if entry["device"] != "cpu" else "-"
+    pair = {metric: _x(gains.get(metric, {}).get("pair_median")) for metric in bench.METRICS}
+    prefill = f"{pair['prefill_s']} / {_x(gains.get('prefill_s', {}).get('min_ratio'))}"
+    predicted = _x(settings["illava"]["flops_predicted_prefill_speedup"])
+    more = "-"
+    if throughput is not None and "gain" in throughput:
+        batches = f"batch {throughput['settings']['stock']['batch']} -> {throughput['settings']['illava']['batch']}"
+        more = f"{_x(throughput['gain']['pair_median'])} ({batches})"
+    return (
+        f"| {entry['architecture']} | {entry['device']} | {entry['dtype']} | {entry['preset']}, {entry['media']} | "
+        f"{tokens['stock']} -> {tokens['after_encoder']} -> {tokens['after_llm']} | {absolute} | {prefill} | "
+        f"{predicted} | {pair['encoder_s']} | {pair['samples_per_s']} | "
+        f"{pair['decode_tokens_per_s']} | {pair['peak_memory_mb']} | {more} |"
+    )
+
+
+def gpu_notes(rows: list[dict]) -> list[str]:
+    """Lines under the table: throughput details, the cost of an encoder merge layer, rows not measured."""
+    notes = []
+    for entry in rows:
+        if entry["status"] != "ok":
+            notes.append(f"- not measured: row {entry['row']} ({entry['name']}): {entry['status']}, {entry['reason']}")
+        elif "memory_cap_mb" in entry:
+            parts = [
+                f"{name} batch {found['batch']}"
+                + (f", {found['samples_per_s']['median']:.3g} samples/s" if "samples_per_s" in found else "")
+                for name, found in entry["settings"].items()
+            ]
+            cap = entry["memory_cap_mb"]
+            cap_text = f"{cap / 1024:.3g} GiB" if cap >= 1024 else f"{cap:.3g} MB"
+            notes.append(
+                f"- throughput at equal memory ({entry['architecture']}, {entry['media']}, cap {cap_text} of peak "
+                "memory of `generate`): " + "; ".join(parts)
+            )
+        elif "layers" in entry:
+            for layer in entry["layers"]:
+                if "error" in layer:
+                    notes.append(f"- encoder merge layer, {layer['architecture']}: {layer['error']}")
+                    continue
+                cost, attention = layer["layer_cost_ratio"], layer["attention_cost_ratio"]
+                notes.append(
+                    f"- encoder merge layer {layer['layer']} of {layer['architecture']} ({layer['crops']} crops x "
+                    f"{layer['tokens_per_crop']} tokens, {entry['device']}): time iLLaVA / stock "
+                    f"{_x(cost['pair_median'])} (min {_x(cost['min_ratio'])}); attention alone, scoring "
+                    f"softmax / SDPA {_x(attention['pair_median'])} (min {_x(attention['min_ratio'])})"
+                )
+    return notes
+
+
+def gpu_table(rows: list[dict]) -> list[str]:
+    """The README's GPU table (header, one row per run_bench row) and the notes under it."""
+    throughput = next((r for r in rows if r["status"] == "ok" and "memory_cap_mb" in r), None)
+    lines = [GPU_HEADER]
+    for entry in rows:
+        if entry["status"] == "ok" and "report" in entry:
+            same = throughput is not None and all(
+                throughput[key] == entry[key] for key in ("architecture", "preset", "media")
+            )
+            lines.append(gpu_row(entry, throughput if same else None))
+    notes = gpu_notes(rows)
+    return lines + ([""] + notes if notes else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from-json", type=Path, help="print the table of this benchmarks/gpu.py JSON and exit")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -58,6 +145,9 @@ def main() -> None:
         "--sweep", default="1.5", help="extra reduction levels relative to the preset (comma-separated; '' for none)"
     )
     args = parser.parse_args()
+    if args.from_json:
+        print(*gpu_table(json.loads(args.from_json.read_text())), sep="\n")
+        return
     reports, rows = [], []
     for arch, preset, video, dtype in CASES[args.device]:
         model, name = bench.load_model(None, arch, dtype, args.device)

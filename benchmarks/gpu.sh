@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU figures in one command (benchmarks/gpu.py says what each row measures).
+#
+#   bash benchmarks/gpu.sh --out DIR            # GPU machine: venv, pip install torch + this repo, run (~8 min)
+#   bash benchmarks/gpu.sh --dry-run --out DIR  # the same script on CPU with tiny models, nothing installed
+#   bash benchmarks/gpu.sh --install-only       # only the venv (~2 min), e.g. in a call of its own
+#
+# Writes DIR/gpu.json (rewritten after every row). Other options go to gpu.py (--budget-s, --rows,
+# --repeats, --memory-cap-gb). Environment: PYTHON (interpreter: the dry run's, or the one that makes
+# the venv), GPU_VENV (venv folder, default /tmp/illava-gpu-venv; reused, without reinstalling, when
+# it already imports torch and illava).
+set -euo pipefail
+
+out=""
+dry_run=0
+install_only=0
+args=()
+while (($#)); do
+    case "$1" in
+        --out) out=$2; shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
+        --install-only) install_only=1; shift ;;
+        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+[[ -z $out || $out == /* ]] || out=$PWD/$out  # relative to where it was called from
+cd "$(dirname "$0")/.."
+out=${out:-$PWD/out/gpu}
+
+step() { echo "[gpu.sh ${SECONDS}s] $*" >&2; }
+
+if ((dry_run)); then
+    if [[ -z ${PYTHON:-} ]]; then
+        if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+    fi
+    step "dry run with $PYTHON: $PYTHON benchmarks/gpu.py --dry-run --out $out ${args[*]-}"
+    exec "$PYTHON" benchmarks/gpu.py --dry-run --out "$out" ${args[@]+"${args[@]}"}
+fi
+
+venv=${GPU_VENV:-/tmp/illava-gpu-venv}
+base=${PYTHON:-python3}
+step "$("$base" --version) at $(command -v "$base"); venv $venv"
+if [[ ! -x $venv/bin/python ]]; then
+    "$base" -m venv "$venv" || { step "python3 -m venv failed; trying virtualenv"; "$base" -m pip install -q virtualenv && "$base" -m virtualenv -q "$venv"; }
+fi
+if "$venv/bin/python" -I -c 'import torch, transformers, skimage, illava' 2>/dev/null; then  # -I: not ./illava
+    step "venv already has torch and illava: nothing to install"
+else
+    pip=("$venv/bin/python" -m pip install --progress-bar off --disable-pip-version-check)
+    step "pip install torch (PyPI's default Linux build is the CUDA one)"
+    "${pip[@]}" torch
+    step "pip install -e . (illava and its dependencies)"
+    "${pip[@]}" -e .
+fi
+"$venv/bin/python" -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
+if ((install_only)); then step "installed"; exit 0; fi
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # fewer fragmentation OOMs in the batch search
+step "benchmarks/gpu.py --out $out ${args[*]-}"
+"$venv/bin/python" benchmarks/gpu.py --out "$out" ${args[@]+"${args[@]}"}
+step "done: $out/gpu.json; table rows: $venv/bin/python benchmarks/readme_table.py --from-json $out/gpu.json"
