@@ -118,9 +118,12 @@ def test_image_preset_counts_and_llm_stage(model, build, photos):
     assert llm.sequence_in - llm.sequence_out == item.tokens - round(0.7 * item.tokens)
 
 
-def test_multi_image_sample_single_crops_and_per_image_spans(model, build, photos):
+@pytest.mark.parametrize("prompt", ["<image> and <image>: what differs?", "<image><image>what differs?"])
+def test_multi_image_sample_single_crops_and_per_image_spans(model, build, photos, prompt):
+    """Images placed back to back (as LLaVA-OneVision's chat template writes them) are still two
+    spans: the features tell where one image ends."""
     illava.apply(model, IllavaConfig(encoder_layers=(2,), encoder_removal=24, llm_layers=(2,), llm_keep_ratio=0.5))
-    inputs = build([chat("<image> and <image>: what differs?")], [photos["cat"], photos["coffee"]])
+    inputs = build([chat(prompt)], [photos["cat"], photos["coffee"]])
     logits(model, inputs)
     stats = illava.stats(model)
     assert [(i.crops, i.stock_tokens, i.tokens) for i in stats.items] == [(1, 65, 41), (1, 65, 41)]
