@@ -7,6 +7,7 @@ import torch
 from .adapters import adapter_for
 from .config import IllavaConfig, scale_preset
 from .llm import LLMStage
+from .methods import METHODS
 from .patch import PatchRecord
 from .state import IllavaState, Stats
 
@@ -16,7 +17,9 @@ def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "
     adapter = adapter_for(model)
     if config is None:
         config = "image"
-    if isinstance(config, str):
+    if isinstance(config, str) and config in METHODS:
+        cfg = METHODS[config].config(model)
+    elif isinstance(config, str):
         cfg = adapter.preset(model, config)
     elif isinstance(config, IllavaConfig):
         cfg = config
@@ -32,7 +35,9 @@ def apply(model: torch.nn.Module, config: IllavaConfig | str | None = "image", *
     """Turn iLLaVA on for a loaded model, in place; returns the configuration in use.
 
     ``config`` is a preset name (``image``, ``video``, ``encoder-only``, ``llm-only``, ``off``)
-    scaled to the model's depths, or an ``IllavaConfig``; keyword ``overrides`` replace fields.
+    scaled to the model's depths, a method name (``illava.methods.METHODS``: ``fastv``, ``pdrop``,
+    ``tome``, ``visionzip``, ``divprune``, ``random``, ``pool``, ``illava``) at its published
+    default, or an ``IllavaConfig``; keyword ``overrides`` replace fields.
     Applying again replaces the previous configuration (if the new one is invalid, the previous
     one stays). ``remove`` restores stock behaviour.
     """

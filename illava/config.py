@@ -28,7 +28,9 @@ class IllavaConfig:
     ``recycle`` picks how removed tokens are folded into survivors: ``rank`` (paper v1),
     ``cluster`` (ICLR version; ``cluster_neighbours`` = M, ``cluster_fraction`` = share of kept
     tokens that act as recycling tokens) or ``prune`` (no recycling). ``policy`` replaces how tokens
-    are scored and folded (``illava.policy``; default: the paper's). ``enabled=False`` keeps the
+    are scored and folded (``illava.policy``; default: the paper's). ``feature_keep``: the share of
+    every image's / video's projected tokens that enter the LLM, chosen by the policy's ``select``
+    (the feature stage of peer methods such as DivPrune; None: off). ``enabled=False`` keeps the
     model patched but behaving exactly like stock transformers.
     """
 
@@ -41,6 +43,7 @@ class IllavaConfig:
     cluster_fraction: float = 0.05
     enabled: bool = True
     policy: object | None = None  # an illava.policy.Policy; None: the paper's scoring and recycling
+    feature_keep: float | None = None
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +69,10 @@ class IllavaConfig:
     @property
     def llm_active(self) -> bool:
         return self.enabled and bool(self.llm_layers)
+
+    @property
+    def features_active(self) -> bool:
+        return self.enabled and self.feature_keep is not None
 
     def replace(self, **changes) -> IllavaConfig:
         return dataclasses.replace(self, **changes)
@@ -100,6 +107,8 @@ class IllavaConfig:
             raise ValueError(f"IllavaConfig.cluster_fraction must be a number in (0, 1], got {self.cluster_fraction!r}")
         if self.policy is not None and not callable(getattr(self.policy, "reduce", None)):
             raise ValueError(f"IllavaConfig.policy must be an illava.policy.Policy, got {self.policy!r}")
+        if self.feature_keep is not None and (not _is_real(self.feature_keep) or not 0 < self.feature_keep <= 1):
+            raise ValueError(f"IllavaConfig.feature_keep must be a number in (0, 1] or None, got {self.feature_keep!r}")
 
     def check_against(
         self, *, encoder_depth: int, tokens_per_crop: int, llm_depth: int, feature_layer: int, unit: int = 1
@@ -150,8 +159,7 @@ class IllavaConfig:
 
     def __str__(self) -> str:
         fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "preset"]
-        if self.policy is None:
-            fields = [f for f in fields if not f.startswith("policy=")]
+        fields = [f for f in fields if f not in ("policy=None", "feature_keep=None")]
         return f"IllavaConfig({', '.join(fields)})"
 
 
@@ -237,7 +245,7 @@ def scale_preset(
     of the result.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)}")
+        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)} or a method name")
     reference = table["reference"]
     values = _preset_values(name, table)
     if "encoder_layers" in values:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .config import removal_units
+from .config import keep_count, removal_units
 from .merge import attention_with_received_scores, compose_assign
 from .state import EncoderCall, IllavaState, UnitTrace
 
@@ -42,6 +42,8 @@ def features_done(state: IllavaState, call: EncoderCall | None, output, kind: st
     and hand the output to the forward in progress, if any."""
     if call is None:
         return output
+    if state.config.features_active and hasattr(output, "pooler_output"):
+        output.pooler_output = select_features(state, output.pooler_output)
     if hasattr(output, "pooler_output"):
         output.illava_call = call
         first = _first_tensor(output.pooler_output)
@@ -51,6 +53,27 @@ def features_done(state: IllavaState, call: EncoderCall | None, output, kind: st
     if scope is not None:
         scope.encoder_outputs[kind] = output
     return output
+
+
+def select_features(state: IllavaState, features):
+    """The feature stage: of every image's / video's projected tokens (an entry of a list, or a row
+    of a ``(items, N, D)`` tensor) keep ``feature_keep`` of those still there, as the policy's
+    ``select`` chooses; the others become NaN rows (dropped at the decoder input)."""
+    ratio = state.config.feature_keep
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        present = ~x[:, 0].isnan()
+        rows = present.nonzero().flatten()
+        m = keep_count(rows.numel(), ratio)
+        if m >= rows.numel():
+            return x
+        keep = torch.zeros_like(present)
+        keep[rows[state.policy.select(x[rows], m).to(rows.device)]] = True
+        return x.masked_fill(~keep[:, None], float("nan"))
+
+    if isinstance(features, torch.Tensor):
+        return torch.stack([one(x) for x in features]) if features.dim() == 3 else one(features)
+    return type(features)(one(x) for x in features)
 
 
 def call_of(state: IllavaState, output) -> EncoderCall | None:
@@ -101,18 +124,33 @@ def collecting_attentions() -> bool:
     return bool(collected) and "attentions" in collected
 
 
-def attention_and_scores(attn: torch.nn.Module, hidden: torch.Tensor, q, k, v, scale: float, eager_call):
+def attention_and_scores(attn: torch.nn.Module, hidden: torch.Tensor, q, k, v, scale: float, eager_call, bias=None):
     """Attention output and the attention each token receives.
 
-    Normally one explicit softmax gives both (``attention_with_received_scores``). While
-    transformers collects attention maps with eager attention, the stock attention module runs
-    instead (``eager_call()``), so the map of a merge layer is recorded like any other layer's.
+    Normally one explicit softmax gives both (``attention_with_received_scores``; ``bias``: added
+    to the logits, ``proportional_bias``). While transformers collects attention maps with eager
+    attention, the stock attention module runs instead (``eager_call()``), so the map of a merge
+    layer is recorded like any other layer's.
     """
-    if collecting_attentions() and attn.config._attn_implementation == "eager":
+    if collecting_attentions() and attn.config._attn_implementation == "eager" and bias is None:
         out, weights = eager_call()
         return out, weights.float().mean(dim=(1, 2)), True
-    out, received = attention_with_received_scores(q, k, v, scale)
+    out, received = attention_with_received_scores(q, k, v, scale, bias)
     return out, received, False
+
+
+def proportional_bias(state: IllavaState, n: int, unit: int = 1, keep_first: int = 0) -> torch.Tensor | None:
+    """``log(size)`` of every token as an additive attention bias ``(crops, 1, 1, n)`` when the
+    policy asks for proportional attention (ToMe) and earlier merges made tokens of several units."""
+    if not state.policy.proportional_attention:
+        return None
+    call = current_call(state)
+    trace = call.work.get("crops") if call is not None else None
+    if trace is None or trace.sizes is None:
+        return None
+    sizes = trace.sizes.repeat_interleave(unit, dim=1)
+    sizes = torch.cat([sizes.new_ones(sizes.shape[0], keep_first), sizes], dim=1)
+    return sizes.log()[:, None, None, :n]
 
 
 class CropTrace:
@@ -122,11 +160,13 @@ class CropTrace:
         index = torch.arange(units, device=device).expand(crops, units)
         self.positions = index  # (crops, n) original unit of each current unit
         self.assign = index  # (crops, U) current unit representing each original unit, -1: dropped
+        self.sizes: torch.Tensor | None = None  # (crops, n) original units each current unit stands for
         self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def step(self, layer: int, res, received: torch.Tensor, record: bool) -> None:
         before = self.positions
         self.positions = before.gather(1, res.kept)
+        self.sizes = merged_sizes(self.sizes, res, before.shape[1])
         self.assign = compose_assign(self.assign, res.assign)
         if record:
             crops, units = self.assign.shape
@@ -146,14 +186,21 @@ class CropTrace:
 
 
 def merge_units(
-    state: IllavaState, layer: int, hidden: torch.Tensor, received: torch.Tensor, unit: int = 1, keep_first: int = 0
+    state: IllavaState,
+    layer: int,
+    hidden: torch.Tensor,
+    received: torch.Tensor,
+    unit: int = 1,
+    keep_first: int = 0,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Remove and recycle the configured number of units of every crop at encoder ``layer``.
 
     ``hidden`` ``(B, N, D)``: ``keep_first`` tokens that are never removed (a CLS token), then
     units of ``unit`` consecutive tokens (a 2x2 block is 4 tokens); ``received`` ``(B, N)`` the
-    attention every token receives. A unit's score is the mean of its tokens'; recycling treats a
-    unit's tokens position by position (one vector of ``unit * D``).
+    attention every token receives; ``keys`` ``(B, N, K)`` the layer's keys (heads averaged), the
+    similarity metric of policies that match tokens. A unit's score is the mean of its tokens';
+    recycling treats a unit's tokens position by position (one vector of ``unit * D``).
     """
     cfg = state.config
     b, n, d = hidden.shape
@@ -166,15 +213,32 @@ def merge_units(
         raise ValueError(
             f"illava: encoder layer {layer} would remove {r} of the {units} units of a crop; lower encoder_removal"
         )
-    res = state.policy.reduce("encoder", body.reshape(b, units, unit * d), scores, r, cfg)
     call = current_call(state)
+    trace = call.work.get("crops") if call is not None else None
+    side = round(units**0.5)
+    context = {
+        "metric": None if keys is None else keys[:, keep_first:].reshape(b, units, -1),
+        "sizes": trace.sizes if trace is not None else None,
+        # the unit grid of the crop, while every unit is still there in raster order
+        "grid": (side, side) if trace is None and side * side == units else None,
+    }
+    res = state.policy.reduce("encoder", body.reshape(b, units, unit * d), scores, r, cfg, **context)
+    kept = res.tokens.shape[1]
     if call is not None:
-        trace = call.work.get("crops")
         if trace is None:
             trace = call.work["crops"] = CropTrace(b, units, hidden.device)
         trace.step(layer, res, attention, recording(state))
-        call.layers.append((layer, b * n, b * (keep_first + (units - r) * unit)))
-    return torch.cat([head, res.tokens.reshape(b, (units - r) * unit, d)], dim=1)
+        call.layers.append((layer, b * n, b * (keep_first + kept * unit)))
+    return torch.cat([head, res.tokens.reshape(b, kept * unit, d)], dim=1)
+
+
+def merged_sizes(sizes: torch.Tensor | None, res, n: int) -> torch.Tensor:
+    """Original units every output token stands for, after a merge (``res.assign``)."""
+    b = res.assign.shape[0]
+    sizes = torch.ones(b, n, device=res.assign.device) if sizes is None else sizes
+    out = torch.zeros(b, res.kept.shape[1] + 1, device=sizes.device)
+    slot = torch.where(res.assign >= 0, res.assign, res.kept.shape[1])
+    return out.scatter_add_(1, slot, sizes.float())[:, :-1]
 
 
 def stock_count_features(survivors: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from .config import keep_count
 from .encoder import call_of
 from .merge import query_scores
 from .patch import Hook, PatchRecord
+from .peers import received_from_all
 from .state import ForwardTrace, IllavaState, LLMLayerStats, VisualItem
 
 
@@ -460,8 +461,14 @@ class Score(Hook):
         key_mask = (chunk.segments[:, None, :] == sequences[None, :, None]) & chunk.mask[:, None, :]
         key_mask[:, :, 0] |= ~key_mask.any(-1)  # a row without that sequence: any key (never used)
         with torch.no_grad():  # a selection signal: no gradient flows through which tokens are kept
-            query, key, scale = self.adapter.query_key(module, hidden, kwargs["position_embeddings"], rows)
-            chunk.scores[self.k] = query_scores(query, key, scale, key_mask)
+            if self.state.policy.llm_query == "all":  # every query scores (FastV)
+                every = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+                query, key, scale = self.adapter.query_key(module, hidden, kwargs["position_embeddings"], every)
+                received = received_from_all(query, key, scale, chunk.mask, chunk.segments)
+                chunk.scores[self.k] = received[:, None].expand(-1, rows.shape[1], -1)
+            else:
+                query, key, scale = self.adapter.query_key(module, hidden, kwargs["position_embeddings"], rows)
+                chunk.scores[self.k] = query_scores(query, key, scale, key_mask)
         return None
 
 

@@ -116,6 +116,10 @@ class Adapter:
     def scoring_attention(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.self_attn
 
+    def mergeable_layers(self, model) -> tuple[int, ...]:
+        """The encoder layers where the encoder stage may merge (up to the feature layer)."""
+        return tuple(range(self.dimensions(model).feature_layer + 1))
+
     # ------------------------------------------------------------------ presets and checks
     def presets_for(self, model) -> dict:
         return self.presets[model.config.model_type]

@@ -39,6 +39,7 @@ from ..encoder import (
     encoder_call,
     features_done,
     merge_units,
+    proportional_bias,
     record_placeholders,
     recording,
 )
@@ -84,15 +85,17 @@ class IllavaInternVisionLayer:
         q, k = attn.q_norm(attn.q_proj(hidden)), attn.k_norm(attn.k_proj(hidden))
         v = attn.v_proj(hidden)
         q, k, v = (t.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden))
+        bias = proportional_bias(state, n, unit=4, keep_first=1)
+        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
         if not projected:
             out = attn.projection_dropout(attn.projection_layer(out.reshape(b, n, -1)))
         hidden = hidden_states + self.lambda_1 * out
+        keys = k.mean(1)
         if patch.layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
             patches = block_order(round((n - 1) ** 0.5), hidden.device).flatten() + 1
             order = torch.cat([patches.new_zeros(1), patches])  # the CLS token first
-            hidden, received = hidden[:, order], received[:, order]
-        hidden = merge_units(state, patch.layer, hidden, received, unit=4, keep_first=1)
+            hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
+        hidden = merge_units(state, patch.layer, hidden, received, unit=4, keep_first=1, keys=keys)
         layer_output = self.dropout(self.mlp(self.layernorm_after(hidden)))
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output

@@ -37,6 +37,7 @@ from ..encoder import (
     features_done,
     merge_units,
     pool_survivors,
+    proportional_bias,
     record_placeholders,
     recording,
     rows_with_newlines,
@@ -66,11 +67,12 @@ class IllavaSiglipLayer:
         hidden = self.layer_norm1(hidden_states)
         shape = (*hidden.shape[:-1], -1, attn.head_dim)
         q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden))
+        bias = proportional_bias(state, hidden.shape[1])
+        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
         if not projected:
             out = attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
         hidden = residual + out
-        hidden = merge_units(state, self._illava.layer, hidden, received)
+        hidden = merge_units(state, self._illava.layer, hidden, received, keys=k.mean(1))
         return hidden + self.mlp(self.layer_norm2(hidden))
 
 

@@ -33,6 +33,7 @@ from ..encoder import (
     current_call,
     encoder_call,
     features_done,
+    merged_sizes,
     record_placeholders,
     recording,
     stock_count_features,
@@ -59,6 +60,7 @@ class Blocks:
     block_ids: torch.Tensor  # original (window-order) block of every current block
     window_of_block: torch.Tensor | None  # Qwen2.5-VL: window of every current block
     position_embeddings: tuple | None  # rotary (cos, sin) of the current tokens
+    sizes: torch.Tensor | None = None  # original blocks every current block stands for
 
 
 class VisionRun:
@@ -79,6 +81,9 @@ class VisionRun:
             window_blocks = (cu_windows[1:] - cu_windows[:-1]) // self.unit
             window_of_block = torch.repeat_interleave(torch.arange(len(window_blocks)), window_blocks)
         self.initial = Blocks((frame_tokens // self.unit).tolist(), torch.arange(blocks), window_of_block, None)
+        side = visual.spatial_merge_size
+        # the block grid of every frame, while blocks are in raster order (Qwen2-VL, before any merge)
+        self.grids = [(int(h) // side, int(w) // side) for t, h, w in grid_thw.tolist() for _ in range(int(t))]
         self.after: dict[int, Blocks] = {}
         self.assign = torch.arange(blocks)  # current block representing every original block, -1: dropped
         self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # viz: (layer, owner, scores)
@@ -136,10 +141,14 @@ class IllavaQwenVisionBlock:
         q, k = rope_vision(q, cos, sin), rope_vision(k, cos, sin)
         cu = run.cu_seqlens(blocks, True, hidden.device)
         bounds = cu.tolist()
+        bias = None
+        if state.policy.proportional_attention and blocks.sizes is not None:  # ToMe: log(size) of every token
+            bias = blocks.sizes.to(hidden.device).repeat_interleave(run.unit).log()
         outputs, received = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
+            frame_bias = bias[a:b][None, None, None] if bias is not None else None
             out, score = attention_with_received_scores(
-                *(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), attn.scaling
+                *(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), attn.scaling, frame_bias
             )
             outputs.append(out[0])
             received.append(score[0])
@@ -148,24 +157,27 @@ class IllavaQwenVisionBlock:
             hidden = hidden_states + attn(hidden, cu_seqlens=cu, position_embeddings=position_embeddings, **kwargs)
         else:
             hidden = hidden_states + attn.proj(torch.cat(outputs).reshape(n, -1))
-        hidden = _merge_blocks(state, run, layer, blocks, hidden, torch.cat(received), position_embeddings)
+        hidden = _merge_blocks(state, run, layer, blocks, hidden, torch.cat(received), position_embeddings, k.mean(1))
         return hidden + self.mlp(self.norm2(hidden))
 
 
-def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, received, position_embeddings):
-    """Remove and recycle whole 2x2 blocks, frame by frame (frames of equal size in one batch)."""
+def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, received, position_embeddings, keys):
+    """Remove and recycle whole 2x2 blocks, frame by frame (frames of one size and grid together)."""
     cfg, unit, device = state.config, run.unit, hidden.device
     dim = hidden.shape[-1]
     flat = hidden.view(-1, unit * dim)
+    metric = keys.reshape(flat.shape[0], -1)
     attention = received.view(-1, unit).float().mean(-1)
     scores = state.policy.scores("encoder", attention)
     starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1].tolist()
     removal = cfg.removal_at(layer)
-    by_size: dict[int, list[int]] = {}
+    raster = blocks is run.initial and run.window_index is None
+    by_size: dict[tuple, list[int]] = {}
     for f, size in enumerate(blocks.frame_blocks):
-        by_size.setdefault(size, []).append(f)
-    kept_per_frame, tokens_per_frame, assign_per_frame = {}, {}, {}
-    for size, frames in by_size.items():
+        by_size.setdefault((size, run.grids[f] if raster else None), []).append(f)
+    sizes = blocks.sizes if blocks.sizes is not None else torch.ones(flat.shape[0])
+    kept_per_frame, tokens_per_frame, assign_per_frame, sizes_per_frame = {}, {}, {}, {}
+    for (size, grid), frames in by_size.items():
         r = removal_units(size, removal, unit)
         if isinstance(removal, float):
             r = min(r, size - 1)  # a fraction never removes the last block of a frame
@@ -175,10 +187,13 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
                 f"has only {size * unit} left; lower encoder_removal (counts are per frame)"
             )
         index = torch.tensor([starts[f] for f in frames], device=device)[:, None] + torch.arange(size, device=device)
-        res = state.policy.reduce("encoder", flat[index], scores[index], r, cfg)
+        context = {"metric": metric[index], "sizes": sizes.to(device)[index], "grid": grid}
+        res = state.policy.reduce("encoder", flat[index], scores[index], r, cfg, **context)
         kept = index.gather(1, res.kept)
+        merged = merged_sizes(context["sizes"], res, size)
         for i, f in enumerate(frames):
             kept_per_frame[f], tokens_per_frame[f], assign_per_frame[f] = kept[i], res.tokens[i], res.assign[i]
+            sizes_per_frame[f] = merged[i]
     frames = range(len(blocks.frame_blocks))
     kept_blocks = torch.cat([kept_per_frame[f] for f in frames])
     tokens = torch.cat([tokens_per_frame[f] for f in frames]).reshape(-1, dim)
@@ -189,7 +204,11 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
     window = blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None
     new_counts = [kept_per_frame[f].numel() for f in frames]
     run.after[layer] = Blocks(
-        new_counts, blocks.block_ids[kept_cpu], window, tuple(t[token_index] for t in position_embeddings)
+        new_counts,
+        blocks.block_ids[kept_cpu],
+        window,
+        tuple(t[token_index] for t in position_embeddings),
+        torch.cat([sizes_per_frame[f] for f in frames]).cpu(),
     )
     call = current_call(state)
     if call is not None:
@@ -348,6 +367,11 @@ class QwenVLAdapter(Adapter):
     def dimensions(self, model) -> Dimensions:
         vc, tc = model.config.vision_config, model.config.text_config
         return Dimensions(vc.depth, 0, tc.num_hidden_layers, vc.depth - 1, unit=self.unit)
+
+    def mergeable_layers(self, model) -> tuple[int, ...]:
+        full = getattr(model.model.visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: full attention only
+        layers = super().mergeable_layers(model)
+        return tuple(layer for layer in layers if full is None or layer in full)
 
     def llm_stage_in_presets(self, model) -> bool:
         # the authors turn the LLM stage off for Qwen2-VL-2B (text width 1536)

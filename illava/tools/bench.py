@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from .. import api
 from ..adapters import adapter_for
 from ..config import IllavaConfig
+from ..methods import scale_reduction
 from .flops import prefill_flops
 
 METRICS = ("encoder_s", "prefill_s", "decode_tokens_per_s", "samples_per_s", "peak_memory_mb")
@@ -288,19 +289,9 @@ def make_inputs(model, source: str | None, images, videos, batch_size: int) -> d
     return out
 
 
-def sweep_config(base, level: float):
-    """``base`` with its reduction scaled by ``level`` (0 = none, 1 = as given, >1 = more)."""
-    removal = base.encoder_removal
-    scale_removal = (
-        (lambda r: round(r * level))
-        if isinstance(removal, int) or (isinstance(removal, tuple) and isinstance(removal[0], int))
-        else (lambda r: min(0.9, r * level))
-    )
-    removal = tuple(scale_removal(r) for r in removal) if isinstance(removal, tuple) else scale_removal(removal)
-    keep = base.llm_keep_ratio
-    scale_keep = lambda k: max(0.05, 1 - (1 - k) * level)  # noqa: E731
-    keep = tuple(scale_keep(k) for k in keep) if isinstance(keep, tuple) else scale_keep(keep)
-    return base.replace(encoder_removal=removal, llm_keep_ratio=keep, preset=None)
+def sweep_config(base, level: float, unit: int = 1):
+    """``base`` with its reduction scaled by ``level`` (``illava.methods.scale_reduction``)."""
+    return scale_reduction(base, level, unit)
 
 
 def run_bench(

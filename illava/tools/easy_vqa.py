@@ -170,22 +170,33 @@ class Score:
     config: str
 
 
-def accuracy(model, tokenizer, processor, rows, batch: int = 64) -> float:
-    """Share of questions whose first generated token is the answer (the model as it is set up)."""
+def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
+    """Log-probabilities ``(len(rows), vocab)`` of the first answer token of every question (the
+    model as it is set up: stock or with illava applied), from one forward of the prompt."""
     from PIL import Image
 
     from .inputs import build
 
-    correct = 0
+    out = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
             images = [Image.open(p).convert("RGB") for _, _, p in chunk]
             inputs = build(model.config, tokenizer, [prompt(q) for q, _, _ in chunk], images, image_processor=processor)
             logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-            predicted = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-            correct += sum(p == a for p, (_, a, _) in zip(predicted, chunk))
-    return correct / len(rows)
+            out.append(torch.log_softmax(logits.float(), -1))
+    return torch.cat(out)
+
+
+def correct(tokenizer, rows, log_probs: torch.Tensor) -> torch.Tensor:
+    """Whether the argmax of every row of ``log_probs`` is that question's answer (bool tensor)."""
+    predicted = tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
+    return torch.tensor([p == a for p, (_, a, _) in zip(predicted, rows)])
+
+
+def accuracy(model, tokenizer, processor, rows, batch: int = 64) -> float:
+    """Share of questions whose first generated token is the answer (the model as it is set up)."""
+    return correct(tokenizer, rows, predict(model, tokenizer, processor, rows, batch)).float().mean().item()
 
 
 def _flops(model, tokenizer, processor, row) -> tuple[float, dict]:
@@ -266,6 +277,109 @@ def plot(scores: list[Score], path: str) -> None:
     ax.set_ylabel("easy-VQA accuracy (%)")
     ax.set_title("illava on the shipped easy-VQA model: accuracy vs compute")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------ methods at equal FLOPs
+@dataclass
+class MethodScore:
+    method: str
+    target: float  # share of stock prefill FLOPs asked for (1.0: stock itself)
+    share: float  # achieved
+    knob: float | None
+    reached: bool
+    visual_tokens: dict
+    accuracy_all: float
+    accuracy_open: float
+    agreement: float  # share of questions answered as stock answers them
+    kl: float  # mean KL(stock || method) of the first answer token, nats
+    config: str
+
+
+def question_sets(limit: int = 500, seed: int = 0) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The questions of a method comparison: ``limit`` of all test questions and ``limit`` open ones
+    (fixed subsets, united); returns (rows, in the "all" subset, in the "open" subset)."""
+    every = test_questions(limit, seed, "all")
+    opened = test_questions(limit, seed, "open")
+    rows = list(dict.fromkeys(every + opened))
+    in_all, in_open = set(every), set(opened)
+    return rows, torch.tensor([r in in_all for r in rows]), torch.tensor([r in in_open for r in rows])
+
+
+def compare_methods(
+    model, tokenizer, processor, rows, in_all, in_open, methods, budgets, progress=None, solved_progress=None
+) -> list[MethodScore]:
+    """Every method of ``methods`` at every FLOPs share of ``budgets`` (knobs solved on the first
+    question by ``illava.tools.budget``; all images of easy-VQA have one size), scored against the
+    answers and against stock: accuracy on all and on open questions, agreement with stock's
+    answer, mean KL divergence of the first answer token's distribution from stock's."""
+    from PIL import Image
+
+    from .budget import solve_all
+    from .inputs import build
+
+    api.remove(model)
+    stock = predict(model, tokenizer, processor, rows)
+    probe = rows[0]
+    probe_inputs = build(
+        model.config, tokenizer, [prompt(probe[0])], [Image.open(probe[2]).convert("RGB")], image_processor=processor
+    )
+    solved = solve_all(model, methods, budgets, dict(probe_inputs), progress=solved_progress)
+    stock_tokens = solved[0].tokens["stock"] if solved else 0
+
+    def score(name, target, share, knob, reached, tokens, log_probs, config):
+        ok = correct(tokenizer, rows, log_probs)
+        kl = (stock.exp() * (stock - log_probs)).sum(-1)
+        return MethodScore(
+            name, target, share, knob, reached, tokens, ok[in_all].float().mean().item(),
+            ok[in_open].float().mean().item(), (log_probs.argmax(-1) == stock.argmax(-1)).float().mean().item(),
+            kl.mean().item(), config,
+        )  # fmt: skip
+
+    tokens = {"stock": stock_tokens, "after_encoder": stock_tokens, "after_llm": stock_tokens}
+    scores = [score("stock", 1.0, 1.0, None, True, tokens, stock, "stock")]
+    if progress:
+        progress(scores[-1])
+    for s in solved:
+        api.apply(model, s.config)
+        log_probs = predict(model, tokenizer, processor, rows)
+        scores.append(score(s.method, s.target, s.share, s.knob, s.reached, s.tokens, log_probs, str(s.config)))
+        if progress:
+            progress(scores[-1])
+    api.remove(model)
+    return scores
+
+
+def plot_methods(scores: list[MethodScore], path: str) -> None:
+    """Accuracy (open questions) and KL from stock vs share of stock prefill FLOPs, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    stock = next(s for s in scores if s.method == "stock")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
+    methods = list(dict.fromkeys(s.method for s in scores if s.method != "stock"))
+    for method in methods:
+        points = sorted((s for s in scores if s.method == method), key=lambda s: s.share)
+        x = [100 * s.share for s in points]
+        style = {"marker": "o", "ls": "-" if method.startswith("illava") else "--", "label": method}
+        if method in ("random", "pool"):
+            style |= {"color": "grey", "ls": ":", "marker": "x" if method == "random" else "s"}
+        left.plot(x, [100 * s.accuracy_open for s in points], **style)
+        right.plot(x, [max(s.kl, 1e-6) for s in points], **style)
+    left.axhline(100 * stock.accuracy_open, color="black", lw=0.8, label="stock")
+    left.set_ylabel("accuracy, open questions (%)")
+    right.set_ylabel("mean KL(stock || method), first answer token (nats)")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xlabel("prefill FLOPs, % of stock (analytic)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+    left.legend(fontsize=7, ncol=2)
+    fig.suptitle("easy-VQA model: methods at matched prefill FLOPs")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

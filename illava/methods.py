@@ -1,0 +1,166 @@
+"""iLLaVA and its peers, by name: each a configuration of the stages plus a policy, with its
+published default and one knob (what a FLOPs budget solves for). docs/peers.md describes them.
+
+    illava.apply(model, "fastv")                                # published default
+    illava.apply(model, method_config(model, "fastv", 0.25))    # knob: share of visual tokens kept
+
+| method | where | knob (default) |
+|---|---|---|
+| ``illava`` | encoder layers + LLM layers (the ``image`` preset, its recycle mode) | reduction level (1.0) |
+| ``illava-rank``, ``illava-cluster``, ``illava-prune`` | the same with that recycle mode | reduction level (1.0) |
+| ``fastv`` | LLM, before layer 2, all-query attention, pruned | keep share (0.5) |
+| ``pdrop`` | LLM, at 1/4, 1/2, 3/4 of the depth, last-token attention, pruned | keep share per cut (0.5) |
+| ``tome`` | every encoder layer, bipartite matching, proportional attention | units per layer (8; may be fractional) |
+| ``visionzip`` | the encoder's feature layer: dominant + contextual tokens | keep share (1/3) |
+| ``divprune`` | projected tokens before the LLM: max-min diversity | keep share (0.1) |
+| ``random`` | projected tokens before the LLM: random subset (control) | keep share (1/3) |
+| ``pool`` | the encoder's feature layer: average pooling of every crop (control) | keep share (1/3) |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import IllavaConfig
+from .policy import DivPrune, FastV, PDrop, Pool, RandomDrop, ToMe, VisionZip
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    knob: str
+    default: float
+    low: float  # knob value with the least reduction
+    high: float  # knob value with the most reduction
+    build: Callable[[object, float], IllavaConfig]
+
+    def config(self, model, value: float | None = None) -> IllavaConfig:
+        value = self.default if value is None else value
+        return self.build(model, float(value)).replace(preset=self.name)
+
+
+def scale_reduction(base: IllavaConfig, level: float, unit: int = 1) -> IllavaConfig:
+    """``base`` with its reduction scaled by ``level`` (0 = none, 1 = as given, > 1 = more); counts
+    stay whole ``unit`` s, fractions at most 0.9, keep ratios at least 0.05."""
+
+    def removal(r):
+        return round(r * level / unit) * unit if isinstance(r, int) else min(0.9, r * level)
+
+    def keep(k):
+        return max(0.05, 1 - (1 - k) * level)
+
+    removals = base.encoder_removal
+    keeps = base.llm_keep_ratio
+    return base.replace(
+        encoder_removal=tuple(map(removal, removals)) if isinstance(removals, tuple) else removal(removals),
+        llm_keep_ratio=tuple(map(keep, keeps)) if isinstance(keeps, tuple) else keep(keeps),
+        preset=None,
+    )
+
+
+def _adapter(model):
+    from .adapters import adapter_for
+
+    return adapter_for(model)
+
+
+def _illava(model, level: float, recycle: str | None = None) -> IllavaConfig:
+    adapter = _adapter(model)
+    config = scale_reduction(adapter.preset(model, "image"), level, adapter.unit)
+    return config if recycle is None else config.replace(recycle=recycle)
+
+
+def _fastv(model, keep: float) -> IllavaConfig:
+    depth = _adapter(model).dimensions(model).llm_depth
+    return IllavaConfig(llm_layers=(min(2, depth - 1),), llm_keep_ratio=keep, policy=FastV())
+
+
+def _pdrop(model, keep: float) -> IllavaConfig:
+    depth = _adapter(model).dimensions(model).llm_depth
+    layers = tuple(dict.fromkeys(max(1, round(depth * s / 4)) for s in (1, 2, 3)))
+    return IllavaConfig(llm_layers=layers, llm_keep_ratio=keep, policy=PDrop())
+
+
+def _tome(model, r: float) -> IllavaConfig:
+    """``r`` units merged per layer; a fractional ``r`` merges floor((i+1) r) - floor(i r) at the
+    i-th layer (the same total as r per layer, spread evenly), so a budget can be met to one unit."""
+    adapter = _adapter(model)
+    layers = adapter.mergeable_layers(model)
+    per_layer = tuple(
+        (math.floor((i + 1) * r + 1e-9) - math.floor(i * r + 1e-9)) * adapter.unit for i in range(len(layers))
+    )
+    return IllavaConfig(encoder_layers=layers, encoder_removal=per_layer, policy=ToMe())
+
+
+def _last_layer(model, keep: float, policy) -> IllavaConfig:
+    layer = max(_adapter(model).mergeable_layers(model))
+    return IllavaConfig(encoder_layers=(layer,), encoder_removal=round(1 - keep, 6), policy=policy)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("illava", "iLLaVA: encoder + LLM stages (image preset)", "level", 1.0, 0.0, 4.0, _illava),
+        *(
+            Method(
+                f"illava-{mode}",
+                f"iLLaVA, recycle {mode}",
+                "level",
+                1.0,
+                0.0,
+                4.0,
+                lambda model, level, mode=mode: _illava(model, level, mode),
+            )
+            for mode in ("rank", "cluster", "prune")
+        ),
+        Method("fastv", "FastV: LLM layer 2, all-query attention, pruned", "keep", 0.5, 1.0, 0.02, _fastv),
+        Method("pdrop", "PyramidDrop: 3 LLM cuts, last-token attention", "keep", 0.5, 1.0, 0.05, _pdrop),
+        Method("tome", "ToMe: bipartite merging in every encoder layer", "r", 8, 0, 64, _tome),
+        Method(
+            "visionzip",
+            "VisionZip: dominant + contextual at the feature layer",
+            "keep",
+            1 / 3,
+            1.0,
+            0.01,
+            lambda model, keep: _last_layer(model, keep, VisionZip()),
+        ),  # fmt: skip
+        Method(
+            "divprune",
+            "DivPrune: max-min diverse subset before the LLM",
+            "keep",
+            0.1,
+            1.0,
+            0.01,
+            lambda model, keep: IllavaConfig(feature_keep=keep, policy=DivPrune()),
+        ),  # fmt: skip
+        Method(
+            "random",
+            "control: random subset before the LLM",
+            "keep",
+            1 / 3,
+            1.0,
+            0.01,
+            lambda model, keep: IllavaConfig(feature_keep=keep, policy=RandomDrop()),
+        ),  # fmt: skip
+        Method(
+            "pool",
+            "control: average pooling at the feature layer",
+            "keep",
+            1 / 3,
+            1.0,
+            0.01,
+            lambda model, keep: _last_layer(model, keep, Pool()),
+        ),  # fmt: skip
+    )
+}
+
+
+def method_config(model, name: str, value: float | None = None) -> IllavaConfig:
+    """The configuration of method ``name`` for ``model`` at knob ``value`` (default: published)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {list(METHODS)}")
+    return METHODS[name].config(model, value)
