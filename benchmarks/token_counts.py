@@ -3,11 +3,16 @@
 Random weights: compute and counts do not depend on the weight values (which tokens survive does).
 With --truncate, decoder layers after the last LLM merge layer and vision layers after the last
 encoder merge layer are not built (no count depends on them: the models read the encoder's last
-layer), so 7B-size models fit a 24 GB CPU machine in fp32, and InternVL2.5-26B in bfloat16.
+layer), so 7B-size models fit a 24 GB CPU machine in fp32. With --narrow (Qwen-VL and InternVL),
+every width (hidden, MLP, heads) is cut to a few dozen while depths, patch and image sizes, tiling
+and presets stay: those families' counts depend on nothing else (checked: InternVL2.5-8B,
+Qwen2-VL-7B and Qwen2.5-VL-7B give the counts of their full-width runs), so InternVL2.5-26B takes
+seconds instead of hours. LLaVA-OneVision's row-end tokens follow the rows where survivors lie,
+which depends on the weights: --narrow is refused there.
 
     python benchmarks/token_counts.py --arch llava-onevision-qwen2-0.5b --frames 32
     python benchmarks/token_counts.py --arch qwen2-vl-7b --frames 8 --truncate
-    python benchmarks/token_counts.py --arch internvl2.5-26b --truncate --dtype bfloat16 --cases 1280x720
+    python benchmarks/token_counts.py --arch internvl2.5-26b --narrow --cases 1280x720
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ def main() -> None:
     parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b", choices=sorted(architectures()))
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--truncate", action="store_true", help="build layers only up to the last merge of each stage")
+    parser.add_argument("--narrow", action="store_true", help="cut every width (counts do not depend on it)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cases", default="384x384,1280x720,video", help="comma-separated: 384x384, 1280x720, video")
     parser.add_argument("--json", help="write the results here")
@@ -47,6 +53,8 @@ def main() -> None:
     cases = {name: case for name, case in cases.items() if any(w in name for w in wanted)}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     meta = build_architecture(args.arch, device="meta")
+    if args.narrow and meta.config.model_type == "llava_onevision":
+        parser.error("--narrow: LLaVA-OneVision's counts depend on the weights (row-end tokens); use --truncate")
     results = {}
     model, model_preset = None, None
     for name, (preset, images, videos) in cases.items():
@@ -58,7 +66,9 @@ def main() -> None:
             model = None
             gc.collect()
             torch.manual_seed(0)
-            model = build_architecture(args.arch, dtype=dtype, llm_layers=depth, vision_layers=vision)
+            model = build_architecture(
+                args.arch, dtype=dtype, llm_layers=depth, vision_layers=vision, narrow=args.narrow
+            )
             model.lm_head = torch.nn.Identity()  # no count depends on the logits: save its memory
             model_preset = (depth, vision, preset)
         built = time.time() - start
@@ -68,7 +78,7 @@ def main() -> None:
         inputs = {k: v.to(dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
         model(**inputs, use_cache=False, logits_to_keep=1)
         stats = illava.stats(model)
-        layers = {"decoder_layers_built": depth, "vision_layers_built": vision}
+        layers = {"decoder_layers_built": depth, "vision_layers_built": vision, "narrow": args.narrow}
         results[name] = {"preset": preset, "config": str(cfg), **layers, **stats.as_dict()}
         print(f"\n== {args.arch}: {name}, preset '{preset}' (built {built:.0f}s, ran {time.time() - start:.0f}s)")
         print(f"config: {cfg}\n{stats}", flush=True)

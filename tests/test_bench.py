@@ -101,3 +101,40 @@ def test_sweep_config_scales_reduction():
     frac = sweep_config(base.replace(encoder_removal=0.2), 2.0)
     assert frac.encoder_removal == pytest.approx(0.4) and frac.llm_keep_ratio == pytest.approx(0.4)
     assert sweep_config(base, 0.0).llm_keep_ratio == 1.0 and sweep_config(base, 0.0).encoder_removal == 0
+
+
+def test_bench_of_methods_at_one_budget(tiny_folder, tmp_path):
+    """`illava bench --method a,b --budget s`: every method's knob solved for the budget, prefill
+    alternated with stock, ratios from adjacent pairs, the share of the FLOPs prediction."""
+    out = tmp_path / "m.json"
+    args = ["bench", str(tiny_folder), "--method", "fastv,divprune", "--budget", "0.8", "--repeats", "3"]
+    result = CliRunner().invoke(app, [*args, "--warmup", "0", "--json", str(out)], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    assert "share of predicted" in result.output and "adjacent-pair" in result.output
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["fastv", "divprune"] and report["budget"] == 0.8
+    assert len(report["stock"]["prefill_s"]) == 3
+    for row in report["methods"].values():
+        assert len(row["prefill_s"]) == 3
+        assert row["flops_share"] <= 0.8 or not row["budget_reached"]
+        assert row["flops_predicted_prefill_speedup"] == pytest.approx(report["stock"]["gflops"] / row["gflops"])
+        ratios = [s / m for s, m in zip(report["stock"]["prefill_s"], row["prefill_s"])]
+        assert row["prefill_speedup"]["pair_median"] == pytest.approx(sorted(ratios)[1])
+    assert report["methods"]["divprune"]["config"]["feature_keep"] is not None
+    assert report["methods"]["fastv"]["config"]["policy"] == "fastv"
+
+
+def test_bench_of_one_method_and_method_argument_errors(tiny_folder, tmp_path):
+    out = tmp_path / "one.json"
+    args = ["bench", str(tiny_folder), "--method", "tome", "--repeats", "1", "--warmup", "0", "--new-tokens", "1"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["method"] == "tome" and report["config"]["policy"] == "tome"
+    assert report["settings"]["illava"]["visual_tokens"]["after_encoder"] < 664
+    runner = CliRunner()
+    for bad, word in ((["--method", "fast-v"], "unknown method"), (["--budget", "0.5"], "--budget needs --method"),
+                      (["--method", "fastv", "--budget", "2"], "--budget"),
+                      (["--method", "fastv", "--sweep", "1"], "cannot be combined")):  # fmt: skip
+        result = runner.invoke(app, ["bench", str(tiny_folder), *bad], env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and word in result.output, (bad, result.output)

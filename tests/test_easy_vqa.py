@@ -123,3 +123,43 @@ def test_question_kinds_and_open_subset():
     assert easy_vqa.test_questions(50, kinds="open") == easy_vqa.test_questions(50, kinds="open")
     with pytest.raises(ValueError, match="kinds"):
         easy_vqa.test_questions(5, kinds="yes/no")
+
+
+def test_methods_at_matched_budgets_table_json_and_plot(folder, tmp_path):
+    """`illava eval easy-vqa --methods ...`: stock first (agreement 100 %, KL 0), every method at
+    every budget, its achieved share next to the target, the figure."""
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    args = ["eval", "easy-vqa", "--model", str(folder), "--limit", "10", "--methods", "illava-rank,fastv"]
+    result = CliRunner().invoke(
+        app, [*args, "--budgets", "0.6,1", "--json", str(out), "--plot", str(png)], env={"COLUMNS": "220"}
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    scores = report["scores"]
+    assert report["questions"]["all"] == 10 and report["questions"]["open"] == 10
+    assert scores[0]["method"] == "stock" and scores[0]["agreement"] == 1 and scores[0]["kl"] == pytest.approx(0)
+    assert [(s["method"], s["target"]) for s in scores[1:]] == [
+        (m, b) for m in ("illava-rank", "fastv") for b in (0.6, 1.0)
+    ]
+    for s in scores[1:]:
+        assert s["share"] <= s["target"] + 1e-9 or not s["reached"]
+        if s["target"] == 1.0:  # the whole budget: the method at its least reduction is stock
+            assert s["agreement"] == 1 and s["kl"] == pytest.approx(0, abs=1e-6), s
+        else:
+            assert s["kl"] >= 0 and 0 <= s["accuracy_open"] <= 1
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kl_and_agreement_are_computed_against_stock(folder):
+    """A hand check of the instrument: KL and agreement of a method equal those computed from the
+    stock and method distributions directly."""
+    model, tokenizer, processor = easy_vqa.load(folder)
+    rows, in_all, in_open = easy_vqa.question_sets(6)
+    scores = easy_vqa.compare_methods(model, tokenizer, processor, rows, in_all, in_open, ["divprune"], [0.7])
+    stock = easy_vqa.predict(model, tokenizer, processor, rows)
+    illava.apply(model, illava.IllavaConfig(feature_keep=0.0 + scores[1].knob, policy=illava.DivPrune()))
+    method = easy_vqa.predict(model, tokenizer, processor, rows)
+    illava.remove(model)
+    p = stock.exp()
+    assert scores[1].kl == pytest.approx((p * (stock - method)).sum(-1).mean().item(), rel=1e-5)
+    assert scores[1].agreement == pytest.approx((stock.argmax(-1) == method.argmax(-1)).float().mean().item())

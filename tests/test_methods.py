@@ -97,7 +97,8 @@ def test_methods_apply_by_name_with_their_published_defaults():
 
 
 # knob values that reduce tokens on the tiny models (the published defaults are for real sizes)
-KNOBS = {"illava": 1.0, "illava-rank": 1.0, "illava-cluster": 1.0, "illava-prune": 1.0, "fastv": 0.5, "pdrop": 0.6, "tome": 2, "visionzip": 0.4, "divprune": 0.4, "random": 0.4,
+KNOBS = {"illava": 1.0, "illava-rank": 1.0, "illava-cluster": 1.0, "illava-prune": 1.0,
+         "fastv": 0.5, "pdrop": 0.6, "tome": 2, "visionzip": 0.4, "divprune": 0.4, "random": 0.4,
          "pool": 0.3}  # fmt: skip
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")
 TEXT_Q = chat("describe a cat in one two three words")
@@ -112,7 +113,7 @@ def fam(request):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_on_every_family_batch_equals_singles(fam, photos, method):
     model = fam.make()
-    illava.apply(model, method_config(model, method, KNOBS[method]))
+    config = illava.apply(model, method_config(model, method, KNOBS[method]))
     prompts, images = [IMAGE_Q, TEXT_Q, SYSTEM_Q], [photos["cat"], photos["rocket"]]
 
     def generate(inputs):
@@ -130,6 +131,12 @@ def test_every_method_on_every_family_batch_equals_singles(fam, photos, method):
         seq, scores = generate(fam.build([prompt], image))
         assert torch.equal(seq[0], batch_seq[i]), (method, i)
         torch.testing.assert_close(scores[0], batch_scores[i], atol=2e-4, rtol=2e-4)
+    # off is stock: the method's configuration disabled, and removed
+    illava.apply(model, config.replace(enabled=False))
+    off_seq, off_scores = generate(fam.build(prompts, images))
+    illava.remove(model)
+    stock_seq, stock_scores = generate(fam.build(prompts, images))
+    assert torch.equal(off_seq, stock_seq) and torch.equal(off_scores, stock_scores)
 
 
 # ------------------------------------------------------------------------------ matched budgets

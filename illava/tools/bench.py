@@ -389,3 +389,106 @@ def plot_sweep(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------ methods at one budget
+def pair_ratios(base: list[float], other: list[float]) -> dict:
+    """Speedup of ``other`` over ``base`` (times): the median of the ratios of runs made one after
+    the other (same repeat), and the ratio of the fastest runs."""
+    pairs = [b / o for b, o in zip(base, other) if o > 0]
+    return {
+        "pair_median": statistics.median(pairs) if pairs else None,
+        "pair_min": min(pairs) if pairs else None,
+        "pair_max": max(pairs) if pairs else None,
+        "min_ratio": min(base) / min(other) if base and other and min(other) > 0 else None,
+    }
+
+
+def run_methods(
+    model,
+    name: str,
+    inputs: dict,
+    methods: list[str],
+    *,
+    budget: float | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Prefill time of every method against stock, alternated (stock, m1, m2, ..., stock, m1, ...),
+    each at its published default or, with ``budget``, at the knob that gives that share of stock's
+    prefill FLOPs on ``inputs`` (``illava.tools.budget``). Reports, per method, the FLOPs-predicted
+    prefill speedup, the measured one (median of adjacent-pair ratios, and of the fastest runs) and
+    the measured share of the predicted: what the method's own scoring / matching costs."""
+    from ..methods import METHODS
+    from .budget import Meter, solve
+
+    meter = Meter(model, inputs)
+    chosen = {}
+    try:
+        for method in methods:
+            if budget is None:
+                config = METHODS[method].config(model)
+                point = meter.point(METHODS[method].default, config)
+                chosen[method] = {
+                    "knob": METHODS[method].default, "config": config, "share": point.gflops / meter.stock.gflops,
+                    "reached": None, "tokens": point.tokens, "gflops": point.gflops,
+                }  # fmt: skip
+            else:
+                s = solve(model, method, budget, inputs, meter=meter)
+                chosen[method] = {
+                    "knob": s.knob, "config": s.config, "share": s.share, "reached": s.reached, "tokens": s.tokens,
+                    "gflops": s.gflops,
+                }  # fmt: skip
+            if progress:
+                progress(f"solved {method}")
+    finally:
+        meter.close()
+    device = next(model.parameters()).device
+    times: dict[str, list[float]] = {"stock": [], **{m: [] for m in methods}}
+    with torch.inference_mode():
+        for repeat in range(warmup + repeats):
+            for setting in times:
+                if setting == "stock":
+                    api.remove(model)
+                else:
+                    api.apply(model, chosen[setting]["config"])
+                _sync(device)
+                start = time.perf_counter()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                _sync(device)
+                if repeat >= warmup:
+                    times[setting].append(time.perf_counter() - start)
+                if progress:
+                    progress(setting)
+    api.remove(model)
+    rows = {}
+    for method in methods:
+        c = chosen[method]
+        predicted = meter.stock.gflops / c["gflops"]
+        measured = pair_ratios(times["stock"], times[method])
+        rows[method] = {
+            "knob": c["knob"],
+            "config": _config_dict(c["config"]),
+            "flops_share": c["share"],
+            "budget_reached": c["reached"],
+            "visual_tokens": c["tokens"],
+            "gflops": c["gflops"],
+            "prefill_s": times[method],
+            "flops_predicted_prefill_speedup": predicted,
+            "prefill_speedup": measured,
+            "share_of_predicted": measured["pair_median"] / predicted if measured["pair_median"] else None,
+        }
+    return {
+        "model": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": model.config._attn_implementation,
+        "batch_size": int(inputs["input_ids"].shape[0]),
+        "sequence_length": int(inputs["input_ids"].shape[1]),
+        "budget": budget,
+        "repeats": repeats,
+        "warmup": warmup,
+        "stock": {"prefill_s": times["stock"], "gflops": meter.stock.gflops, "visual_tokens": meter.stock.tokens},
+        "methods": rows,
+    }

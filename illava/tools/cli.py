@@ -194,6 +194,17 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1)] = 5,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     sweep: Annotated[str | None, typer.Option(help="Reduction levels relative to the config, e.g. 0.5,1,1.5")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="A method instead of the preset (illava, fastv, pdrop, tome, visionzip, divprune, random, pool; "
+            "docs/peers.md); several (comma-separated) or 'all': prefill of each against stock."
+        ),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(help="Solve the method's knob for this share of stock prefill FLOPs (e.g. 0.33)."),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the full report (JSON) here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of speedup and tokens kept per level.")] = None,
 ) -> None:
@@ -207,13 +218,28 @@ def bench(
     _check_preset(preset)
     overrides = _overrides(encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recycle)
     levels = _levels(sweep, "--sweep")
+    methods = _methods(method)
+    if budget is not None and not 0 < budget <= 1:
+        _fail(f"--budget is a share of stock prefill FLOPs in (0, 1], got {budget}")
+    if budget is not None and not methods:
+        _fail("--budget needs --method (the knob it solves is a method's)")
+    if methods and (overrides or levels):
+        _fail("--method replaces the preset: it cannot be combined with configuration options or --sweep")
     _writable(json_path, "--json")
     _writable(plot, "--plot")
+    if len(methods) > 1 and plot:
+        _fail("--plot draws a level sweep; with several methods write --json instead")
     pictures = [] if video else [_open_image(image) if image else b.default_image()]
     net, name = _load(model, arch, dtype, device, attn)
-    config = _config(net, preset, overrides)
     clips = [b.default_video(frames)] if video else []
     inputs = _inputs(net, model, pictures, clips, batch_size)
+    if len(methods) > 1:
+        _bench_methods(net, name, inputs, methods, budget, repeats, warmup, json_path)
+        return
+    if methods:
+        config = _method_config(net, methods[0], budget, inputs)
+    else:
+        config = _config(net, preset, overrides)
     runs = (warmup + repeats) * (3 + len(levels))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"benchmarking {name}", total=runs)
@@ -228,6 +254,8 @@ def bench(
             sweep=levels,
             progress=lambda setting: bar.advance(task),
         )
+    if methods:
+        report["method"] = methods[0]
     _print_report(report)
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))
@@ -339,6 +367,77 @@ def _inputs(net, model, pictures, clips, batch_size):
         _fail(f"cannot build the inputs: {str(error).splitlines()[0]}")
 
 
+def _methods(text: str | None) -> list[str]:
+    """Method names of ``--method(s)``: comma-separated, or ``all`` (every method; ``illava`` is
+    spelled with its recycle mode there)."""
+    from ..methods import METHODS
+
+    if text is None:
+        return []
+    if text.strip() == "all":
+        return [m for m in METHODS if m != "illava"]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        _fail(f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(METHODS)} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def _method_config(net, method: str, budget: float | None, inputs: dict):
+    from ..methods import METHODS
+    from .budget import solve
+
+    if budget is None:
+        try:
+            return METHODS[method].config(net)
+        except ValueError as err:
+            _fail(f"{method}: {err}")
+    with console.status(f"solving {method}'s knob for {100 * budget:g}% of stock prefill FLOPs"):
+        solved = solve(net, method, budget, inputs)
+    note = "" if solved.reached else f" (the budget is out of reach: {method} at its most reducing setting)"
+    console.print(f"{method}: knob {solved.knob:.4g} gives {100 * solved.share:.1f}% of stock prefill FLOPs{note}")
+    return solved.config
+
+
+def _bench_methods(net, name, inputs, methods, budget, repeats, warmup, json_path) -> None:
+    import json
+
+    from rich.progress import Progress
+
+    from . import bench as b
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"methods on {name}", total=len(methods) + (warmup + repeats) * (1 + len(methods)))
+        report = b.run_methods(
+            net, name, inputs, methods, budget=budget, repeats=repeats, warmup=warmup,
+            progress=lambda step: bar.advance(task),
+        )  # fmt: skip
+    target = "published defaults" if budget is None else f"{100 * budget:g}% of stock prefill FLOPs"
+    table = Table(
+        title=f"{name} on {report['device']}, {report['dtype']}, batch {report['batch_size']}: methods at {target}; "
+        f"prefill speedup = median of {repeats} adjacent-pair ratios (fastest-run ratio)"
+    )
+    for column in ("method", "knob", "FLOPs share", "visual tokens (in -> enc -> LLM)", "predicted", "measured",
+                   "share of predicted"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, row in report["methods"].items():
+        v, m = row["visual_tokens"], row["prefill_speedup"]
+        reached = "" if row["budget_reached"] in (None, True) else " (floor)"
+        table.add_row(
+            method,
+            f"{row['knob']:.4g}",
+            f"{100 * row['flops_share']:.1f}%{reached}",
+            f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}",
+            f"{row['flops_predicted_prefill_speedup']:.2f}x",
+            f"{m['pair_median']:.2f}x ({m['min_ratio']:.2f}x)",
+            f"{100 * row['share_of_predicted']:.0f}%",
+        )
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_path}")
+
+
 def _check_preset(preset: str) -> None:
     if preset not in PRESETS:
         _fail(f"unknown iLLaVA preset {preset!r}; choose one of {list(PRESETS)}")
@@ -382,7 +481,8 @@ def _print_report(report: dict) -> None:
     )
     console.print(f"config: {report['config']}")
     table = Table()
-    for column in ("metric", "stock", "disabled", "illava", "illava gain", "disabled gain"):
+    subject = report.get("method", "illava")
+    for column in ("metric", "stock", "disabled", subject, f"{subject} gain", "disabled gain"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     labels = {
         "encoder_s": "encoder (s)",
@@ -443,11 +543,22 @@ def eval_easy_vqa(
         "0.5,1.25,1.5"
     ),
     model_path: Annotated[Path | None, typer.Option("--model", help="Model folder (training output).")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare methods at matched prefill FLOPs instead: 'all' or a comma-separated list "
+            "(docs/peers.md); --limit questions of all kinds plus --limit open ones."
+        ),
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option(help="With --methods: shares of stock prefill FLOPs to solve every method's knob for.")
+    ] = "0.5,0.33,0.2,0.1,0.05",
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of accuracy vs FLOPs.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the scores (JSON) here.")] = None,
 ) -> None:
     """Accuracy of an easy-VQA model (training/train_easy_vqa.py): stock, every preset, every
-    recycle mode, a sweep of reduction levels and a deliberately broken scorer, with prefill FLOPs."""
+    recycle mode, a sweep of reduction levels and a deliberately broken scorer, with prefill FLOPs;
+    or, with --methods, iLLaVA and its peers at matched FLOPs budgets."""
     import json
     import warnings
 
@@ -458,12 +569,19 @@ def eval_easy_vqa(
     if questions not in ("open", "all"):
         _fail(f"--questions must be 'open' or 'all', got {questions!r}")
     sweep = tuple(_levels(levels, "--levels"))
+    names = _methods(methods)
+    shares = _levels(budgets, "--budgets")
+    if any(not 0 < x <= 1 for x in shares):
+        _fail(f"--budgets are shares of stock prefill FLOPs in (0, 1], got {budgets!r}")
     _writable(json_path, "--json")
     _writable(plot, "--plot")
     try:
         net, tokenizer, processor = easy_vqa.load(model_path)
     except FileNotFoundError as err:
         _fail(str(err))
+    if names:
+        _compare_methods(net, tokenizer, processor, names, shares, limit, json_path, plot)
+        return
     rows = easy_vqa.test_questions(limit, kinds=questions)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -493,6 +611,55 @@ def eval_easy_vqa(
         console.print(f"scores written to {json_path}")
     if plot:
         easy_vqa.plot(scores, str(plot))
+        console.print(f"plot written to {plot}")
+
+
+def _compare_methods(net, tokenizer, processor, names, shares, limit, json_path, plot) -> None:
+    import json
+
+    from rich.progress import Progress
+
+    from . import easy_vqa
+
+    rows, in_all, in_open = easy_vqa.question_sets(limit)
+    with Progress(console=console, transient=True) as bar:
+        solving = bar.add_task("solving knobs for the budgets", total=len(names) * len(shares))
+        scoring = bar.add_task(f"scoring, {len(rows)} questions per setting", total=1 + len(names) * len(shares))
+        scores = easy_vqa.compare_methods(
+            net, tokenizer, processor, rows, in_all, in_open, names, shares,
+            progress=lambda s: bar.advance(scoring), solved_progress=lambda s: bar.advance(solving),
+        )  # fmt: skip
+    table = Table(
+        title=f"easy-VQA model, methods at matched prefill FLOPs: {int(in_all.sum())} questions of all kinds, "
+        f"{int(in_open.sum())} open; agreement and KL against stock's first answer token"
+    )
+    for column in ("method", "budget", "FLOPs share", "knob", "visual tokens (in -> enc -> LLM)", "accuracy all",
+                   "accuracy open", "agreement", "KL (nats)"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for sc in scores:
+        v = sc.visual_tokens
+        table.add_row(
+            sc.method,
+            f"{100 * sc.target:g}%",
+            f"{100 * sc.share:.1f}%" + ("" if sc.reached else " (floor)"),
+            "-" if sc.knob is None else f"{sc.knob:.4g}",
+            f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}",
+            f"{100 * sc.accuracy_all:.1f}%",
+            f"{100 * sc.accuracy_open:.1f}%",
+            f"{100 * sc.agreement:.1f}%",
+            f"{sc.kl:.4f}",
+        )
+    console.print(table)
+    if json_path:
+        report = {
+            "questions": {"all": int(in_all.sum()), "open": int(in_open.sum()), "evaluated": len(rows)},
+            "budgets": shares,
+            "scores": [vars(sc) for sc in scores],
+        }
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"scores written to {json_path}")
+    if plot:
+        easy_vqa.plot_methods(scores, str(plot))
         console.print(f"plot written to {plot}")
 
 
