@@ -89,7 +89,9 @@ def demo(
 
 def _fail(message: str) -> None:
     """One line naming the problem, exit code 2."""
-    console.print(f"[red]error: {message}[/red]", soft_wrap=True, highlight=False)
+    from rich.markup import escape
+
+    console.print(f"[red]error: {escape(message)}[/red]", soft_wrap=True, highlight=False)  # "[eval]" is text
     raise typer.Exit(2)
 
 
@@ -319,6 +321,46 @@ def viz(
             f"after the last stage; {kept} units still represented"
         )
     console.print(f"{len(paths)} PNGs written to {out} (summary: {paths[-1]})")
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve the page on.")] = 7860,
+    host: Annotated[
+        str, typer.Option(help="Address to bind. Default 127.0.0.1: only this machine can open the page.")
+    ] = "127.0.0.1",
+    share: Annotated[
+        bool, typer.Option("--share", help="Also create a public gradio.live link (anyone with it can use the page).")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option(help="Model shown when the page opens: local folder or hub id (default: shipped).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """A local web page: stock vs iLLaVA (or a peer method) side by side on one image or video.
+
+    One click shows both answers, prefill times, visual tokens per stage, the share of stock prefill FLOPs and the
+    merge pictures of `illava viz`. Serves on 127.0.0.1 unless --host says otherwise; --share adds a public link."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _fail('the web demo needs gradio: pip install "illava[demo]"')
+    from . import serve as web
+
+    for warning in web.security_warnings(host, share):
+        console.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True, highlight=False)
+    with console.status(f"loading {model or 'the shipped easy-VQA model'} and building the page..."):
+        try:
+            demo = web.build_app(model, device)
+        except web.ModelError as error:
+            _fail(str(error))
+    where = "localhost" if web.is_loopback(host) else host
+    console.print(f"illava serve: starting the page at http://{where}:{port}/ (Ctrl+C stops it)", highlight=False)
+    try:
+        web.launch_app(demo, host=host, port=port, share=share)
+    except OSError as error:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        _fail(f"cannot serve on {host}:{port} (in use? choose another --port): {why}")
 
 
 def _load(model, arch, dtype: str, device: str, attn: str | None = None):
@@ -660,6 +702,108 @@ def _compare_methods(net, tokenizer, processor, names, shares, limit, json_path,
         console.print(f"scores written to {json_path}")
     if plot:
         easy_vqa.plot_methods(scores, str(plot))
+        console.print(f"plot written to {plot}")
+
+
+@eval_app.command("digits")
+def eval_digits(
+    per_kind: Annotated[int, typer.Option(min=5, help="Test questions of each kind (fixed seed).")] = 200,
+    kinds: Annotated[
+        str, typer.Option(help="Question kinds, comma-separated, or 'all' (position, count, relation, read, video "
+                          "order, video count).")  # fmt: skip
+    ] = "all",
+    levels: Annotated[str, typer.Option(help="Reduction levels of the sweep, relative to the image preset.")] = (
+        "0.5,1.25,1.5,2"
+    ),
+    model_path: Annotated[Path | None, typer.Option("--model", help="Model folder (training output).")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(help="Compare methods at matched prefill FLOPs instead: 'all' or a comma-separated list."),
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option(help="With --methods: shares of stock prefill FLOPs to solve every method's knob for.")
+    ] = "0.5,0.33,0.2,0.1",
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of accuracy vs FLOPs.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the scores (JSON) here.")] = None,
+) -> None:
+    """Accuracy of the digits model (training/train_digits.py), where answers need small details:
+    per question kind, for stock, every preset, every recycle mode, a sweep and a deliberately broken
+    scorer, with agreement and first-token KL against stock; or, with --methods, every method at
+    matched FLOPs budgets."""
+    import json
+    import warnings
+
+    from rich.progress import Progress
+
+    from . import digits
+
+    chosen_kinds = digits.KINDS if kinds.strip() == "all" else tuple(k.strip() for k in kinds.split(","))
+    unknown = [k for k in chosen_kinds if k not in digits.KINDS]
+    if unknown or not chosen_kinds:
+        _fail(f"unknown question kind {', '.join(unknown) or repr(kinds)}; choose from {', '.join(digits.KINDS)}")
+    sweep = tuple(_levels(levels, "--levels"))
+    names = _methods(methods)
+    shares = _levels(budgets, "--budgets")
+    if any(not 0 < x <= 1 for x in shares):
+        _fail(f"--budgets are shares of stock prefill FLOPs in (0, 1], got {budgets!r}")
+    if names and not any(k in digits.IMAGE_KINDS for k in chosen_kinds):
+        _fail("--methods solves budgets on an image question: include at least one image kind in --kinds")
+    _writable(json_path, "--json")
+    _writable(plot, "--plot")
+    try:
+        net, tokenizer, processor = digits.load(model_path)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    data = digits.test_set(per_kind, kinds=chosen_kinds)
+    if names:
+        with Progress(console=console, transient=True) as bar:
+            solving = bar.add_task("solving knobs for the budgets", total=len(names) * len(shares))
+            total = 1 + len(names) * len(shares)
+            scoring = bar.add_task(f"scoring, {len(data.rows)} questions per setting", total=total)
+            scores = digits.compare_methods(
+                net, tokenizer, processor, data, names, shares,
+                progress=lambda s: bar.advance(scoring), solved_progress=lambda s: bar.advance(solving),
+            )  # fmt: skip
+        title = "digits model, methods at matched prefill FLOPs"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            chosen = digits.settings(net, sweep)
+        for warning in caught:
+            console.print(f"[yellow]{warning.message}[/yellow]")
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"digits, {len(data.rows)} questions per setting", total=len(chosen))
+            scores = digits.run_eval(net, tokenizer, processor, data, chosen, progress=lambda s: bar.advance(task))
+        title = "digits model"
+    counts = data.per_kind()
+    table = Table(title=f"{title}: exact-match accuracy, " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    columns = ["setting", *(["budget", "FLOPs share"] if names else ["FLOPs share"]), "video FLOPs",
+               "visual tokens (in -> enc -> LLM)", *counts, "mean", "agreement", "KL (nats)"]  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for sc in scores:
+        v = sc.visual_tokens
+        budget = []
+        if names:
+            budget = ["-" if sc.target in (None, 1.0) else f"{100 * sc.target:g}%"]
+        share = f"{100 * sc.share:.1f}%" + ("" if sc.reached else " (floor)")
+        table.add_row(
+            sc.setting, *budget, share, "-" if sc.video_share is None else f"{100 * sc.video_share:.1f}%",
+            f"{v.get('stock', '?')} -> {v.get('after_encoder', '?')} -> {v.get('after_llm', '?')}",
+            *(f"{100 * sc.accuracy[k]:.1f}%" for k in counts), f"{100 * sc.accuracy['all']:.1f}%",
+            f"{100 * sc.agreement:.1f}%", f"{sc.kl:.4f}",
+        )  # fmt: skip
+    console.print(table)
+    if not names:
+        share = digits.ninety_nine(scores)
+        if share is not None:
+            console.print(f"smallest FLOPs share keeping >= 99% of stock's mean accuracy: {100 * share:.1f}%")
+    if json_path:
+        report = {"questions": counts, "budgets": shares if names else None, "scores": [vars(sc) for sc in scores]}
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"scores written to {json_path}")
+    if plot:
+        digits.plot(scores, str(plot))
         console.print(f"plot written to {plot}")
 
 
