@@ -1,0 +1,171 @@
+"""The digits check: data and questions (properties computed from the scenes), its training script on
+a few steps, and the command line. The fidelity of the shipped model: tests/test_fidelity_digits.py."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from illava.tools import digits as D
+from illava.tools.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_split_is_by_sample_and_covers_all_digits():
+    (train_x, train_y), (test_x, test_y) = D.split()
+    assert len(train_y) == 1347 and len(test_y) == 450
+    train = {x.tobytes() for x in train_x}
+    assert not any(x.tobytes() in train for x in test_x)  # no test digit is seen in training
+    assert set(train_y) == set(test_y) == set(range(10))
+
+
+def test_scene_questions_follow_the_scene():
+    _, pool = D.split()
+    rng = random.Random(3)
+    for _ in range(20):
+        scene = D.make_scene(rng, pool)
+        assert 3 <= len(scene.cells) <= 6 and scene.image.size == (D.CANVAS, D.CANVAS)
+        for (r, c), (y, x, size) in scene.boxes.items():  # every digit inside its own cell
+            assert r * D.CELL <= y and y + size <= (r + 1) * D.CELL
+            assert c * D.CELL <= x and x + size <= (c + 1) * D.CELL
+            ink = np.asarray(scene.image, dtype=np.float32)[y : y + size, x : x + size].max()
+            assert ink > 150  # the digit was painted there
+        values = list(scene.cells.values())
+        for kind, question, answer in D.scene_questions(scene, rng):
+            words = question.replace("?", "").split()
+            if kind == "position":
+                cell = next(rc for rc in scene.cells if D.place(*rc) in question)
+                assert answer == str(scene.cells[cell])
+            elif kind == "count":
+                digit = int(words[2][0])
+                assert answer == str(values.count(digit))
+            elif kind == "relation":
+                digit = int(words[-1])
+                (r, c) = next(rc for rc, d in scene.cells.items() if d == digit)
+                assert values.count(digit) == 1
+                assert answer == str(scene.cells[(r, c + 1) if words[3] == "right" else (r, c - 1)])
+            else:
+                row = D.ROWS.index(words[2])
+                assert answer.split() == [str(scene.cells[(row, c)]) for c in range(3) if (row, c) in scene.cells]
+
+
+def test_clip_questions_follow_the_clip():
+    _, pool = D.split()
+    rng = random.Random(4)
+    for _ in range(20):
+        clip = D.make_clip(rng, pool)
+        assert len(clip.frames) == D.FRAMES and all(f.size == (D.CROP, D.CROP) for f in clip.frames)
+        for kind, question, answer in D.clip_questions(clip, rng):
+            digit = int(question.replace("?", "").split()[-1])
+            if kind == "video order":
+                assert clip.digits.count(digit) == 1
+                assert answer == str(clip.digits[clip.digits.index(digit) + 1])
+            else:
+                assert answer == str(clip.digits.count(digit))
+
+
+def test_test_set_is_fixed_balanced_and_tokenizable():
+    a, b = D.test_set(20), D.test_set(20)
+    assert [(r.question, r.answer) for r in a.rows] == [(r.question, r.answer) for r in b.rows]
+    assert np.array_equal(np.asarray(a.scenes[0].image), np.asarray(b.scenes[0].image))
+    assert a.per_kind() == {k: 20 for k in D.KINDS}
+    counts = [r.answer for r in a.rows if r.kind == "count"]
+    assert "0" in counts and any(x != "0" for x in counts)  # absent and present digits are asked
+    tokenizer = D.build_tokenizer()
+    for r in a.rows:
+        ids = tokenizer(D.prompt(r.question, r.video) + r.answer)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+    with pytest.raises(ValueError, match="unknown question kinds"):
+        D.test_set(5, kinds=("colour",))
+
+
+def test_scenes_are_seen_through_anyres_crops():
+    """At least ~700 patches per image: a base view and four crops of 144 patches."""
+    tokenizer = D.build_tokenizer()
+    config = D.build_config(len(tokenizer))
+    data = D.test_set(5, kinds=("position",))
+    model = torch.nn.Module()
+    model.config = config
+    inputs = D.inputs_for(model, tokenizer, D.image_processor(), data, data.rows[:2])
+    assert inputs["pixel_values"].shape[1:] == (5, 3, 48, 48)  # 5 x 144 = 720 patches
+    assert (inputs["input_ids"] == config.image_token_id).sum(1).tolist() == [744, 744]
+    video = D.test_set(5, kinds=("video count",))
+    inputs = D.inputs_for(model, tokenizer, D.image_processor(), video, video.rows[:2])
+    assert inputs["pixel_values_videos"].shape[1:] == (6, 3, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The training script on a few steps of both stages (one run for the tests below)."""
+    out = tmp_path_factory.mktemp("digits") / "model"
+    subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train_digits.py"), "--vision-steps", "2", "--steps", "2",
+         "--scenes-per-step", "2", "--clips-per-step", "2", "--eval-every", "1000", "--test-per-kind", "5",
+         "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return out
+
+
+def test_training_script_runs_and_its_model_answers(trained):
+    """The script saves a model in Hugging Face format, with its card and training log, that loads
+    with the Auto classes and answers through ``generate``."""
+    info = json.loads((trained / "training.json").read_text())
+    assert info["steps"] == 2 and info["vision_steps"] == 2
+    assert len(info["vision_log"]) == 1 and "cell_accuracy" in info["vision_log"][0]
+    assert "exact-match accuracy" in (trained / "README.md").read_text().lower()
+    model, tokenizer, processor = D.load(trained)
+    data = D.test_set(5)
+    answers, first = D.predict(model, tokenizer, processor, data)
+    assert first.shape == (len(data.rows), len(tokenizer))
+    assert torch.allclose(first.exp().sum(-1), torch.ones(len(data.rows)), atol=1e-4)
+    scores = D.by_kind(data.rows, D.correct(data.rows, answers))
+    assert set(scores) == set(info["test_accuracy"]) == {*D.KINDS, "all"}
+    assert all(0 <= v <= 1 for v in scores.values())
+
+
+def test_eval_command_table_json_and_plot(trained, tmp_path):
+    runner = CliRunner()
+    args = ["eval", "digits", "--model", str(trained), "--per-kind", "5", "--kinds", "position,video count",
+            "--levels", "1.5", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p.png")]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["questions"] == {"position": 5, "video count": 5}
+    names = [s["setting"] for s in report["scores"]]
+    assert names[0] == "stock" and "image x1.5" in names and any("INVERTED" in n for n in names)
+    stock = report["scores"][0]
+    assert stock["agreement"] == 1.0 and stock["kl"] == 0.0 and stock["share"] == 1.0
+    image = next(s for s in report["scores"] if s["setting"] == "preset image")
+    assert image["share"] < 0.6 and image["video_share"] < 1.0
+    assert image["visual_tokens"]["stock"] == 744 and image["visual_tokens"]["after_llm"] < 744
+    assert (tmp_path / "p.png").stat().st_size > 5000
+    result = runner.invoke(app, ["eval", "digits", "--model", str(trained), "--kinds", "colour"])
+    assert result.exit_code == 2 and "unknown question kind colour" in result.output
+    result = runner.invoke(app, ["eval", "digits", "--model", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "train_digits.py" in result.output
+
+
+def test_methods_at_matched_budgets(trained, tmp_path):
+    runner = CliRunner()
+    args = ["eval", "digits", "--model", str(trained), "--per-kind", "5", "--kinds", "position,video order",
+            "--methods", "illava-rank,tome", "--budgets", "0.5", "--json", str(tmp_path / "m.json")]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "m.json").read_text())["scores"]
+    assert [s["setting"] for s in scores] == ["stock", "illava-rank", "tome"]
+    for s in scores[1:]:
+        assert s["target"] == 0.5 and s["reached"]
+        assert 0.45 <= s["share"] <= 0.5  # solved on an image question, within one token per stage
+        assert s["video_share"] < 1.0  # the same configuration reduces the clips too
+    result = runner.invoke(
+        app, ["eval", "digits", "--model", str(trained), "--kinds", "video order", "--methods", "tome"]
+    )
+    assert result.exit_code == 2 and "image kind" in result.output
