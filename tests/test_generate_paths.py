@@ -530,7 +530,8 @@ def test_a_failed_forward_leaves_nothing_behind(fam, photos, frames):
     per-call state that a later call on the same thread would pick up."""
     model = fam.make()
     illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
-    good = fam.build([IMAGE_Q, VIDEO_Q], [photos["cat"]], [frames])
+    prompts, videos = ([IMAGE_Q, VIDEO_Q], [frames]) if fam.videos else ([IMAGE_Q], [])
+    good = fam.build(prompts, [photos["cat"]], videos)
     ref = logits(model, good)
     broken = fam.build([IMAGE_Q], [photos["cat"]])
     broken["input_ids"] = broken["input_ids"].masked_fill(broken["input_ids"] == model.config.image_token_id, 100)

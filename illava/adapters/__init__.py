@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Adapter
 from .internvl import InternVLAdapter
+from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
@@ -12,6 +13,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     LlavaOnevisionAdapter(),
     QwenVLAdapter(),
     InternVLAdapter(),
+    LlavaAdapter(),
 )
 
 
