@@ -709,8 +709,11 @@ def _compare_methods(net, tokenizer, processor, names, shares, limit, json_path,
 def eval_digits(
     per_kind: Annotated[int, typer.Option(min=5, help="Test questions of each kind (fixed seed).")] = 200,
     kinds: Annotated[
-        str, typer.Option(help="Question kinds, comma-separated, or 'all' (position, count, relation, read, video "
-                          "order, video count).")  # fmt: skip
+        str,
+        typer.Option(
+            help="Question kinds, comma-separated, or 'all' (position, count, relation, read, video "
+            "order, video count)."
+        ),  # fmt: skip
     ] = "all",
     levels: Annotated[str, typer.Option(help="Reduction levels of the sweep, relative to the image preset.")] = (
         "0.5,1.25,1.5,2"
