@@ -419,74 +419,87 @@ def settings(model, levels=(0.5, 1.25, 1.5)) -> list[tuple[str, IllavaConfig | N
     return common(model, levels)
 
 
-def run_eval(model, tokenizer, processor, data: TestSet, chosen, progress=None) -> list[Score]:
-    """Accuracy per kind, agreement and first-token KL against stock, and prefill FLOPs of every
-    ``(name, config or None)`` of ``chosen``."""
+@dataclass
+class Reference:
+    """What every setting is compared with: stock's answers and first-token distributions, and
+    stock's prefill FLOPs of an image question and of a video question."""
+
+    answers: list[str]
+    first: torch.Tensor
+    image_row: Row | None
+    video_row: Row | None
+    image_gflops: float
+    video_gflops: float | None
+
+
+def reference(model, tokenizer, processor, data: TestSet) -> Reference:
     image_row = next((r for r in data.rows if not r.video), None)
     video_row = next((r for r in data.rows if r.video), None)
     api.remove(model)
-    stock_answers, stock_first = predict(model, tokenizer, processor, data)
-    base = {
-        "image": _flops(model, tokenizer, processor, data, image_row) if image_row else (1.0, {}),
-        "video": _flops(model, tokenizer, processor, data, video_row) if video_row else None,
-    }
+    answers, first = predict(model, tokenizer, processor, data)
+    image = _flops(model, tokenizer, processor, data, image_row)[0] if image_row else 1.0
+    video = _flops(model, tokenizer, processor, data, video_row)[0] if video_row else None
+    return Reference(answers, first, image_row, video_row, image, video)
+
+
+def score(model, tokenizer, processor, data: TestSet, ref: Reference, name: str, config) -> Score:
+    """One setting (``config``; None: stock) against ``ref``; leaves the model without illava."""
+    if config is None:
+        answers, first = ref.answers, ref.first
+    else:
+        api.apply(model, config)
+        answers, first = predict(model, tokenizer, processor, data)
+    gflops, tokens = _flops(model, tokenizer, processor, data, ref.image_row) if ref.image_row else (1.0, {})
+    video_share = None
+    if ref.video_row is not None:
+        video_share = _flops(model, tokenizer, processor, data, ref.video_row)[0] / ref.video_gflops
+    api.remove(model)
+    agree = sum(a == b for a, b in zip(answers, ref.answers)) / len(answers)
+    kl = (ref.first.exp() * (ref.first - first)).sum(-1).mean().item()
+    return Score(
+        name, by_kind(data.rows, correct(data.rows, answers)), tokens, gflops, gflops / ref.image_gflops,
+        video_share, "stock" if config is None else str(config), agree, kl,
+    )  # fmt: skip
+
+
+def run_eval(model, tokenizer, processor, data: TestSet, chosen, progress=None) -> list[Score]:
+    """Accuracy per kind, agreement and first-token KL against stock, and prefill FLOPs of every
+    ``(name, config or None)`` of ``chosen``."""
+    ref = reference(model, tokenizer, processor, data)
     scores = []
     for name, config in chosen:
-        if config is None:
-            answers, first = stock_answers, stock_first
-        else:
-            api.apply(model, config)
-            answers, first = predict(model, tokenizer, processor, data)
-        gflops, tokens = _flops(model, tokenizer, processor, data, image_row) if image_row else (1.0, {})
-        video_share = None
-        if video_row is not None:
-            video_share = _flops(model, tokenizer, processor, data, video_row)[0] / base["video"][0]
-        agree = sum(a == b for a, b in zip(answers, stock_answers)) / len(answers)
-        kl = (stock_first.exp() * (stock_first - first)).sum(-1).mean().item()
-        scores.append(
-            Score(
-                name, by_kind(data.rows, correct(data.rows, answers)), tokens, gflops, gflops / base["image"][0],
-                video_share, "stock" if config is None else str(config), agree, kl,
-            )
-        )  # fmt: skip
+        scores.append(score(model, tokenizer, processor, data, ref, name, config))
         if progress:
             progress(scores[-1])
-    api.remove(model)
     return scores
 
 
 def compare_methods(model, tokenizer, processor, data: TestSet, methods, budgets, progress=None, solved_progress=None):
     """Every method at every FLOPs share of ``budgets``: knobs solved on an image question (one
     configuration per method and budget, used for the video questions too; their share is reported
-    apart), scored per kind, with agreement and KL against stock."""
+    apart), scored per kind, with agreement and KL against stock. A budget out of reach repeats the
+    method's floor, scored once."""
     from .budget import solve_all
 
     image_row = next(r for r in data.rows if not r.video)
     probe = dict(inputs_for(model, tokenizer, processor, data, [image_row]))
     api.remove(model)
     solved = solve_all(model, methods, budgets, probe, progress=solved_progress)
-    chosen, meta = [("stock", None)], [None]
+    ref = reference(model, tokenizer, processor, data)
+    stock = score(model, tokenizer, processor, data, ref, "stock", None)
+    stock.target = 1.0
+    scores, done = [stock], {}
+    if progress:
+        progress(stock)
     for s in solved:
         key = f"{s.config!s} {s.config.policy!r}"
-        chosen.append((s.method, s.config))
-        meta.append((s, key))
-    cache: dict[str, Score] = {}
-    scores = []
-    for (name, config), extra in zip(chosen, meta):
-        key = extra[1] if extra else "stock"
-        if key not in cache:
-            cache[key] = run_eval(model, tokenizer, processor, data, [(name, config)])[0]
-        base = cache[key]
-        score = Score(**{**vars(base), "setting": name})
-        if extra:
-            s = extra[0]
-            score.config = str(s.config)
-            score.target, score.reached, score.knob = s.target, s.reached, s.knob
-        else:
-            score.target, score.reached, score.knob = 1.0, True, None
-        scores.append(score)
+        if key not in done:
+            done[key] = score(model, tokenizer, processor, data, ref, s.method, s.config)
+        result = Score(**{**vars(done[key]), "setting": s.method})
+        result.target, result.reached, result.knob = s.target, s.reached, s.knob
+        scores.append(result)
         if progress:
-            progress(score)
+            progress(result)
     return scores
 
 
