@@ -2,13 +2,14 @@
 
 Random weights: compute and counts do not depend on the weight values (which tokens survive does).
 With --truncate, decoder layers after the last LLM merge layer and vision layers after the last
-encoder merge layer are not built (no count depends on them: the models read the encoder's last
-layer), so 7B-size models fit a 24 GB CPU machine in fp32. With --narrow (Qwen-VL and InternVL),
-every width (hidden, MLP, heads) is cut to a few dozen while depths, patch and image sizes, tiling
-and presets stay: those families' counts depend on nothing else (checked: InternVL2.5-8B,
-Qwen2-VL-7B and Qwen2.5-VL-7B give the counts of their full-width runs), so InternVL2.5-26B takes
-seconds instead of hours. LLaVA-OneVision's row-end tokens follow the rows where survivors lie,
-which depends on the weights: --narrow is refused there.
+encoder merge layer are not built (no count depends on them where the model reads the encoder's
+last layer; LLaVA-1.5 / NeXT read layer -2, so --truncate does not apply to them), so 7B-size
+models fit a 24 GB CPU machine in fp32. With --narrow, every width (hidden, MLP, heads) is cut to a
+few dozen while depths, patch and image sizes, tiling and presets stay: where counts depend on
+nothing else (checked: InternVL2.5-8B, Qwen2-VL-7B and Qwen2.5-VL-7B give the counts of their
+full-width runs) InternVL2.5-26B takes seconds instead of hours. Where survivors cut away by AnyRes
+unpadding or row-end tokens follow the weights (LLaVA-OneVision, LLaVA-NeXT: the adapter's
+``counts_depend_on_weights``), --narrow is refused.
 
     python benchmarks/token_counts.py --arch llava-onevision-qwen2-0.5b --frames 32
     python benchmarks/token_counts.py --arch qwen2-vl-7b --frames 8 --truncate
@@ -27,6 +28,7 @@ from PIL import Image
 from skimage import data
 
 import illava
+from illava.adapters import adapter_for_config
 from illava.tools.architectures import architectures, build_architecture
 from illava.tools.inputs import placeholder_inputs
 
@@ -53,8 +55,11 @@ def main() -> None:
     cases = {name: case for name, case in cases.items() if any(w in name for w in wanted)}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     meta = build_architecture(args.arch, device="meta")
-    if args.narrow and meta.config.model_type == "llava_onevision":
-        parser.error("--narrow: LLaVA-OneVision's counts depend on the weights (row-end tokens); use --truncate")
+    if args.narrow and adapter_for_config(meta.config).counts_depend_on_weights:
+        parser.error(
+            f"--narrow: {meta.config.model_type}'s token counts depend on the weights; "
+            "run at full width (with --truncate where it applies)"
+        )
     results = {}
     model, model_preset = None, None
     for name, (preset, images, videos) in cases.items():

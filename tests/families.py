@@ -59,7 +59,10 @@ class Family:
         )
 
 
-FAMILIES = [Family(tiny_config(n).model_type, n, videos=n not in ("tiny-llava",)) for n in sorted(tiny_configs())]
+FAMILIES = [
+    Family(tiny_config(n).model_type, n, videos=n not in ("tiny-llava", "tiny-llava-next"))
+    for n in sorted(tiny_configs())
+]
 
 
 def chat(text: str, system: str | None = None) -> str:

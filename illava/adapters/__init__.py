@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
@@ -14,6 +15,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     QwenVLAdapter(),
     InternVLAdapter(),
     LlavaAdapter(),
+    LlavaNextAdapter(),
 )
 
 

@@ -98,6 +98,9 @@ class Adapter:
     config_types: tuple[str, ...] = ()
     unit = 1
     renumber_positions = True
+    # token counts after the encoder stage depend on the weights (e.g. survivors cut away by AnyRes
+    # unpadding): tools must not measure them on models of other widths (token_counts --narrow)
+    counts_depend_on_weights = False
     presets: dict[str, dict] = {}  # config type -> {"reference": dims, "image": settings, "video": settings}
     architectures: dict[str, Callable] = {}  # name -> config with the published dimensions
     tiny: dict[str, Callable] = {}  # name -> small config for CPU tests (word_tokenizer ids)
