@@ -309,35 +309,38 @@ def llava_config(size: str = "7b"):
     )
 
 
+# the CLIP and Llama of the tiny LLaVA-1.5 / LLaVA-NeXT test configurations
+TINY_CLIP = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+
+
 def tiny_llava_config(vocab_size: int = 256, **vision):
     """A LLaVA-1.5 small enough for CPU tests: 64 px images of 8x8 patches (64 tokens each, CLS
     dropped), a 6-layer CLIP read at layer -2 (merges allowed at layers 0-4) and a 4-layer Llama with
     grouped-query attention. Token ids match ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1)."""
     from transformers import LlavaConfig
 
-    vision_config = {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 4,
-        "image_size": 64,
-        "patch_size": 8,
-        "projection_dim": 32,
-        **vision,
-    }
-    text_config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-    }
+    vision_config = {**TINY_CLIP, **vision}
+    text_config = {**TINY_LLAMA, "vocab_size": vocab_size}
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,

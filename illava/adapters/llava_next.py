@@ -43,7 +43,7 @@ from transformers.models.llava_next import modeling_llava_next as mln
 
 from ..encoder import encoder_call, features_done, record_placeholders
 from .base import Adapter, Dimensions, FlopsDims, Panel, placeholder, unnormalise
-from .llava import _CLIP_L_336, _VICUNA, OPENAI_CLIP, IllavaCLIPEncoderLayer, LlavaAdapter
+from .llava import _CLIP_L_336, _VICUNA, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, IllavaCLIPEncoderLayer, LlavaAdapter
 from .llava_onevision import AnyResLayout
 
 
@@ -256,29 +256,8 @@ def tiny_llava_next_config(vocab_size: int = 256, **vision):
     Token ids match ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1)."""
     from transformers import LlavaNextConfig
 
-    vision_config = {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 4,
-        "image_size": 64,
-        "patch_size": 8,
-        "projection_dim": 32,
-        **vision,
-    }
-    text_config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-    }
+    vision_config = {**TINY_CLIP, **vision}
+    text_config = {**TINY_LLAMA, "vocab_size": vocab_size}
     return LlavaNextConfig(
         vision_config=vision_config,
         text_config=text_config,

@@ -291,28 +291,21 @@ def test_set(per_kind: int = 200, seed: int = 1234, kinds=KINDS) -> TestSet:
     rng = random.Random(seed)
     scenes, clips, rows = [], [], []
     need = {k: per_kind for k in kinds}
-    while any(need[k] > 0 for k in need if k in IMAGE_KINDS):
-        scene = make_scene(rng, pool)
-        questions = scene_questions(scene, rng)
-        rng.shuffle(questions)
-        taken = {k: 0 for k in IMAGE_KINDS}
-        for kind, q, a in questions:
-            if need.get(kind, 0) > 0 and taken[kind] < 2:
-                need[kind] -= 1
-                taken[kind] += 1
-                rows.append(Row(kind, q, a, len(scenes)))
-        scenes.append(scene)
-    while any(need[k] > 0 for k in need if k in VIDEO_KINDS):
-        clip = make_clip(rng, pool)
-        questions = clip_questions(clip, rng)
-        rng.shuffle(questions)
-        taken = {k: 0 for k in VIDEO_KINDS}
-        for kind, q, a in questions:
-            if need.get(kind, 0) > 0 and taken[kind] < 2:
-                need[kind] -= 1
-                taken[kind] += 1
-                rows.append(Row(kind, q, a, len(clips)))
-        clips.append(clip)
+    for group, make, ask, store in (
+        (IMAGE_KINDS, make_scene, scene_questions, scenes),
+        (VIDEO_KINDS, make_clip, clip_questions, clips),
+    ):
+        while any(need[k] > 0 for k in need if k in group):
+            item = make(rng, pool)
+            questions = ask(item, rng)
+            rng.shuffle(questions)
+            taken = dict.fromkeys(group, 0)
+            for kind, q, a in questions:
+                if need.get(kind, 0) > 0 and taken[kind] < 2:
+                    need[kind] -= 1
+                    taken[kind] += 1
+                    rows.append(Row(kind, q, a, len(store)))
+            store.append(item)
     return TestSet(scenes, clips, rows)
 
 
