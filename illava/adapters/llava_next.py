@@ -44,7 +44,7 @@ from transformers.models.llava_next import modeling_llava_next as mln
 from ..encoder import encoder_call, features_done, record_placeholders
 from .base import Adapter, Dimensions, FlopsDims, Panel, placeholder, unnormalise
 from .llava import _CLIP_L_336, _VICUNA, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, IllavaCLIPEncoderLayer, LlavaAdapter
-from .llava_onevision import AnyResLayout
+from .llava_onevision import AnyResLayout, anyres_panels
 
 
 class IllavaLlavaNextModel(AnyResLayout):
@@ -171,30 +171,15 @@ class LlavaNextAdapter(Adapter):
         return BatchFeature(data)
 
     def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
-        import numpy as np
-
         vc = model.config.vision_config
-        side, ps = vc.image_size // vc.patch_size, vc.patch_size
-        span = side * ps
+        side = vc.image_size // vc.patch_size
+        span = side * vc.patch_size
         mean, std = mean_std or OPENAI_CLIP
         pixels, sizes = inputs["pixel_values"], inputs["image_sizes"]
-        grid = np.arange(side * side).reshape(side, side)
         items, unit = [], 0
         for n, count in enumerate(call.item_crops):
             images = [unnormalise(v, mean, std)[:span, :span] for v in pixels[n][:count]]
-            panels = [Panel("base view", images[0], grid + unit, ps)]
-            if count > 1:
-                gh, gw = mln.get_anyres_image_grid_shape(
-                    sizes[n].tolist(), model.config.image_grid_pinpoints, vc.image_size
-                )
-                canvas = np.zeros((gh * span, gw * span, 3))
-                units = np.zeros((gh * side, gw * side), dtype=np.int64)
-                for c, im in enumerate(images[1:]):
-                    r, q = divmod(c, gw)
-                    canvas[r * span : (r + 1) * span, q * span : (q + 1) * span] = im
-                    units[r * side : (r + 1) * side, q * side : (q + 1) * side] = grid + unit + (c + 1) * side**2
-                panels.append(Panel(f"{count - 1} crops in place", canvas, units, ps))
-            items.append(panels)
+            items.append(anyres_panels(model.config, images, sizes[n].tolist(), unit))
             unit += count * side**2
         return items
 

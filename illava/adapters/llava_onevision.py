@@ -300,6 +300,29 @@ class IllavaLlavaOnevisionModel(AnyResLayout):
         call.trace = trace.unit_trace([(side, side)] * (batch * frames), feature.flatten())
 
 
+def anyres_panels(config, images, image_size, unit: int) -> list[Panel]:
+    """Pictures of one AnyRes image (LLaVA-OneVision, LLaVA-NeXT): the base view, and the crops in
+    place on the canvas the processor tiled; ``images`` are the views as arrays, ``unit`` the index
+    of the image's first unit."""
+    import numpy as np
+
+    vc = config.vision_config
+    side, ps = vc.image_size // vc.patch_size, vc.patch_size
+    span = side * ps
+    grid = np.arange(side * side).reshape(side, side)
+    panels = [Panel("base view", images[0], grid + unit, ps)]
+    if len(images) > 1:
+        gh, gw = mlo.get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, vc.image_size)
+        canvas = np.zeros((gh * span, gw * span, 3))
+        units = np.zeros((gh * side, gw * side), dtype=np.int64)
+        for c, im in enumerate(images[1:]):
+            r, q = divmod(c, gw)
+            canvas[r * span : (r + 1) * span, q * span : (q + 1) * span] = im
+            units[r * side : (r + 1) * side, q * side : (q + 1) * side] = grid + unit + (c + 1) * side**2
+        panels.append(Panel(f"{len(images) - 1} crops in place", canvas, units, ps))
+    return panels
+
+
 class LlavaOnevisionAdapter(Adapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     config_types = ("llava_onevision",)
@@ -408,19 +431,7 @@ class LlavaOnevisionAdapter(Adapter):
             if kind == "video":
                 items.append([Panel(f"frame {f}", im, grid + unit + f * side**2, ps) for f, im in enumerate(images)])
             else:
-                panels = [Panel("base view", images[0], grid + unit, ps)]
-                if count > 1:
-                    gh, gw = mlo.get_anyres_image_grid_shape(
-                        sizes[n].tolist(), model.config.image_grid_pinpoints, vc.image_size
-                    )
-                    canvas = np.zeros((gh * span, gw * span, 3))
-                    units = np.zeros((gh * side, gw * side), dtype=np.int64)
-                    for c, im in enumerate(images[1:]):
-                        r, q = divmod(c, gw)
-                        canvas[r * span : (r + 1) * span, q * span : (q + 1) * span] = im
-                        units[r * side : (r + 1) * side, q * side : (q + 1) * side] = grid + unit + (c + 1) * side**2
-                    panels.append(Panel(f"{count - 1} crops in place", canvas, units, ps))
-                items.append(panels)
+                items.append(anyres_panels(model.config, images, sizes[n].tolist(), unit))
             unit += count * side**2
         return items
 
