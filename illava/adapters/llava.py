@@ -185,7 +185,7 @@ class LlavaAdapter(Adapter):
 
         if config.encoder_layers and not isinstance(model.model.vision_tower, CLIPVisionModel):
             raise ValueError(
-                "illava: the LLaVA encoder stage needs a CLIP vision tower (LLaVA-1.5); this model's is "
+                "illava: the LLaVA encoder stage needs a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); this model's is "
                 f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
             )
 

@@ -105,16 +105,8 @@ class LlavaNextAdapter(Adapter):
         return LlavaAdapter.dimensions(self, model)
 
     def check(self, model, config) -> None:
-        from transformers import CLIPVisionModel
-
-        if not config.encoder_layers:
-            return
-        if not isinstance(model.model.vision_tower, CLIPVisionModel):
-            raise ValueError(
-                "illava: the LLaVA-NeXT encoder stage needs a CLIP vision tower (LLaVA-1.6); this model's is "
-                f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
-            )
-        if model.config.vision_feature_select_strategy != "default":
+        LlavaAdapter.check(self, model, config)  # the same CLIP encoder stage as LLaVA-1.5
+        if config.encoder_layers and model.config.vision_feature_select_strategy != "default":
             raise ValueError(
                 "illava: the LLaVA-NeXT encoder stage needs vision_feature_select_strategy='default' (the CLS token "
                 f"dropped); this model uses {model.config.vision_feature_select_strategy!r}"
