@@ -221,7 +221,10 @@ class Chunk:
     group_index: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> its decoder-input indices
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, n)
     before: dict[int, tuple] = field(default_factory=dict)  # layer -> sequence before its merge
-    base: tuple | None = None  # decoder-input position ids and rotary embeddings
+    base: dict | None = field(default_factory=dict)  # layer type -> decoder-input position ids and rotary embeddings
+    origin: torch.Tensor | None = None  # (B, n0) stock position of every decoder-input token
+    input_blocks: torch.Tensor | None = None  # (B, n0) bidirectional block of every decoder-input token, -1: none
+    input_segments: torch.Tensor | None = None  # (B, n0) sequence of every decoder-input token (packed rows)
     kwargs_cache: dict = field(default_factory=dict)  # (group, layer type) -> layer kwargs
     changed: bool = False
     done: bool = False  # the decoder call returned (what runs now is a recomputation)
@@ -267,7 +270,7 @@ class LLMStage:
                 record.hook(layer, LayerInput(self.state, self.decoder.config, i), "pre")
         for k in self.state.config.llm_layers:
             attention = self.adapter.scoring_attention(self.decoder.layers[k - 1])
-            record.hook(attention, Score(self.state, self.adapter, k), "pre")
+            record.hook(attention, Score(self.state, self.adapter, k, _window(self.decoder.config, k - 1)), "pre")
 
 
 class OpenScope(Hook):
@@ -312,7 +315,10 @@ class DecoderInput(Hook):
         scope = state.current() or state.open_scope(owner=self)  # a scope of its own: disabled, reduced cache
         b, q = embeds.shape[:2]
         device = embeds.device
-        mask = kwargs.get("attention_mask")
+        # a model that prepares the decoder's masks itself (a mapping per layer type: Gemma 3) gets them
+        # built again for the shorter sequence; the adapter knows the 2D mask and bidirectional blocks
+        prepared = isinstance(kwargs.get("attention_mask"), dict)
+        mask, blocks = self.adapter.decoder_masks(scope, kwargs)
         two_d = mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)
         valid = torch.ones(b, q, dtype=torch.bool, device=device)
         if mask is not None and two_d:
@@ -371,6 +377,10 @@ class DecoderInput(Hook):
         else:
             index, new_valid = torch.arange(q, device=device)[None].expand(b, q), valid
         kwargs["position_ids"] = positions
+        if blocks is not None:  # (B, T) over the stock sequence from its start, as stock reads them
+            blocks = blocks.to(device)
+            blocks = torch.nn.functional.pad(blocks, (0, max(0, past + q - blocks.shape[1])), value=-1)
+            blocks = blocks[:, past : past + q].gather(1, index).masked_fill(~new_valid, -1)
         full = torch.cat([past_masks[0].to(device), new_valid], 1)
         keep_none = mask is None and session is None and bool(full.all())
         kwargs["attention_mask"] = None if keep_none else full.long()
@@ -390,8 +400,17 @@ class DecoderInput(Hook):
             index=torch.arange(index.shape[1], device=device)[None].expand(b, -1),
             reduce_at=reduce_at,
             changed=bool(removed.any()),
+            origin=index + past,
+            input_blocks=blocks,
+            input_segments=segments,
         )
         chunk.group_masks[0], chunk.group_index[0] = new_valid, chunk.index
+        if prepared:
+            hidden = kwargs["inputs_embeds"]
+            types = list(getattr(module.config, "layer_types", None) or ["full_attention"])
+            kwargs["attention_mask"] = {
+                t: _attention_mask(chunk, 0, t, hidden, types.index(t), module.config) for t in dict.fromkeys(types)
+            }
         scope.stats.sequence_after_encoder = index.shape[1]
         if scope.record:
             _start_trace(state, scope, chunk)
@@ -414,7 +433,7 @@ class DecoderOutput(Hook):
         scope.chunk = None
         self.state.close_scope(owner=self.opener)
         # the decoder's own tensors key the chunk (recomputation): the chunk must not keep them alive
-        chunk.done, chunk.base = True, None
+        chunk.done, chunk.base = True, {}
         if output is None:
             return None
         session = chunk.session
@@ -446,10 +465,11 @@ class Score(Hook):
     """Pre-hook on the attention of layer ``k-1``: the attention the last token of every sequence
     pays to every token (one query row per sequence), for the merge before layer ``k``."""
 
-    def __init__(self, state: IllavaState, adapter, k: int):
+    def __init__(self, state: IllavaState, adapter, k: int, window: int | None = None):
         super().__init__(state)
         self.adapter = adapter
         self.k = k
+        self.window = window  # layer k-1 attends over a sliding window (in stock positions)
 
     def __call__(self, module, args, kwargs):
         chunk = self.state.chunk()
@@ -459,6 +479,9 @@ class Score(Hook):
         rows = chunk.query_rows()
         sequences = torch.arange(rows.shape[1], device=hidden.device)
         key_mask = (chunk.segments[:, None, :] == sequences[None, :, None]) & chunk.mask[:, None, :]
+        if self.window is not None:  # only the keys the query's window holds
+            stock = chunk.origin.gather(1, chunk.index).to(hidden.device)
+            key_mask &= stock.gather(1, rows)[:, :, None] - stock[:, None, :] < self.window
         key_mask[:, :, 0] |= ~key_mask.any(-1)  # a row without that sequence: any key (never used)
         with torch.no_grad():  # a selection signal: no gradient flows through which tokens are kept
             if self.state.policy.llm_query == "all":  # every query scores (FastV)
@@ -498,8 +521,8 @@ class LayerInput(Hook):
         if g == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        if chunk.base is None and not chunk.done:
-            chunk.base = (kwargs.get("position_ids"), embeddings)
+        if self.layer_type not in chunk.base and not chunk.done:
+            chunk.base[self.layer_type] = (kwargs.get("position_ids"), embeddings)
         if self.i == chunk.groups[g] and self.i in chunk.reduce_at:
             hidden = reduce(self.state, chunk, self.i, g, hidden)
         chunk.group_masks.setdefault(g, chunk.mask)
@@ -577,13 +600,36 @@ def _layer_kwargs(chunk: Chunk, g: int, layer_type: str, hidden, i: int, config)
     if key not in chunk.kwargs_cache:
         out = {}
         if chunk.before:  # a merge in this call: the survivors' own positions and embeddings
-            positions, embeddings = chunk.base
+            positions, embeddings = chunk.base[layer_type]
             out["position_embeddings"] = tuple(gather_seq(t, chunk.index.to(t.device)) for t in embeddings)
             if positions is not None:
                 out["position_ids"] = gather_positions(positions, chunk.index.to(positions.device))
-        mask2d = torch.cat([chunk.past[g].to(hidden.device), chunk.group_masks[g].to(hidden.device)], 1)
+        out["attention_mask"] = _attention_mask(chunk, g, layer_type, hidden, i, config)
+        chunk.kwargs_cache[key] = out
+    return {name: _to(value, hidden.device) for name, value in chunk.kwargs_cache[key].items()}
+
+
+def _window(config, layer: int) -> int | None:
+    types = getattr(config, "layer_types", None)
+    sliding = bool(types) and types[layer] == "sliding_attention"
+    return getattr(config, "sliding_window", None) if sliding else None
+
+
+def _attention_mask(chunk: Chunk, g: int, layer_type: str, hidden, i: int, config):
+    """The mask of decoder layer ``i`` (group ``g``, ``layer_type``) for the sequence the group caches.
+
+    Sliding windows are measured in *stock* positions: a query attends to the survivors among the
+    keys stock would attend to (a slot-based window would reach further back once tokens are gone).
+    Tokens of one bidirectional block (the adapter's ``decoder_masks``: Gemma 3's images) attend to
+    each other both ways, as stock composes it: ``window AND (causal OR block)``. Without either, the
+    plain causal mask of transformers.
+    """
+    device = hidden.device
+    mask2d = torch.cat([chunk.past[g].to(device), chunk.group_masks[g].to(device)], 1)
+    window = _window(config, i) if layer_type == "sliding_attention" else None
+    if window is None and chunk.input_blocks is None:
         make = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
-        out["attention_mask"] = make(
+        return make(
             config=config,
             inputs_embeds=hidden,
             attention_mask=None if chunk.packed else mask2d,
@@ -591,8 +637,42 @@ def _layer_kwargs(chunk: Chunk, g: int, layer_type: str, hidden, i: int, config)
             position_ids=chunk.mask_positions(),
             layer_idx=i,
         )
-        chunk.kwargs_cache[key] = out
-    return {name: _to(value, hidden.device) for name, value in chunk.kwargs_cache[key].items()}
+    index, valid = chunk.group_index[g].to(device), chunk.group_masks[g].to(device)
+    b, past = valid.shape[0], chunk.past[g].shape[1]
+    cached = chunk.session.positions[g].to(device) if chunk.session is not None else None
+    if cached is None or cached.shape[1] != past:
+        cached = torch.full((b, past), -1, dtype=torch.long, device=device)
+    stock = torch.cat([cached, chunk.origin.to(device).gather(1, index).masked_fill(~valid, -1)], 1)
+    conditions = []
+    if window is not None:
+        conditions.append(lambda bi, h, qi, ki: stock[bi, qi] - stock[bi, ki] < window)
+    if chunk.packed:  # several sequences per row (no cache): keep them apart
+        seg = chunk.input_segments.to(device).gather(1, index).masked_fill(~valid, -1)
+        conditions.append(lambda bi, h, qi, ki: seg[bi, qi] == seg[bi, ki])
+    both = None
+    if chunk.input_blocks is not None:
+        blocks = chunk.input_blocks.to(device).gather(1, index).masked_fill(~valid, -1)
+        blocks = torch.cat([torch.full((b, past), -1, dtype=torch.long, device=device), blocks], 1)
+
+        def both(bi, h, qi, ki):
+            return (blocks[bi, qi] == blocks[bi, ki]) & (blocks[bi, qi] >= 0)
+
+    def within(bi, h, qi, ki):
+        ok = conditions[0](bi, h, qi, ki)
+        for condition in conditions[1:]:
+            ok = ok & condition(bi, h, qi, ki)
+        return ok
+
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=None if chunk.packed else mask2d,
+        cache=chunk.cache,
+        position_ids=None,
+        or_mask_function=both,
+        and_mask_function=within if conditions else None,
+        layer_idx=i,
+    )
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -158,6 +158,7 @@ class CallScope:
     chunk: object | None = None  # the LLM stage's bookkeeping of the decoder call in progress (illava.llm)
     published: bool = False  # the call held visual tokens: its statistics become the model's last
     owner: object | None = None  # the hook that opened it
+    model_inputs: dict = field(default_factory=dict)  # inner-model inputs an adapter needs later (``decoder_masks``)
 
 
 class TensorKeyed:

@@ -41,6 +41,12 @@ class Family:
 
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(self.config).eval()
+        # stock initialises some projections to zero (Gemma 3's multimodal projector), which would make
+        # every image token the same and hide encoder-stage mistakes: random weights instead
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                with torch.no_grad():
+                    p.normal_(0.0, 0.3)
         model.set_attn_implementation(attn)
         return model.to(dtype)
 
@@ -60,7 +66,7 @@ class Family:
 
 
 FAMILIES = [
-    Family(tiny_config(n).model_type, n, videos=n not in ("tiny-llava", "tiny-llava-next"))
+    Family(tiny_config(n).model_type, n, videos=n not in ("tiny-llava", "tiny-llava-next", "tiny-gemma3"))
     for n in sorted(tiny_configs())
 ]
 

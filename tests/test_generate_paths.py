@@ -417,8 +417,9 @@ def packed(fam, model, photos):
                 crops = max(x.shape[1], y.shape[1])
                 x, y = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, crops - t.shape[1])) for t in (x, y))
             out[key] = torch.cat([x, y])
-    if "mm_token_type_ids" in a:
-        out["mm_token_type_ids"] = torch.cat([a["mm_token_type_ids"], b["mm_token_type_ids"]], 1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3: token_type_ids
+        if key in a:
+            out[key] = torch.cat([a[key], b[key]], 1)
     return out, (a, b)
 
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from .base import Adapter
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
 # one line per family
 ADAPTERS: tuple[Adapter, ...] = (
     LlavaOnevisionAdapter(),
     QwenVLAdapter(),
+    Qwen3VLAdapter(),
     InternVLAdapter(),
     LlavaAdapter(),
     LlavaNextAdapter(),
+    Gemma3Adapter(),
 )
 
 

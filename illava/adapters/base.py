@@ -21,7 +21,8 @@ An adapter says:
    images / videos (``item_lengths``);
 6. **the scoring query/key of its decoder attention** (``query_key``; default: Llama-style RoPE);
 7. **extra decoder inputs** that must be gathered with the kept tokens (``gather_decoder_inputs``,
-   e.g. Qwen3-VL's deepstack features; default: none);
+   e.g. Qwen3-VL's deepstack features; default: none), and the decoder's padding mask and
+   bidirectional blocks when the model prepares the masks itself (``decoder_masks``, Gemma 3);
 8. **for the tools**: published architectures (``architectures``) and tiny test configurations
    (``tiny``), how to build stock inputs without the combined processor (``build_inputs``), how to
    turn pixel values back into pictures of its units (``pictures``), and its FLOPs dimensions
@@ -169,6 +170,14 @@ class Adapter:
         from ..llm import rope_query_key
 
         return rope_query_key(attn, hidden, position_embeddings, rows)
+
+    def decoder_masks(self, scope, kwargs: dict) -> tuple:
+        """The 2D padding mask (over cached + new tokens) of a decoder call, and ``(B, T)`` ids of the
+        blocks whose tokens attend to each other both ways, counted from the start of the sequence
+        (-1: none; ``None``: causal only). Default: the decoder's own 2D ``attention_mask``, causal.
+        Families whose model hands the decoder prepared masks (a mapping per layer type) recover
+        both from what their inner model received (``scope.model_inputs``)."""
+        return kwargs.get("attention_mask"), None
 
     def gather_decoder_inputs(self, kwargs: dict, index: torch.Tensor) -> None:
         """Gather decoder inputs aligned with the sequence (other than embeddings and positions)

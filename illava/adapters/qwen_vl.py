@@ -87,6 +87,11 @@ class VisionRun:
         self.after: dict[int, Blocks] = {}
         self.assign = torch.arange(blocks)  # current block representing every original block, -1: dropped
         self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # viz: (layer, owner, scores)
+        # Qwen3-VL deepstack: hidden states taken at a vision block (and the merge steps done then),
+        # which later merges reduce with the weights the policy used for the main tokens
+        self.companions: dict[int, tuple[torch.Tensor, int]] = {}
+        self.steps: list[tuple[int, list]] = []  # (blocks after, [(old rows, new rows, weights)] per group)
+        self.probed: set[int] = set()  # merge layers whose weights were probed
 
     def before(self, layer: int) -> Blocks:
         done = [k for k in self.after if k < layer]
@@ -176,6 +181,11 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
     for f, size in enumerate(blocks.frame_blocks):
         by_size.setdefault((size, run.grids[f] if raster else None), []).append(f)
     sizes = blocks.sizes if blocks.sizes is not None else torch.ones(flat.shape[0])
+    # companions (Qwen3-VL deepstack) follow this merge: an identity probe appended to every block
+    # gives the weights the policy combines blocks with (policies act on every column alike, and a
+    # one-hot probe adds nothing to the dot products of distinct blocks)
+    probe = layer in run.probed or (layer not in run.after and bool(run.companions))
+    groups = []
     kept_per_frame, tokens_per_frame, assign_per_frame, sizes_per_frame = {}, {}, {}, {}
     for (size, grid), frames in by_size.items():
         r = removal_units(size, removal, unit)
@@ -188,7 +198,13 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
             )
         index = torch.tensor([starts[f] for f in frames], device=device)[:, None] + torch.arange(size, device=device)
         context = {"metric": metric[index], "sizes": sizes.to(device)[index], "grid": grid}
-        res = state.policy.reduce("encoder", flat[index], scores[index], r, cfg, **context)
+        x = flat[index]
+        if probe:
+            x = torch.cat([x, torch.eye(size, dtype=x.dtype, device=device).expand(len(frames), size, size)], -1)
+        res = state.policy.reduce("encoder", x, scores[index], r, cfg, **context)
+        if probe:
+            groups.append((frames, index, res.tokens[..., flat.shape[1] :].detach()))
+            res.tokens = res.tokens[..., : flat.shape[1]]
         kept = index.gather(1, res.kept)
         merged = merged_sizes(context["sizes"], res, size)
         for i, f in enumerate(frames):
@@ -210,6 +226,14 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
         tuple(t[token_index] for t in position_embeddings),
         torch.cat([sizes_per_frame[f] for f in frames]).cpu(),
     )
+    if probe:
+        run.probed.add(layer)
+        starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1]
+        steps = []
+        for group_frames, index, weights in groups:
+            rows = starts_new[group_frames].to(device)[:, None] + torch.arange(weights.shape[1], device=device)
+            steps.append((index, rows, weights))
+        run.steps.append((sum(new_counts), steps))
     call = current_call(state)
     if call is not None:
         call.layers.append((layer, sum(blocks.frame_blocks) * unit, tokens.shape[0]))
@@ -398,11 +422,13 @@ class QwenVLAdapter(Adapter):
                     f"(window blocks score tokens only within their window); got {bad}"
                 )
 
+    model_mixin = IllavaQwenVLModel
+
     def patch(self, model, record) -> None:
         inner = model.model
         visual = inner.visual
         state = record.state
-        record.swap(inner, IllavaQwenVLModel)
+        record.swap(inner, self.model_mixin)
         layers = state.config.encoder_layers
         for i in layers:
             record.swap(visual.blocks[i], IllavaQwenVisionBlock, layer=i)

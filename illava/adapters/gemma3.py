@@ -1,0 +1,428 @@
+"""iLLaVA for ``Gemma3ForConditionalGeneration`` (Gemma 3: SigLIP-So400m at 896 px + 4x4 average
+pooling + a linear projector + the Gemma 3 decoder).
+
+What is patched (``illava.remove`` undoes all of it):
+- the SigLIP layers listed in ``encoder_layers`` get ``IllavaGemma3SiglipLayer`` (the encoder stage);
+- the inner ``Gemma3Model`` gets ``IllavaGemma3Model`` (layout of survivors, feature calls,
+  placeholder bookkeeping, and what the decoder side needs to rebuild Gemma's masks);
+- the decoder-side hooks of ``illava.llm``.
+
+Gemma 3 encodes every image (and every pan-and-scan crop) as one 896 px square: 64x64 = 4096
+SigLIP patches, read at the last layer (after the post-layernorm); the projector averages every
+4x4 block of patches (``AvgPool2d``), normalises and projects: 256 LLM tokens per image, framed by
+``<start_of_image>`` / ``<end_of_image>`` in the prompt. So:
+- unit of removal: a 4x4 block of patches (unit 16), the neighbourhood the pooling folds into one
+  LLM token (as Qwen-VL's 2x2 merger blocks, unit 4). SigLIP has absolute position embeddings (added
+  before the first layer) and no attention mask, so token order inside the encoder is free: at the
+  first merge layer the tokens are reordered block by block (16 consecutive tokens per block) and
+  stay so; whole blocks are scored (the mean of their tokens' received attention), removed and
+  recycled (their 16 tokens position by position). Layers before the first merge run on the stock
+  raster order (their attention maps are stock's);
+- layout: every surviving block is pooled exactly as stock pools it (the mean of its 16 tokens),
+  normalised and projected, and written at its own block's row of the stock 256 rows; rows of
+  removed blocks are NaN (``stock_count_features``) and are dropped at the decoder input, whose
+  positions are renumbered as if the prompt had held fewer image tokens (LLaVA-style; Gemma uses
+  plain 1D RoPE);
+- merges are allowed up to the last SigLIP layer (the model reads the last layer).
+
+Decoder side. Gemma 3 builds its masks in the inner model and hands the decoder one mask per layer
+type: image tokens attend to each other both ways within one image (``token_type_ids``; causal
+elsewhere), and sliding-window layers (5 of every 6; window 1024) are ``window AND (causal OR
+image)``. When tokens are removed, ``illava.llm`` rebuilds them for the shorter sequence from the
+2D mask and ``token_type_ids`` this model received (``decoder_masks``): the bidirectional block of
+an image is its surviving tokens; sliding windows are measured in *stock* positions (a query attends
+to the survivors among the keys the unreduced model's query attends to; counting kept slots instead
+would reach further back after every merge), and the scoring query of an LLM merge layer whose
+previous layer slides only sees its window. Without ``token_type_ids`` stock is causal everywhere,
+and so is illava. Rotary embeddings differ per layer type (local base 10k, global 1M with linear
+scaling): survivors get the ones of each layer's type. ``query_key`` needs no override: the default
+applies Gemma's ``q_norm`` / ``k_norm`` and its ``scaling`` (``query_pre_attn_scalar``); embedding
+scaling happens before the decoder.
+
+Presets (our choice, by the principle of docs/method.md, to be checked by the fidelity harness):
+reference Gemma-3-4B (SigLIP 27 layers, 4096 patches = 256 blocks per image; 34 decoder layers). As
+for LLaVA-OneVision-7B (layers 5-8 of 26, about half of the tokens) the encoder removes 512 patches
+(32 blocks) at each of layers 5-8 (4096 -> 2048 patches, 256 -> 128 LLM tokens per image), and the
+LLM keeps 70% of every image's tokens at layer 12, about 30% of the way in (LLaVA-OneVision: 8 of
+28), chosen so that the scoring layer 11 is a global-attention layer: a sliding layer's last token
+may not see the image at all. Scaled to other depths (Gemma-3-27B: 62 layers), the LLM merge layer
+moves to the nearest layer after a global one (27B: 24). Gemma 3 takes no video (no video input in
+transformers): ``<video>`` markers are refused and the ``video`` preset is the ``image`` one (as for
+LLaVA-1.5).
+
+Pan-and-scan crops need nothing special in the model: every crop is its own 256-token image
+(own ``<start_of_image>`` span, own bidirectional block), reduced like an image. ``build_inputs``
+does not make them (the processor's default, ``do_pan_and_scan=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..encoder import (
+    CropTrace,
+    attention_and_scores,
+    encoder_call,
+    features_done,
+    merge_units,
+    proportional_bias,
+    record_placeholders,
+    recording,
+    stock_count_features,
+)
+from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+
+GEMMA_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+KERNEL = 4  # the pooling of every released Gemma 3: 64x64 patches -> 16x16 tokens
+UNIT = KERNEL * KERNEL
+
+
+def _geometry(config) -> tuple[int, int]:
+    """(patches per side, pooling kernel) of an image."""
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    return side, side // int(config.mm_tokens_per_image**0.5)
+
+
+def block_order(side: int, kernel: int, device=None) -> torch.Tensor:
+    """Raster index of the patch at every position of the block order: block after block (raster
+    order of the block grid), each block's ``kernel x kernel`` patches in raster order."""
+    blocks = side // kernel
+    r = torch.arange(side, device=device)[:, None]
+    c = torch.arange(side, device=device)[None]
+    key = ((r // kernel) * blocks + c // kernel) * kernel * kernel + (r % kernel) * kernel + c % kernel
+    return torch.argsort(key.flatten())
+
+
+class IllavaGemma3SiglipLayer:
+    """SigLIP encoder layer of Gemma 3 with the encoder stage.
+
+    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
+    token receives, whatever ``attn_implementation`` says; after the attention residual and before
+    the MLP, the tokens are put in block order (first merge layer only) and
+    ``illava.encoder.merge_units`` removes and recycles whole 4x4 blocks. Disabled: stock forward.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        state = self._illava.state
+        if not state.config.encoder_active:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError(
+                "illava: the encoder stage does not support an attention mask in the vision encoder"
+            )
+        attn = self.self_attn
+        residual = hidden_states
+        hidden = self.layer_norm1(hidden_states)
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        bias = proportional_bias(state, hidden.shape[1], unit=UNIT)
+        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
+        if not projected:
+            out = attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
+        hidden = residual + out
+        keys = k.mean(1)
+        if self._illava.layer == min(state.config.encoder_layers):  # raster -> block order
+            side = round(hidden.shape[1] ** 0.5)
+            order = block_order(side, KERNEL, hidden.device)
+            hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
+        hidden = merge_units(state, self._illava.layer, hidden, received, unit=UNIT, keys=keys)
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class IllavaGemma3Model:
+    """Gemma 3 model with iLLaVA's layout of survivors.
+
+    Modifications: ``forward`` remembers the 2D attention mask and ``token_type_ids`` it received
+    (the decoder side rebuilds Gemma's masks from them); ``get_image_features`` runs inside an
+    encoder call and, with the encoder stage, pools and projects the surviving blocks into their
+    own rows of the stock 256 (NaN rows for removed blocks, module docstring);
+    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+    """
+
+    _NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "token_type_ids")
+
+    def forward(self, *args, **kwargs):
+        from ..llm import IllavaDynamicCache
+
+        state = self._illava.state
+        given = dict(zip(self._NAMES, args), **kwargs)
+        cache = given.get("cache", given.get("past_key_values"))
+        if not state.config.enabled and not isinstance(cache, IllavaDynamicCache):
+            return super().forward(*args, **kwargs)
+        with state.scope() as scope:
+            scope.model_inputs = {k: given.get(k) for k in ("attention_mask", "token_type_ids")}
+            return super().forward(*args, **kwargs)
+
+    def get_image_features(self, pixel_values, **kwargs):
+        state = self._illava.state
+        with encoder_call(state, "image") as call:
+            side, kernel = _geometry(self.config)
+            blocks = (side // kernel) ** 2
+            images = pixel_values.shape[0]
+            if call is not None:
+                call.crops, call.tokens, call.item_crops = images, images * side * side, [1] * images
+            if call is None or not state.config.encoder_active:
+                out = super().get_image_features(pixel_values, **kwargs)
+                trace = None
+            else:
+                kwargs.pop("return_dict", None)
+                out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+                hidden = out.last_hidden_state  # (images, survivors * 16, D) in block order
+                proj = self.multi_modal_projector
+                pooled = hidden.view(images, -1, kernel * kernel, hidden.shape[-1]).mean(2)  # = AvgPool2d of a block
+                features = torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(hidden)
+                trace = call.work.get("crops")
+                slots = trace.positions if trace is not None else torch.arange(blocks).expand(images, -1)
+                out.pooler_output = torch.stack(
+                    [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]
+                )
+            if call is not None and recording(state):
+                _unit_trace(call, trace, images, side // kernel, pixel_values.device)
+        return features_done(state, call, out, "image")
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
+        record_placeholders(self._illava.state, "image", mask)
+        return mask
+
+
+def _unit_trace(call, trace, images: int, blocks_side: int, device) -> None:
+    """``illava.tools.viz``: units are the 4x4 blocks of every image in raster order of the block
+    grid; the feature row of a block is its image's first row + the block of its survivor."""
+    units = blocks_side * blocks_side
+    trace = trace or CropTrace(images, units, device)
+    first = (torch.arange(images) * units)[:, None]
+    assign, positions = trace.assign.cpu(), trace.positions.cpu()
+    owner = positions.gather(1, assign.clamp(min=0))
+    feature = torch.where(assign >= 0, owner + first, -1)
+    call.trace = trace.unit_trace([(blocks_side, blocks_side)] * images, feature.flatten())
+
+
+class Gemma3Adapter(Adapter):
+    model_classes = ("Gemma3ForConditionalGeneration",)
+    config_types = ("gemma3",)
+    unit = UNIT
+    renumber_positions = True
+    # reference: Gemma-3-4B (SigLIP 27 layers at 896 px, 4096 patches; 34 decoder layers). No "video"
+    # entry: Gemma 3 takes no video, the "video" preset is the "image" one.
+    presets = {
+        "gemma3": {
+            "reference": {"encoder_depth": 27, "tokens_per_crop": 4096, "llm_depth": 34},
+            "image": {
+                "encoder_layers": (5, 6, 7, 8),
+                "encoder_removal": 512,
+                "llm_layers": (12,),
+                "llm_keep_ratio": 0.7,
+            },
+        }
+    }
+
+    def dimensions(self, model) -> Dimensions:
+        vc, tc = model.config.vision_config, model.config.text_config
+        side, _ = _geometry(model.config)
+        return Dimensions(vc.num_hidden_layers, side * side, tc.num_hidden_layers, vc.num_hidden_layers - 1, unit=UNIT)
+
+    def adjust_preset(self, model, config):
+        """LLM merge layers move to the nearest layer that follows a global-attention layer (ties:
+        the earlier one), so that the scoring query sees the whole prompt."""
+        types = getattr(model.config.text_config, "layer_types", None) or []
+        after_global = [i + 1 for i, t in enumerate(types) if t == "full_attention" and i + 1 < len(types)]
+        if not config.llm_layers or not after_global:
+            return config
+        moved = tuple(
+            dict.fromkeys(min(after_global, key=lambda k: (abs(k - layer), k)) for layer in config.llm_layers)
+        )
+        if len(moved) != len(config.llm_layers):
+            return config
+        return config.replace(llm_layers=moved)
+
+    def check(self, model, config) -> None:
+        from transformers import SiglipVisionModel
+
+        if not config.encoder_layers:
+            return
+        if not isinstance(model.model.vision_tower, SiglipVisionModel):
+            raise ValueError(
+                "illava: the Gemma 3 encoder stage needs a SigLIP vision tower; this model's is "
+                f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
+            )
+        side, kernel = _geometry(model.config)
+        if kernel != KERNEL or side % kernel:
+            raise ValueError(
+                f"illava: the Gemma 3 encoder stage removes 4x4 blocks (the pooling of every released Gemma 3); "
+                f"this model pools {side}x{side} patches with a {kernel}x{kernel} kernel (the LLM stage still works)"
+            )
+
+    def patch(self, model, record) -> None:
+        record.swap(model.model, IllavaGemma3Model)
+        tower = model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        for i in record.state.config.encoder_layers:
+            record.swap(layers[i], IllavaGemma3SiglipLayer, layer=i)
+
+    def decoder_masks(self, scope, kwargs: dict) -> tuple:
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, dict):
+            return mask, None
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        given = scope.model_inputs if scope is not None else {}
+        types = given.get("token_type_ids")
+        blocks = get_block_sequence_ids_for_mask(types) if types is not None else None
+        return given.get("attention_mask"), blocks
+
+    # ------------------------------------------------------------------------------ tools
+    architectures = {
+        "gemma-3-4b": lambda: gemma3_config("4b"),
+        "gemma-3-27b": lambda: gemma3_config("27b"),
+    }
+    tiny = {"tiny-gemma3": lambda: tiny_gemma3_config()}
+
+    def image_processor(self, config):
+        """Gemma 3's preprocessing: resize to the tower's square (bilinear), scale to [-1, 1]; no
+        pan-and-scan."""
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        size = config.vision_config.image_size
+        mean, std = GEMMA_MEAN_STD
+        return Gemma3ImageProcessorPil(
+            size={"height": size, "width": size}, image_mean=mean, image_std=std, do_pan_and_scan=False
+        )
+
+    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
+        """Gemma 3 batch as its processor makes it: every ``<image>`` marker becomes
+        ``\\n\\n<start_of_image>`` + 256 image tokens + ``<end_of_image>\\n\\n``; ``token_type_ids``
+        mark the image tokens (the bidirectional blocks)."""
+        from transformers import BatchFeature
+
+        if videos or any("<video>" in p for p in prompts):
+            raise ValueError("Gemma 3 (Gemma3ForConditionalGeneration) takes no video")
+        if sum(p.count("<image>") for p in prompts) != len(images):
+            raise ValueError("the number of <image> markers must match the images given")
+        token = placeholder(tokenizer, config.image_token_id, "<image>")
+        boi = placeholder(tokenizer, config.boi_token_id, "<|vision_start|>")
+        eoi = placeholder(tokenizer, config.eoi_token_id, "<|vision_end|>")
+        span = f"\n\n{boi}{token * config.mm_tokens_per_image}{eoi}\n\n"
+        texts = [p.replace("<image>", span) for p in prompts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        ids = enc["input_ids"]
+        data = {
+            "input_ids": ids,
+            "attention_mask": enc["attention_mask"],
+            "token_type_ids": (ids == config.image_token_id).long(),
+        }
+        if images:
+            processor = image_processor or self.image_processor(config)
+            data["pixel_values"] = processor(list(images), return_tensors="pt")["pixel_values"]
+        return BatchFeature(data)
+
+    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
+        import numpy as np
+
+        side, kernel = _geometry(model.config)
+        blocks = side // kernel
+        mean, std = mean_std or GEMMA_MEAN_STD
+        grid = np.arange(blocks * blocks).reshape(blocks, blocks)
+        cell = kernel * model.config.vision_config.patch_size
+        pixels = inputs["pixel_values"]
+        return [
+            [Panel("image", unnormalise(pixels[n], mean, std), grid + n * blocks * blocks, cell)]
+            for n in range(len(call.item_crops))
+        ]
+
+    def flops_dims(self, config) -> FlopsDims:
+        vc, tc = config.vision_config, config.text_config
+        _, kernel = _geometry(config)
+        return FlopsDims(
+            encoder=LayerDims(
+                vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False
+            ),
+            encoder_depth=vc.num_hidden_layers,
+            # one linear map per pooled token (a 4x4 block of encoder tokens)
+            projector_macs_per_token=vc.hidden_size * tc.hidden_size / (kernel * kernel),
+            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text_depth=tc.num_hidden_layers,
+            vocab=tc.vocab_size,
+        )
+
+
+# SigLIP-So400m/14 at 896 px, the vision tower of every Gemma 3 with vision (4B, 12B, 27B)
+_SIGLIP_896 = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "layer_norm_eps": 1e-6,
+    "vision_use_head": False,
+}
+_GEMMA3_TEXT = {
+    "4b": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256},
+    "27b": {"hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
+            "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168},
+}  # fmt: skip
+_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+}
+
+
+def gemma3_config(size: str = "4b"):
+    """Gemma 3 ``4b`` or ``27b`` (google/gemma-3-*-it) with the published dimensions: SigLIP-So400m
+    at 896 px (4096 patches) pooled 4x4 to 256 tokens per image; sliding window 1024 on 5 of every 6
+    decoder layers; RoPE 10k local, 1M global with linear scaling 8."""
+    from transformers import Gemma3Config
+
+    if size not in _GEMMA3_TEXT:
+        raise ValueError(f"unknown Gemma 3 size {size!r}; choose one of {sorted(_GEMMA3_TEXT)}")
+    text = {"model_type": "gemma3_text", "vocab_size": 262_208, "max_position_embeddings": 131_072,
+            "rms_norm_eps": 1e-6, "sliding_window": 1024, "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {k: dict(v) for k, v in _ROPE.items()}, **_GEMMA3_TEXT[size]}  # fmt: skip
+    return Gemma3Config(
+        vision_config=dict(_SIGLIP_896),
+        text_config=text,
+        mm_tokens_per_image=256,
+        boi_token_index=255_999,
+        eoi_token_index=256_000,
+        image_token_index=262_144,
+    )
+
+
+def tiny_gemma3_config(vocab_size: int = 256, sliding_window: int = 8):
+    """A Gemma 3 small enough for CPU tests: 64 px images of 4 px patches (16x16 patches pooled 4x4
+    to 16 tokens, the released kernel), a 4-layer SigLIP, a 4-layer decoder with layer types
+    sliding, global, sliding, global and a window of ``sliding_window`` tokens (shorter than any
+    prompt with an image). Token ids match ``illava.tools.inputs.word_tokenizer``: image 1,
+    ``<start_of_image>`` 6 (``<|vision_start|>``), ``<end_of_image>`` 7 (``<|vision_end|>``)."""
+    from transformers import Gemma3Config
+
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 4,
+              "vision_use_head": False}  # fmt: skip
+    text = {
+        "model_type": "gemma3_text",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": sliding_window,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "max_position_embeddings": 4096,
+        "rope_parameters": {k: dict(v) for k, v in _ROPE.items()},
+    }
+    return Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=16,
+        boi_token_index=6,
+        eoi_token_index=7,
+        image_token_index=1,
+    )
