@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from illava.tools.architectures import tiny_config
 from illava.tools.inputs import build as build_inputs
 from illava.tools.inputs import word_tokenizer
 
-torch.set_num_threads(2)
+# tiny models: one thread per process is as fast as two, and `pytest -n 2` (pytest-xdist, the
+# project's test command) runs two processes side by side on the two cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def chat(text: str, system: str | None = None) -> str:

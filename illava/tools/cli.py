@@ -7,6 +7,7 @@ in one line naming the problem and exit code 2; output paths are checked before 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,9 @@ app.add_typer(eval_app, name="eval")
 @app.callback(invoke_without_command=True)
 def main(ctx: typer.Context) -> None:
     """Run the embedded demo when no command is given."""
+    # the console outlives one invocation (tests, notebooks): take this invocation's COLUMNS
+    columns = os.environ.get("COLUMNS", "")
+    console.width = int(columns) if columns.isdigit() else Console().width
     if ctx.invoked_subcommand is None:
         demo()
 
