@@ -94,11 +94,13 @@ def test_scenes_are_seen_through_anyres_crops():
     model = torch.nn.Module()
     model.config = config
     inputs = D.inputs_for(model, tokenizer, D.image_processor(), data, data.rows[:2])
-    assert inputs["pixel_values"].shape[1:] == (5, 3, 48, 48)  # 5 x 144 = 720 patches
+    assert (
+        inputs["pixel_values"].shape[1:] == (5, 3, D.CROP, D.CROP) and D.CROP // D.PATCH == 12
+    )  # 5 x 144 = 720 patches
     assert (inputs["input_ids"] == config.image_token_id).sum(1).tolist() == [744, 744]
     video = D.test_set(5, kinds=("video count",))
     inputs = D.inputs_for(model, tokenizer, D.image_processor(), video, video.rows[:2])
-    assert inputs["pixel_values_videos"].shape[1:] == (6, 3, 48, 48)
+    assert inputs["pixel_values_videos"].shape[1:] == (6, 3, D.CROP, D.CROP)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +109,8 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "model"
     subprocess.run(
         [sys.executable, str(ROOT / "training" / "train_digits.py"), "--vision-steps", "2", "--steps", "2",
-         "--scenes-per-step", "2", "--clips-per-step", "2", "--eval-every", "1000", "--test-per-kind", "5",
-         "--out", str(out)],
+         "--scenes-per-step", "2", "--clips-per-step", "2", "--vision-scenes", "1", "--vision-clips", "1",
+         "--attention-guide", "0.3", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return out
@@ -119,7 +121,7 @@ def test_training_script_runs_and_its_model_answers(trained):
     with the Auto classes and answers through ``generate``."""
     info = json.loads((trained / "training.json").read_text())
     assert info["steps"] == 2 and info["vision_steps"] == 2
-    assert len(info["vision_log"]) == 1 and "cell_accuracy" in info["vision_log"][0]
+    assert len(info["vision_log"]) == 1 and "scene_digit_patches_right" in info["vision_log"][0]
     assert "exact-match accuracy" in (trained / "README.md").read_text().lower()
     model, tokenizer, processor = D.load(trained)
     data = D.test_set(5)
@@ -169,3 +171,38 @@ def test_methods_at_matched_budgets(trained, tmp_path):
         app, ["eval", "digits", "--model", str(trained), "--kinds", "video order", "--methods", "tome"]
     )
     assert result.exit_code == 2 and "image kind" in result.output
+
+
+def test_attention_guide_points_at_the_tokens_stock_builds_from_the_digits():
+    """The training aid's map of visual tokens (``scene_sequence_owners``, ``clip_sequence_owners``)
+    agrees with the order stock LLaVA-OneVision packs the views in (base view, the crops' full grid
+    with row-end tokens; video frames pooled 2x2 then one row-end token)."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import train_digits as T
+    from transformers import LlavaOnevisionModel
+
+    model = LlavaOnevisionModel(D.build_config(len(D.build_tokenizer()))).eval()
+    _, pool = D.split()
+    rng = random.Random(5)
+    for _ in range(3):
+        scene = D.make_scene(rng, pool)
+        views = torch.from_numpy(T.scene_token_labels(scene)).float()[..., None]  # digit per patch, 10: none
+        packed, _ = model.pack_image_features(
+            [views], torch.tensor([[D.CANVAS, D.CANVAS]]), image_newline=torch.tensor([-1.0])
+        )
+        digits = packed[0][:, 0].long()
+        owners = torch.from_numpy(T.scene_sequence_owners(scene))
+        cells = {r * 3 + c: d for (r, c), d in scene.cells.items()}
+        expected = torch.tensor([cells[o] if o >= 0 else 10 for o in owners.tolist()])
+        real = digits != -1  # the row-end tokens hold the newline value
+        assert len(digits) == len(owners) == 744
+        assert torch.equal(digits[real], expected[real]) and bool((owners[~real] == -1).all())
+        assert (owners >= 0).sum() == 5 * len(scene.cells)  # one base-view patch + 2x2 crop patches each
+    clip = D.make_clip(rng, pool)
+    marked = torch.from_numpy(T.clip_token_labels(clip) != 10).float()[..., None]  # (frames, 144, 1)
+    pooled = model.apply_pooling(marked).reshape(-1) > 0.5
+    owners = torch.from_numpy(T.clip_sequence_owners(clip))
+    assert len(owners) == pooled.numel() + 1 == 217
+    assert torch.equal(owners[:-1] >= 0, pooled) and owners[-1] == -1
+    frames = owners[:-1].reshape(D.FRAMES, -1)
+    assert all(set(frames[f][frames[f] >= 0].tolist()) == {f} for f in range(D.FRAMES))

@@ -5,11 +5,13 @@ cannot tell a careful merge from a careless one. Here the answers depend on smal
 
 Data: scikit-learn's handwritten digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 digits
 written by 43 people), split by sample (a fixed permutation: 1,347 train, 450 test), so test digits
-are unseen. A *scene* is a 96x96 canvas with a 3x3 grid of 32 px cells; 3 to 6 cells hold a digit
-(upscaled to 12-16 px, placed at a random spot of its cell, random ink and background levels). The
-LLaVA-OneVision-architecture model sees it through AnyRes: a 48 px base view (where a digit is ~3x3
-patches) and four 48 px crops at full resolution (720 patches of 4 px, 744 visual tokens with the
-row-end tokens). A *clip* is a video of 6 frames of 48 px, one digit per frame.
+are unseen. A *scene* is a 384x384 canvas with a 3x3 grid of 128 px cells; 3 to 6 cells hold a
+digit (upscaled 4x to 32 px, on a 32 px slot of its cell away from the edges, jittered by up to
+3 px; random ink and background levels). The LLaVA-OneVision-architecture model sees it through
+AnyRes with 16 px patches: a 192 px base view (a digit is one patch there) and four 192 px crops at
+full resolution (a digit is 2x2 patches): 720 patches, 744 visual tokens with the row-end tokens.
+So every answer hangs on a handful of the 744 tokens. A *clip* is a video of 6 frames of 192 px,
+one digit per frame (2x2 patches, one token after LLaVA-OneVision's 2x2 video pooling).
 
 Questions (every answer is made of the words of the tokenizer; "read" answers are several digits):
 
@@ -25,8 +27,9 @@ Questions (every answer is made of the words of the tokenizer; "read" answers ar
 An answer is right when the greedy answer of ``generate`` equals it exactly; the first answer
 token's distribution gives the KL divergence from stock in method comparisons.
 
-No digits model is shipped yet: the training recipe of ``training/train_digits.py`` does not learn
-within the CPU budget (its docstring has the measurements). ``illava eval digits --model FOLDER``
+No digits model is shipped yet: the recipe of ``training/train_digits.py`` teaches the vision tower
+to read the digits but the decoder does not yet learn to find them within the CPU budget (its
+docstring has the measurements). ``illava eval digits --model FOLDER``
 scores any model trained with it.
 """
 
@@ -44,7 +47,8 @@ from .. import api
 from ..config import IllavaConfig
 
 MODEL_DIR = Path(__file__).parent.parent / "models" / "digits"
-CANVAS, CELL, CROP, PATCH = 96, 32, 48, 4
+CANVAS, CELL, CROP, PATCH = 384, 128, 192, 16
+DIGIT, JITTER = 32, 3  # a digit is upscaled 4x: 2x2 patches of a crop, one patch of the base view
 FRAMES = 6
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "centre", "right")
@@ -91,8 +95,15 @@ class Clip:
     boxes: list[tuple[int, int, int]] = field(default_factory=list)  # (y, x, size) per frame
 
 
+def _slot(rng: random.Random, span: int) -> int:
+    """Top (or left) pixel of a digit inside ``span`` px: a slot of ``DIGIT`` px (one base-view patch)
+    away from the edges, jittered by up to ``JITTER`` px."""
+    return DIGIT * rng.randint(1, span // DIGIT - 2) + rng.randint(-JITTER, JITTER)
+
+
 def make_scene(rng: random.Random, pool: tuple[np.ndarray, np.ndarray]) -> Scene:
-    """3 to 6 digits of ``pool`` in random cells of the 3x3 grid of a 96 px canvas."""
+    """3 to 6 digits of ``pool`` in random cells of the 3x3 grid of a 384 px canvas (``DIGIT`` px,
+    on a slot of the cell, jittered)."""
     images, labels = pool
     background = rng.uniform(0, 60)
     canvas = np.full((CANVAS, CANVAS, 3), background, dtype=np.float32)
@@ -100,9 +111,9 @@ def make_scene(rng: random.Random, pool: tuple[np.ndarray, np.ndarray]) -> Scene
     cells, boxes = {}, {}
     for cell in rng.sample([(r, c) for r in range(3) for c in range(3)], rng.randint(3, 6)):
         index = rng.randrange(len(labels))
-        size = rng.randint(12, 16)
-        y = cell[0] * CELL + rng.randint(1, CELL - size - 1)
-        x = cell[1] * CELL + rng.randint(1, CELL - size - 1)
+        size = DIGIT
+        y = cell[0] * CELL + _slot(rng, CELL)
+        x = cell[1] * CELL + _slot(rng, CELL)
         colour = np.asarray([rng.uniform(180, 255) for _ in range(3)], dtype=np.float32)
         _paint(canvas, _ink(images[index], size, rng), y, x, colour)
         cells[cell], boxes[cell] = int(labels[index]), (y, x, size)
@@ -111,15 +122,15 @@ def make_scene(rng: random.Random, pool: tuple[np.ndarray, np.ndarray]) -> Scene
 
 
 def make_clip(rng: random.Random, pool: tuple[np.ndarray, np.ndarray], frames: int = FRAMES) -> Clip:
-    """``frames`` frames of 48 px, one digit of ``pool`` each (20-28 px, jittered)."""
+    """``frames`` frames of ``CROP`` px, one digit of ``pool`` each (``DIGIT`` px on a slot, jittered)."""
     images, labels = pool
     out, digits, boxes = [], [], []
     for _ in range(frames):
         index = rng.randrange(len(labels))
-        size = rng.randint(20, 28)
+        size = DIGIT
         canvas = np.full((CROP, CROP, 3), rng.uniform(0, 60), dtype=np.float32)
         colour = np.asarray([rng.uniform(180, 255) for _ in range(3)], dtype=np.float32)
-        y, x = rng.randint(0, CROP - size), rng.randint(0, CROP - size)
+        y, x = _slot(rng, CROP), _slot(rng, CROP)
         _paint(canvas, _ink(images[index], size, rng), y, x, colour)
         out.append(Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)))
         digits.append(int(labels[index]))
@@ -186,8 +197,8 @@ def build_tokenizer():
 
 
 def build_config(vocab_size: int):
-    """The small LLaVA-OneVision of this check: 48 px crops of 4 px patches (144 per crop), AnyRes
-    2x2 crops for a 96 px scene; a 6-layer SigLIP of width 128 and a 4-layer Qwen2 of width 128."""
+    """The small LLaVA-OneVision of this check: 192 px crops of 16 px patches (144 per crop), AnyRes
+    2x2 crops for a 384 px scene; a 6-layer SigLIP of width 128 and a 4-layer Qwen2 of width 128."""
     from transformers import LlavaOnevisionConfig
 
     return LlavaOnevisionConfig(
