@@ -9,7 +9,8 @@ flags):
   stayed at the empty-cell prior; a ViT from scratch on 16-patch digits is too sample-hungry.
 - Digits of 1-2 patches (this file; ``illava/tools/digits.py``): stage 1 learns. One-patch digits:
   per-patch accuracy 52% on scenes, 88% on frames after 300 steps; 2x2-patch digits (the current
-  design): 70-82% on scenes, 83-90% on frames after 300 steps (15 min).
+  design): 70-82% on scenes, 83-90% on frames after 300 steps (15 min). (These runs classified
+  SigLIP's post-layernorm output; the model reads the layer before it, which stage 1 now trains.)
 - Stage 2 with the vision tower frozen after stage 1: every kind stays at its prior for 150-300
   steps (loss ~1.70; position 8-18%, count 40-48%, read 2-10%, video count 38-50%): the decoder
   does not find the one to five tokens (of 744) that hold the answer. The attention guide (below)
@@ -166,7 +167,9 @@ def pretrain_vision(model, processor, pool, rng, steps: int, lr: float, batch: i
         labels = torch.from_numpy(
             np.concatenate([scene_token_labels(s) for s in scenes] + [clip_token_labels(c) for c in videos])
         )
-        logits = head(norm(vision(pixel_values=torch.cat([pix, frames])).last_hidden_state))
+        # the layer the model reads (``vision_feature_layer``: before SigLIP's post-layernorm)
+        hidden = vision(pixel_values=torch.cat([pix, frames]), output_hidden_states=True).hidden_states
+        logits = head(norm(hidden[model.config.vision_feature_layer]))
         weight = torch.where(labels == 10, 0.05, 1.0).flatten()
         per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
         loss = (per_token * weight).sum() / weight.sum()
