@@ -139,6 +139,26 @@ def attention_and_scores(attn: torch.nn.Module, hidden: torch.Tensor, q, k, v, s
     return out, received, False
 
 
+def vit_attention_half(
+    layer, state: IllavaState, hidden_states, attention_mask=None, unit: int = 1, keep_first: int = 0
+):
+    """The attention half of a pre-norm ViT layer (CLIP and SigLIP: ``layer_norm1``, ``self_attn``
+    with ``q/k/v/out_proj``) that also gives the attention each token receives: ``(hidden after the
+    attention residual, received scores, keys averaged over heads)``; the caller merges, then runs
+    the MLP half. ``unit`` / ``keep_first``: as ``proportional_bias``."""
+    if attention_mask is not None:
+        raise NotImplementedError("illava: the encoder stage does not support an attention mask in the vision encoder")
+    attn = layer.self_attn
+    hidden = layer.layer_norm1(hidden_states)
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    bias = proportional_bias(state, hidden.shape[1], unit=unit, keep_first=keep_first)
+    out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
+    if not projected:
+        out = attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
+    return hidden_states + out, received, k.mean(1)
+
+
 def proportional_bias(state: IllavaState, n: int, unit: int = 1, keep_first: int = 0) -> torch.Tensor | None:
     """``log(size)`` of every token as an additive attention bias ``(crops, 1, 1, n)`` when the
     policy asks for proportional attention (ToMe) and earlier merges made tokens of several units."""

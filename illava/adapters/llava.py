@@ -43,14 +43,13 @@ import torch
 
 from ..encoder import (
     CropTrace,
-    attention_and_scores,
     encoder_call,
     features_done,
     merge_units,
-    proportional_bias,
     record_placeholders,
     recording,
     stock_count_features,
+    vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
 
@@ -80,21 +79,8 @@ class IllavaCLIPEncoderLayer:
         state = self._illava.state
         if not state.config.encoder_active:
             return super().forward(hidden_states, attention_mask, **kwargs)
-        if attention_mask is not None:
-            raise NotImplementedError(
-                "illava: the encoder stage does not support an attention mask in the vision encoder"
-            )
-        attn = self.self_attn
-        residual = hidden_states
-        hidden = self.layer_norm1(hidden_states)
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        bias = proportional_bias(state, hidden.shape[1], keep_first=1)
-        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
-        if not projected:
-            out = attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
-        hidden = residual + out
-        hidden = merge_units(state, self._illava.layer, hidden, received, keep_first=1, keys=k.mean(1))
+        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, keep_first=1)
+        hidden = merge_units(state, self._illava.layer, hidden, received, keep_first=1, keys=keys)
         return hidden + self.mlp(self.layer_norm2(hidden))
 
 
