@@ -17,6 +17,12 @@ flags):
   did not change that within 240 steps (``--attention-guide 0.3``; 3.9 s per step with eager
   attention against 1.9 s without).
 
+- Clips only (217 visual tokens, 16 clips per step, 400 steps, 6 min): video order and video count
+  stay at their priors too, although a linear probe on the frozen features the decoder receives
+  (the pooled token of each frame's digit, before the projector) reads test digits at 91%: the
+  information is there and separable from the background (cosine -0.02), the decoder does not
+  learn to retrieve it. A plain stage 2 of 1,000 steps was at its priors at step 300.
+
 Next to try: a longer stage 2 (the easy-VQA model needed ~1,000 steps), stage 2 on clips first
 (217 tokens), a projector pre-aligned so that a digit's token looks like the digit's word embedding,
 guiding more heads and layers.
