@@ -68,6 +68,11 @@ class LayerDims:
     kv_heads: int
     gated: bool
 
+    @classmethod
+    def of_decoder(cls, tc) -> LayerDims:
+        """A gated (SwiGLU / GeGLU) decoder layer from a transformers text configuration."""
+        return cls(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True)
+
 
 @dataclass
 class FlopsDims:

@@ -326,7 +326,7 @@ class Gemma3Adapter(Adapter):
             encoder_depth=vc.num_hidden_layers,
             # one linear map per pooled token (a 4x4 block of encoder tokens)
             projector_macs_per_token=vc.hidden_size * tc.hidden_size / (kernel * kernel),
-            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text=LayerDims.of_decoder(tc),
             text_depth=tc.num_hidden_layers,
             vocab=tc.vocab_size,
         )

@@ -325,7 +325,7 @@ class InternVLAdapter(Adapter):
             # per 4 encoder tokens; it runs on every block, removed ones included
             projector_macs_per_token=(folded * tc.hidden_size + tc.hidden_size * tc.hidden_size)
             * config.downsample_ratio**2,
-            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text=LayerDims.of_decoder(tc),
             text_depth=tc.num_hidden_layers,
             vocab=tc.vocab_size,
             projector_on_stock=True,

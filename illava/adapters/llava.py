@@ -247,7 +247,7 @@ class LlavaAdapter(Adapter):
             encoder_depth=vc.num_hidden_layers,
             # 2-layer MLP (mlp2x_gelu) on every feature row that leaves the encoder
             projector_macs_per_token=width * tc.hidden_size + tc.hidden_size * tc.hidden_size,
-            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text=LayerDims.of_decoder(tc),
             text_depth=tc.num_hidden_layers,
             vocab=tc.vocab_size,
         )

@@ -429,7 +429,7 @@ class LlavaOnevisionAdapter(Adapter):
             ),
             encoder_depth=vc.num_hidden_layers,
             projector_macs_per_token=vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size,
-            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text=LayerDims.of_decoder(tc),
             text_depth=tc.num_hidden_layers,
             vocab=tc.vocab_size,
         )

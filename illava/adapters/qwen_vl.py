@@ -535,7 +535,7 @@ class QwenVLAdapter(Adapter):
             encoder_depth=vc.depth,
             # the patch merger folds each surviving 2x2 block: an MLP on unit * width
             projector_macs_per_token=(unit * width * unit * width + unit * width * out) / unit,
-            text=LayerDims(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True),
+            text=LayerDims.of_decoder(tc),
             text_depth=tc.num_hidden_layers,
             vocab=tc.vocab_size,
             window=None if qwen2 else (vc.window_size // vc.patch_size) ** 2,
