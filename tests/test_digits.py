@@ -110,7 +110,8 @@ def trained(tmp_path_factory):
     subprocess.run(
         [sys.executable, str(ROOT / "training" / "train_digits.py"), "--vision-steps", "2", "--steps", "2",
          "--scenes-per-step", "2", "--clips-per-step", "2", "--vision-scenes", "1", "--vision-clips", "1",
-         "--attention-guide", "0.3", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
+         "--attention-guide", "0.3", "--decoder-steps", "2", "--decoder-scenes", "1", "--decoder-clips", "1",
+         "--align-steps", "2", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return out
@@ -122,6 +123,8 @@ def test_training_script_runs_and_its_model_answers(trained):
     info = json.loads((trained / "training.json").read_text())
     assert info["steps"] == 2 and info["vision_steps"] == 2
     assert len(info["vision_log"]) == 1 and "scene_digit_patches_right" in info["vision_log"][0]
+    assert info["decoder_log"][0]["step"] == 2 and "accuracy_after_2a_2b" in info["decoder_log"][-1]
+    assert info["align_log"][0]["step"] == 2 and 0 <= info["align_log"][0]["digit_patches_nearest_right"] <= 1
     assert "exact-match accuracy" in (trained / "README.md").read_text().lower()
     model, tokenizer, processor = D.load(trained)
     data = D.test_set(5)
@@ -206,3 +209,51 @@ def test_attention_guide_points_at_the_tokens_stock_builds_from_the_digits():
     assert torch.equal(owners[:-1] >= 0, pooled) and owners[-1] == -1
     frames = owners[:-1].reshape(D.FRAMES, -1)
     assert all(set(frames[f][frames[f] >= 0].tolist()) == {f} for f in range(D.FRAMES))
+
+
+def test_symbolic_rows_hold_the_stock_layout():
+    """Stage 2a's pixel-free rows: with every token kept, the stock token sequence of the same
+    conversation (the placeholders expanded as the processor expands them) and its labels, each visual
+    token the word embedding of the digit under it (the background vector elsewhere); with the
+    background dropped, the digit and text tokens alone at their stock positions."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import train_digits as T
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from illava.tools.inputs import build
+
+    tokenizer = D.build_tokenizer()
+    config = D.build_config(len(tokenizer))
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    processor = D.image_processor()
+    embed = model.get_input_embeddings()
+    words = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    background = torch.randn(config.text_config.hidden_size)
+    _, pool = D.split()
+    for video in (False, True):
+        item = (D.make_clip if video else D.make_scene)(random.Random(7), pool)
+        text, _ = T.conversation(item, video, 8, random.Random(1))
+        media = {"videos": [item.frames]} if video else {"images": [item.image]}
+        ids = build(config, tokenizer, [text], image_processor=processor, **media)["input_ids"][0]
+        _, stock_labels, _ = T.conversation_batch(model, tokenizer, processor, [item], video, 8, random.Random(1))
+        with torch.no_grad():
+            x, mask, positions, labels = T.symbolic_batch(
+                model, tokenizer, [item], video, 8, 1.0, random.Random(1), background
+            )
+            visual = ids == (config.video_token_id if video else config.image_token_id)
+            digits = T.symbol_ids(item, video)
+            assert x.shape[1] == len(ids) and bool(mask.all()) and torch.equal(positions[0], torch.arange(len(ids)))
+            assert torch.equal(labels[0], stock_labels[0]) and (labels[0] != -100).sum() >= 4
+            assert torch.allclose(x[0][~visual], embed(ids[~visual]))
+            expected = torch.where((digits < 10)[:, None], embed(words[digits.clamp(max=9)]), background)
+            assert torch.allclose(x[0][visual], expected)
+            present = item.digits if video else list(item.cells.values())
+            assert (digits < 10).sum() == (1 if video else 5) * len(present)  # frames: 1 token; scenes: 1 + 2x2
+            x0, _, positions0, labels0 = T.symbolic_batch(
+                model, tokenizer, [item], video, 8, 0.0, random.Random(1), background
+            )
+        full = torch.full((len(ids),), -1)
+        full[visual] = digits
+        kept = full != 10
+        assert torch.equal(positions0[0], torch.nonzero(kept)[:, 0]) and torch.equal(labels0[0], stock_labels[0][kept])
+        assert torch.allclose(x0[0], x[0][kept])

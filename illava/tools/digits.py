@@ -28,8 +28,8 @@ An answer is right when the greedy answer of ``generate`` equals it exactly; the
 token's distribution gives the KL divergence from stock in method comparisons.
 
 No digits model is shipped yet: the recipe of ``training/train_digits.py`` teaches the vision tower
-to read the digits but the decoder does not yet learn to find them within the CPU budget (its
-docstring has the measurements). ``illava eval digits --model FOLDER``
+to read the digits and (through symbols first) the decoder to find them, but is not yet tuned to
+>= 90% per kind within the CPU budget (its docstring has the measurements). ``illava eval digits --model FOLDER``
 scores any model trained with it.
 """
 
