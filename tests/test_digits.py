@@ -111,7 +111,7 @@ def trained(tmp_path_factory):
         [sys.executable, str(ROOT / "training" / "train_digits.py"), "--vision-steps", "2", "--steps", "2",
          "--scenes-per-step", "2", "--clips-per-step", "2", "--vision-scenes", "1", "--vision-clips", "1",
          "--attention-guide", "0.3", "--decoder-steps", "2", "--decoder-scenes", "1", "--decoder-clips", "1",
-         "--align-steps", "2", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
+         "--align-steps", "2", "--view-positions", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return out
@@ -257,3 +257,37 @@ def test_symbolic_rows_hold_the_stock_layout():
         kept = full != 10
         assert torch.equal(positions0[0], torch.nonzero(kept)[:, 0]) and torch.equal(labels0[0], stock_labels[0][kept])
         assert torch.allclose(x0[0], x[0][kept])
+
+
+def test_view_positions_follow_stock_packing_and_pooling():
+    """``view_positions``: the patch of its view every scene token comes from (stock packing of the
+    base view and the crops) and the 2x2 patches every clip token averages (stock video pooling)."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import train_digits as T
+    from transformers import LlavaOnevisionModel
+
+    model = LlavaOnevisionModel(D.build_config(len(D.build_tokenizer()))).eval()
+    index = torch.arange(144).float()[None, :, None]
+    packed, _ = model.pack_image_features(
+        [index.expand(5, -1, -1)], torch.tensor([[D.CANVAS, D.CANVAS]]), image_newline=torch.tensor([-1.0])
+    )
+    spots = T.view_positions(False)
+    assert spots.shape == (744, 4) and torch.equal(packed[0][:, 0].long(), spots[:, 0])
+    assert bool((spots == spots[:, :1]).all())
+    pooled = model.apply_pooling(index.expand(D.FRAMES, -1, -1)).reshape(-1)
+    spots = T.view_positions(True)
+    assert spots.shape == (217, 4) and bool((spots[-1] == -1).all())
+    assert torch.allclose(pooled, spots[:-1].float().mean(1))
+    # symbolic rows with ``where``: each visual token gains the mean of its patches' rows, text nothing
+    tokenizer = D.build_tokenizer()
+    full = __import__("transformers").LlavaOnevisionForConditionalGeneration(model.config).eval()
+    clip = D.make_clip(random.Random(2), D.split()[1])
+    where, background = torch.randn(144, 128), torch.randn(128)
+    with torch.no_grad():
+        plain = T.symbolic_batch(full, tokenizer, [clip], True, 4, 1.0, random.Random(0), background)[0][0]
+        placed = T.symbolic_batch(full, tokenizer, [clip], True, 4, 1.0, random.Random(0), background, where)[0][0]
+    text, _ = T.conversation(clip, True, 4, random.Random(0))
+    at = tokenizer(text)["input_ids"].index(model.config.video_token_id)
+    added = torch.zeros_like(plain)
+    added[at : at + 216] = where[spots[:-1]].mean(1)
+    assert torch.allclose(placed - plain, added, atol=1e-5)

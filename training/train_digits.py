@@ -39,7 +39,11 @@ the whole recipe is not yet tuned to >= 90% per kind within the hour. Measured o
   order 46%; step 600 (23 min on one core) 64%, 94%, 68%, 86%, 94%, 89%. lr 4e-3: slower (step 400:
   43%, 48%, 25%, 32%, 50%, 30%). Bringing the background back gradually keeps and extends what was
   learnt (32 + 32 per step, compact to step 400, then 15% -> 100% of the background: at step 600,
-  62% of it kept, 64%, 85%, 65%, 34%, 78%, 40%).
+  62% of it kept, 64%, 85%, 65%, 34%, 78%, 40%; steps 720-800 with the whole background, 45 min on
+  one core: 66%, 91%, 65%, 40%, 85%, 42%). Position and reading plateau near 65%: the symbols carry
+  no place, so the decoder must read the layout from rotary positions alone, and later turns sit
+  further from the image. ``--view-positions`` (not yet measured) adds to every symbol a learned
+  vector of its patch within its view, what SigLIP's position embeddings give the real features.
 
 So the recipe is now: stage 1 (vision), 2a (the decoder on symbols: compact, then the background
 back), 2b (the projector maps each patch's features onto the symbol 2a used for it), 2 (the whole
@@ -49,8 +53,13 @@ digit patches are then nearest to their own digit's symbol): on real images, bef
 step, position 60%, count 50%, relation 34%, read 10%, video order 42%, video count 50% (priors: 8-18%,
 40-48%, ~15%, 2-10%, ~15%, 38-50%): what the decoder learnt on symbols carries over to the pixels,
 except counting (2a had not reached the full background). 60 stage-2 steps (8 + 8 per step, lr 2e-3)
-then: 40%, 68%, 34%, 26%, 38%, 52% (test set, 50 per kind). The step counts and rates of the
-defaults are not tuned yet.
+then: 40%, 68%, 34%, 26%, 38%, 52% (test set, 50 per kind). A second run with 2a up to the whole
+background (720 steps) and 2b of 300 steps (81% nearest): before stage 2 56%, 42%, 28%, 22%, 26%,
+50%; stage 2 (lr 1e-3, vision frozen) step 100: 56%, 48%, 30%, 46%, 40%, 50%; after 200 steps (test set, 50
+per kind): 50%, 66%, 30%, 34%, 26%, 46%. Counting, 91% on
+symbols, stays at its prior on pixels: 19% of digit patches still map nearer another symbol, and
+700 imperfect background tokens blur a count; next: stage 1 and 2b longer (or 2a with noisy
+symbols), then a longer stage 2. The step counts and rates of the defaults are not tuned yet.
 
     python training/train_digits.py                                   # the shipped model
     python training/train_digits.py --vision-steps 50 --steps 50 --out /tmp/d   # a quick try
@@ -261,11 +270,30 @@ def symbol_ids(item, video: bool) -> torch.Tensor:
     return table[torch.where(owners < 0, 9, owners)]
 
 
-def symbolic_batch(model, tokenizer, items, video: bool, turns: int, keep: float, rng, background):
+def view_positions(video: bool) -> torch.Tensor:
+    """``(tokens, 4)``: for every visual token of a scene (or clip), in the model's order, the patches of
+    its view (0..143, row-major: the SigLIP position embeddings its features started from) it is made
+    of; -1 where none (row-end tokens). A scene's base-view and crop tokens are one patch each (repeated
+    four times), a clip's tokens the 2x2 patches of a frame that the video pooling averages."""
+    side = D.CROP // D.PATCH
+    if video:
+        i, j = torch.meshgrid(torch.arange(side // 2), torch.arange(side // 2), indexing="ij")
+        corner = (2 * i * side + 2 * j).reshape(-1, 1)
+        frame = corner + torch.tensor([0, 1, side, side + 1])
+        return torch.cat([frame.repeat(D.FRAMES, 1), torch.full((1, 4), -1)])
+    base = torch.arange(side * side)[:, None].expand(-1, 4)
+    rows, cols = torch.meshgrid(torch.arange(2 * side), torch.arange(2 * side + 1), indexing="ij")
+    grid = torch.where(cols < 2 * side, (rows % side) * side + cols % side, -1).reshape(-1, 1).expand(-1, 4)
+    return torch.cat([base, grid])
+
+
+def symbolic_batch(model, tokenizer, items, video: bool, turns: int, keep: float, rng, background, where=None):
     """Stage 2a inputs, without pixels: the conversations of ``conversation_batch`` in the stock token
     layout, every visual token the word embedding of the digit under it (``background`` where none),
     background tokens kept with probability ``keep``; every token keeps its stock position (so a short
-    sequence still holds the layout). Returns (inputs_embeds, attention_mask, position_ids, labels)."""
+    sequence still holds the layout). ``where`` (optional, ``(144, width)``): added to every visual
+    token, the mean of its view patches' rows (``view_positions``; what the features know of their
+    place within the view). Returns (inputs_embeds, attention_mask, position_ids, labels)."""
     config = model.config
     digit_words = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
     assistant, placeholder = (
@@ -285,23 +313,32 @@ def symbolic_batch(model, tokenizer, items, video: bool, turns: int, keep: float
             labels[j : j + n] = ids[j : j + n]
         symbols = torch.full_like(ids, -1)
         symbols[at : at + len(digits)] = digits
+        spots = torch.full((len(ids), 4), -1)
+        spots[at : at + len(digits)] = view_positions(video)
         kept = torch.rand(len(ids)) < keep
         kept = (symbols != 10) | kept  # text and digit tokens always, background with probability keep
-        rows.append((ids[kept], labels[kept], torch.nonzero(kept)[:, 0], symbols[kept]))
+        rows.append((ids[kept], labels[kept], torch.nonzero(kept)[:, 0], symbols[kept], spots[kept]))
     length = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     labels = torch.full((len(rows), length), -100)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     symbols = torch.full((len(rows), length), -1)
-    for b, (i, lab, pos, sym) in enumerate(rows):  # right padding
+    spots = torch.full((len(rows), length, 4), -1)
+    for b, (i, lab, pos, sym, spot) in enumerate(rows):  # right padding
         n = len(i)
-        ids[b, :n], labels[b, :n], mask[b, :n], positions[b, :n], symbols[b, :n] = i, lab, 1, pos, sym
+        ids[b, :n], labels[b, :n], mask[b, :n], positions[b, :n], symbols[b, :n], spots[b, :n] = (
+            i, lab, 1, pos, sym, spot
+        )  # fmt: skip
     embed = model.get_input_embeddings()
     x = embed(ids)
     digit = embed(digit_words[symbols.clamp(0, 9)])
     x = torch.where((symbols >= 0)[..., None] & (symbols < 10)[..., None], digit, x)
     x = torch.where((symbols == 10)[..., None], background.to(x.dtype).expand_as(x), x)
+    if where is not None:
+        table = torch.cat([where, torch.zeros_like(where[:1])])  # row 144: none
+        count = (spots >= 0).sum(-1, keepdim=True).clamp(min=1)
+        x = x + table[torch.where(spots < 0, len(where), spots)].sum(2) / count
     return x, mask, positions, labels
 
 
@@ -313,14 +350,18 @@ def keep_at(schedule: list[tuple[float, float]], progress: float) -> float:
     return schedule[-1][1]
 
 
-def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turns, schedule) -> list[dict]:
+def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turns, schedule, positions=False):
     """Stage 2a: the decoder learns to answer from symbols (each visual token the word embedding of the
     digit under it, a learned background vector elsewhere), first from short sequences (digit tokens
     only, at their stock positions), then with more and more of the background. The background vector
-    becomes the row-end token (``image_newline``) and stage 2b's target for background patches."""
+    becomes the row-end token (``image_newline``) and stage 2b's target for background patches. With
+    ``positions``, a learned vector per patch of a view is added too (``symbolic_batch``'s ``where``).
+    Returns (log, that table or None)."""
     lm = model.model.language_model
     background = torch.nn.Parameter(model.model.image_newline.detach().clone())
-    params = [*lm.parameters(), background]
+    width = background.numel()
+    where = torch.nn.Parameter(torch.randn((D.CROP // D.PATCH) ** 2, width) * 0.02) if positions else None
+    params = [*lm.parameters(), background] + ([where] if positions else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, log, losses = time.time(), [], []
     for step in range(steps):
@@ -333,8 +374,8 @@ def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turn
             if count == 0:
                 continue
             items = [(D.make_clip if video else D.make_scene)(rng, pool) for _ in range(count)]
-            x, mask, positions, labels = symbolic_batch(model, tokenizer, items, video, turns, keep, rng, background)
-            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
+            x, mask, ids, labels = symbolic_batch(model, tokenizer, items, video, turns, keep, rng, background, where)
+            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=ids).last_hidden_state
             logits = model.lm_head(hidden[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
             loss.backward()
@@ -349,13 +390,14 @@ def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turn
                   f"{(time.time() - start) / 60:.1f} min", flush=True)  # fmt: skip
     with torch.no_grad():
         model.model.image_newline.copy_(background)
-    return log
+    return log, (where.detach() if positions else None)
 
 
-def align_projector(model, tokenizer, processor, pool, rng, steps, lr, scenes, clips) -> list[dict]:
+def align_projector(model, tokenizer, processor, pool, rng, steps, lr, scenes, clips, where=None) -> list[dict]:
     """Stage 2b: the projector alone (vision tower and decoder frozen) learns to map every patch's
     features to the symbol stage 2a used for it: the digit's word embedding, or the background vector
-    (``image_newline``) where none (weighted 0.05: most patches are background); squared error."""
+    (``image_newline``) where none (weighted 0.05: most patches are background), plus the patch's row
+    of ``where`` if stage 2a used one; squared error."""
     projector = model.model.multi_modal_projector
     embed = model.get_input_embeddings()
     digit_words = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
@@ -376,7 +418,8 @@ def align_projector(model, tokenizer, processor, pool, rng, steps, lr, scenes, c
         )
         with torch.no_grad():
             features = vision(pixel_values=torch.cat(pix), output_hidden_states=True).hidden_states[layer]
-        error = ((projector(features) - targets[labels]) ** 2).mean(-1)
+        target = targets[labels] + (where if where is not None else 0)  # (views, 144, width)
+        error = ((projector(features) - target) ** 2).mean(-1)
         weight = torch.where(labels == 10, 0.05, 1.0)
         loss = (error * weight).sum() / weight.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -384,7 +427,8 @@ def align_projector(model, tokenizer, processor, pool, rng, steps, lr, scenes, c
         optimizer.step()
         if (step + 1) % 25 == 0 or step + 1 == steps:
             with torch.no_grad():  # the nearest symbol of every digit patch: its own digit?
-                nearest = torch.cdist(projector(features), targets[None]).argmin(-1)
+                shift = where if where is not None else 0
+                nearest = torch.cdist(projector(features) - shift, targets[None]).argmin(-1)
                 right = (nearest == labels)[labels != 10].float().mean().item()
             log.append({"step": step + 1, "loss": loss.item(), "digit_patches_nearest_right": right})
             print(f"projector step {step + 1}/{steps} loss {loss.item():.4f} digit patches nearest their digit "
@@ -480,6 +524,7 @@ def main() -> None:
         "--decoder-keep", default="0:0,0.5:0,0.9:1,1:1", help="stage 2a: background kept (progress:share)"
     )
     parser.add_argument("--decoder-lr", type=float, default=2e-3)
+    parser.add_argument("--view-positions", action="store_true", help="stage 2a/2b: symbols know their place")
     parser.add_argument("--decoder-scenes", type=int, default=64, help="scenes per stage-2a step")
     parser.add_argument("--decoder-clips", type=int, default=64, help="clips per stage-2a step")
     parser.add_argument("--align-steps", type=int, default=0, help="stage 2b steps (0: none)")
@@ -531,17 +576,17 @@ def main() -> None:
         if args.save_vision is not None:
             torch.save(model.model.vision_tower.state_dict(), args.save_vision)
     vision_minutes = (time.time() - started) / 60
-    decoder_log, align_log = [], []
+    decoder_log, align_log, where = [], [], None
     if args.decoder_steps:
         schedule = [tuple(map(float, point.split(":"))) for point in args.decoder_keep.split(",")]
-        decoder_log = pretrain_decoder(
+        decoder_log, where = pretrain_decoder(
             model, tokenizer, train_pool, rng, args.decoder_steps, args.decoder_lr, args.decoder_scenes,
-            args.decoder_clips, args.turns, schedule,
+            args.decoder_clips, args.turns, schedule, args.view_positions,
         )  # fmt: skip
     if args.align_steps:
         align_log = align_projector(
             model, tokenizer, processor, train_pool, rng, args.align_steps, args.vision_lr, args.vision_scenes,
-            args.vision_clips,
+            args.vision_clips, where,
         )  # fmt: skip
     if args.decoder_steps or args.align_steps:
         acc = evaluate(model, tokenizer, processor, quick)
