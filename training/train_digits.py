@@ -350,18 +350,18 @@ def keep_at(schedule: list[tuple[float, float]], progress: float) -> float:
     return schedule[-1][1]
 
 
-def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turns, schedule, positions=False):
+def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turns, schedule, placed=False):
     """Stage 2a: the decoder learns to answer from symbols (each visual token the word embedding of the
     digit under it, a learned background vector elsewhere), first from short sequences (digit tokens
     only, at their stock positions), then with more and more of the background. The background vector
     becomes the row-end token (``image_newline``) and stage 2b's target for background patches. With
-    ``positions``, a learned vector per patch of a view is added too (``symbolic_batch``'s ``where``).
+    ``placed``, a learned vector per patch of a view is added too (``symbolic_batch``'s ``where``).
     Returns (log, that table or None)."""
     lm = model.model.language_model
     background = torch.nn.Parameter(model.model.image_newline.detach().clone())
     width = background.numel()
-    where = torch.nn.Parameter(torch.randn((D.CROP // D.PATCH) ** 2, width) * 0.02) if positions else None
-    params = [*lm.parameters(), background] + ([where] if positions else [])
+    where = torch.nn.Parameter(torch.randn((D.CROP // D.PATCH) ** 2, width) * 0.02) if placed else None
+    params = [*lm.parameters(), background] + ([where] if placed else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, log, losses = time.time(), [], []
     for step in range(steps):
@@ -374,8 +374,10 @@ def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turn
             if count == 0:
                 continue
             items = [(D.make_clip if video else D.make_scene)(rng, pool) for _ in range(count)]
-            x, mask, ids, labels = symbolic_batch(model, tokenizer, items, video, turns, keep, rng, background, where)
-            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=ids).last_hidden_state
+            x, mask, positions, labels = symbolic_batch(
+                model, tokenizer, items, video, turns, keep, rng, background, where
+            )
+            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
             logits = model.lm_head(hidden[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
             loss.backward()
@@ -390,7 +392,7 @@ def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turn
                   f"{(time.time() - start) / 60:.1f} min", flush=True)  # fmt: skip
     with torch.no_grad():
         model.model.image_newline.copy_(background)
-    return log, (where.detach() if positions else None)
+    return log, (where.detach() if placed else None)
 
 
 def align_projector(model, tokenizer, processor, pool, rng, steps, lr, scenes, clips, where=None) -> list[dict]:
