@@ -40,7 +40,7 @@ from ..encoder import current_call, encoder_call, features_done, stock_count_fea
 from ..llm import gather_seq
 from ..patch import Hook
 from .base import FlopsDims, LayerDims, placeholder
-from .qwen_vl import IllavaQwenVLModel, QwenVLAdapter, _expand, _video_pixels
+from .qwen_vl import IllavaQwenVLModel, QwenVLAdapter, _expand, _tokenized, _video_pixels
 
 
 class IllavaQwen3VLModel(IllavaQwenVLModel):
@@ -217,8 +217,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
         ``<|vision_start|>`` + placeholders + ``<|vision_end|>`` per temporal patch (stock positions
         every temporal patch as a separate grid); ``mm_token_type_ids`` as the stock processor
         returns them."""
-        from transformers import BatchFeature
-
         if not videos:
             return super().build_inputs(config, tokenizer, prompts, images, (), image_processor)
         if sum(p.count("<image>") for p in prompts) != len(images) or sum(p.count("<video>") for p in prompts) != len(
@@ -247,13 +245,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             ]
         data["pixel_values_videos"] = torch.cat([p for p, _ in packed])
         data["video_grid_thw"] = torch.tensor([g for _, g in packed])
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        ids = enc["input_ids"]
-        types = torch.zeros_like(ids)
-        types[ids == config.image_token_id] = 1
-        types[ids == config.video_token_id] = 2
-        data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=types)
-        return BatchFeature(data)
+        return _tokenized(tokenizer, texts, config, data)
 
     def flops_dims(self, config) -> FlopsDims:
         vc, tc = config.vision_config, config.text_config

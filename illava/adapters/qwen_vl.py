@@ -460,8 +460,6 @@ class QwenVLAdapter(Adapter):
         + stock placeholders + ``<|vision_end|>``; ``mm_token_type_ids`` as the stock processor
         returns them. Placeholders are spelled as the tokenizer spells the config's ids
         (``<|image_pad|>`` / ``<|video_pad|>`` for the released tokenizers)."""
-        from transformers import BatchFeature
-
         processor = image_processor or self.image_processor(config)
         merge = config.vision_config.spatial_merge_size**2
         data, texts = {}, list(prompts)
@@ -482,13 +480,7 @@ class QwenVLAdapter(Adapter):
             counts = iter((data["video_grid_thw"].prod(-1) // merge).tolist())
             token = placeholder(tokenizer, config.video_token_id, "<video>")
             texts = [_expand(t, "<video>", counts, token) for t in texts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        ids = enc["input_ids"]
-        types = torch.zeros_like(ids)
-        types[ids == config.image_token_id] = 1
-        types[ids == config.video_token_id] = 2
-        data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=types)
-        return BatchFeature(data)
+        return _tokenized(tokenizer, texts, config, data)
 
     def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
         import numpy as np
@@ -541,6 +533,20 @@ class QwenVLAdapter(Adapter):
             window=None if qwen2 else (vc.window_size // vc.patch_size) ** 2,
             full_layers=() if qwen2 else tuple(vc.fullatt_block_indexes),
         )
+
+
+def _tokenized(tokenizer, texts: list[str], config, data: dict):
+    """``data`` with the token ids, attention mask and ``mm_token_type_ids`` (1: image, 2: video) of
+    ``texts`` (placeholders already expanded), as the stock processor returns them."""
+    from transformers import BatchFeature
+
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    types = torch.zeros_like(ids)
+    types[ids == config.image_token_id] = 1
+    types[ids == config.video_token_id] = 2
+    data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=types)
+    return BatchFeature(data)
 
 
 def _expand(text: str, marker: str, counts, token: str) -> str:
