@@ -111,7 +111,8 @@ def trained(tmp_path_factory):
         [sys.executable, str(ROOT / "training" / "train_digits.py"), "--vision-steps", "2", "--steps", "2",
          "--scenes-per-step", "2", "--clips-per-step", "2", "--vision-scenes", "1", "--vision-clips", "1",
          "--attention-guide", "0.3", "--decoder-steps", "2", "--decoder-scenes", "1", "--decoder-clips", "1",
-         "--align-steps", "2", "--view-positions", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
+         "--align-steps", "2", "--view-positions", "--tune-steps", "2", "--cache-scenes", "2", "--cache-clips", "2",
+         "--tune-scenes", "1", "--tune-clips", "1", "--eval-every", "1000", "--test-per-kind", "5", "--out", str(out)],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return out
@@ -124,6 +125,7 @@ def test_training_script_runs_and_its_model_answers(trained):
     assert info["steps"] == 2 and info["vision_steps"] == 2
     assert len(info["vision_log"]) == 1 and "scene_digit_patches_right" in info["vision_log"][0]
     assert info["decoder_log"][0]["step"] == 2 and "accuracy_after_2a_2b" in info["decoder_log"][-1]
+    assert info["tune_log"][0]["step"] == 2 and "accuracy_after_2c" in info["tune_log"][-1]
     assert info["align_log"][0]["step"] == 2 and 0 <= info["align_log"][0]["digit_patches_nearest_right"] <= 1
     assert "exact-match accuracy" in (trained / "README.md").read_text().lower()
     model, tokenizer, processor = D.load(trained)
@@ -291,3 +293,48 @@ def test_view_positions_follow_stock_packing_and_pooling():
     added = torch.zeros_like(plain)
     added[at : at + 216] = where[spots[:-1]].mean(1)
     assert torch.allclose(placed - plain, added, atol=1e-5)
+
+
+def test_feature_rows_are_the_stock_forward():
+    """Stage 2c's rows from cached vision features: with every token kept, the same logits as the
+    stock forward of the whole model on pixels (images and videos, two items of different lengths in
+    one batch); with the background dropped, the stock embeddings of the kept tokens at their stock
+    positions."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import train_digits as T
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from illava.tools.inputs import build
+
+    tokenizer = D.build_tokenizer()
+    config = D.build_config(len(tokenizer))
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    processor = D.image_processor()
+    _, pool = D.split()
+    scenes, clips = T.cache_features(model, processor, pool, random.Random(3), 2, 2, chunk=1)
+    for video, (items, feats) in ((False, scenes), (True, clips)):
+        assert feats.shape[:3] == (2, D.FRAMES if video else 5, 144)
+        with torch.no_grad():
+            visual = T.visual_tokens(model, feats, video)
+            x, mask, positions, labels = T.symbolic_batch(
+                model, tokenizer, items, video, 8, 1.0, random.Random(1), visual=visual
+            )
+            same = random.Random(1)  # the conversations symbolic_batch drew
+            texts = [T.conversation(item, video, 8, same)[0] for item in items]
+            media = {"videos": [c.frames for c in items]} if video else {"images": [s.image for s in items]}
+            stock = build(config, tokenizer, texts, image_processor=processor, **media)
+            assert stock["attention_mask"].sum(1).tolist() == mask.sum(1).tolist()
+            expected = model(**stock).logits
+            got = model(inputs_embeds=x, attention_mask=mask, position_ids=positions).logits
+            for b in range(2):
+                ours = got[b][mask[b].bool()]
+                theirs = expected[b][stock["attention_mask"][b].bool()]
+                assert torch.allclose(ours, theirs, atol=1e-4), (video, b)
+            x0, mask0, positions0, _ = T.symbolic_batch(
+                model, tokenizer, items, video, 8, 0.0, random.Random(1), visual=visual
+            )
+        for b in range(2):
+            kept = positions0[b][mask0[b].bool()]
+            assert len(kept) < mask[b].sum()
+            assert torch.allclose(x0[b][mask0[b].bool()], x[b][kept], atol=1e-6)

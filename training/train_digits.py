@@ -1,8 +1,15 @@
 """Train the digits model: a small LLaVA-OneVision that reads handwritten digits, on the CPU, fixed seed.
 
-STATUS: no digits model is shipped yet: the decoder now learns to answer (stages 2a and 2b below),
-the whole recipe is not yet tuned to >= 90% per kind within the hour. Measured on 2 CPU cores,
-2026-12-01 (logs of the runs are summarised here; every run is reproducible from its flags):
+The shipped model (``illava/models/digits``) is this script's defaults: stage 1 (600 steps), 2a
+(600), 2b (300), 2c (750), no stage 2. Measured on 2 CPU cores, 2026-12-05: 45.5 min in all (stage 1
+3.7 min, 2a 10.5 min, 2b 0.9 min, feature cache 1.3 min, 2c ~28 min); test set (200 per kind):
+position 60.0%, count 86.5%, relation 59.0%, read 58.0%, video order 73.0%, video count 94.0%. Below
+the 90% the issue asked for on every kind but video count; what was tried is below. The same recipe
+with stage 1 400, 2a 400 of 32 + 32, 2b 200, 2c 500 of a 1,024 + 1,024 cache (26 min): 62%, 86%, 32%,
+38%, 32%, 54% (50 per kind): the longer 2c (loss still falling at its end) is what helped most, so
+more 2c steps are the next lever within the hour.
+
+History (2026-12-01 to 12-05; every run reproducible from its flags):
 
 - First data design (96 px scenes, 12-16 px digits on 4 px patches, 16 patches per digit): stage 1
   with per-patch labels reached 40% of digit patches right in 400 steps, with per-cell labels it
@@ -45,7 +52,12 @@ the whole recipe is not yet tuned to >= 90% per kind within the hour. Measured o
   further from the image. ``--view-positions`` (not yet measured) adds to every symbol a learned
   vector of its patch within its view, what SigLIP's position embeddings give the real features.
 
-So the recipe is now: stage 1 (vision), 2a (the decoder on symbols: compact, then the background
+- Stage 2c (2026-12-05): the decoder, projector and row-end token on the real features of the frozen
+  tower (cached once, so a step costs what the decoder costs), the background brought back as in 2a:
+  on real images read goes from 8% to 44% within 100 steps; at the whole background the loss keeps
+  falling. This made the shipped model.
+
+So the recipe was: stage 1 (vision), 2a (the decoder on symbols: compact, then the background
 back), 2b (the projector maps each patch's features onto the symbol 2a used for it), 2 (the whole
 model on the real inputs). First run of all of it (a stage-1 tower of 300 steps; 2a 700 steps of
 32 + 32, compact to 60% then up to 30% of the background, 17 min; 2b 150 steps, 1 min: 80% of the
@@ -61,7 +73,7 @@ symbols, stays at its prior on pixels: 19% of digit patches still map nearer ano
 700 imperfect background tokens blur a count; next: stage 1 and 2b longer (or 2a with noisy
 symbols), then a longer stage 2. The step counts and rates of the defaults are not tuned yet.
 
-    python training/train_digits.py                                   # the shipped model
+    python training/train_digits.py                                   # the shipped model (~46 min)
     python training/train_digits.py --vision-steps 50 --steps 50 --out /tmp/d   # a quick try
 
 Data (``illava/tools/digits.py``): scenes of 3-6 handwritten digits (scikit-learn's, train split) on a
@@ -79,7 +91,11 @@ Stages:
    digit tokens alone: short rows, where retrieval is learnt; then the background back);
 2b. (``--align-steps``) the projector alone learns to map every patch's features onto its symbol
    (the background vector becomes the row-end token);
-2. the whole model learns to answer: next-token loss on every answer and its end token; each row
+2c. (``--tune-steps``) the decoder, projector and row-end token learn on the real features of the
+   frozen vision tower (``--cache-scenes`` + ``--cache-clips`` computed once), background kept along
+   ``--tune-keep``; at share 1 a row is exactly the stock forward;
+2. (``--steps``; 0 in the shipped recipe) the whole model learns to answer: next-token loss on every
+   answer and its end token; each row
    is one scene (or clip) with up to ``--turns`` of its questions as successive turns of one
    conversation; AdamW with warm-up and cosine decay, the vision tower at ``--vision-lr-scale`` (0:
    frozen); optionally an *attention guide* (``--attention-guide``): one head in each of decoder
@@ -287,13 +303,17 @@ def view_positions(video: bool) -> torch.Tensor:
     return torch.cat([base, grid])
 
 
-def symbolic_batch(model, tokenizer, items, video: bool, turns: int, keep: float, rng, background, where=None):
+def symbolic_batch(
+    model, tokenizer, items, video: bool, turns: int, keep: float, rng, background=None, where=None, visual=None
+):
     """Stage 2a inputs, without pixels: the conversations of ``conversation_batch`` in the stock token
     layout, every visual token the word embedding of the digit under it (``background`` where none),
     background tokens kept with probability ``keep``; every token keeps its stock position (so a short
     sequence still holds the layout). ``where`` (optional, ``(144, width)``): added to every visual
     token, the mean of its view patches' rows (``view_positions``; what the features know of their
-    place within the view). Returns (inputs_embeds, attention_mask, position_ids, labels)."""
+    place within the view). ``visual`` (stage 2c; optional): per item its real visual tokens (``(tokens,
+    width)``, ``visual_tokens``), which then replace the symbols. Returns (inputs_embeds,
+    attention_mask, position_ids, labels)."""
     config = model.config
     digit_words = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
     assistant, placeholder = (
@@ -317,7 +337,7 @@ def symbolic_batch(model, tokenizer, items, video: bool, turns: int, keep: float
         spots[at : at + len(digits)] = view_positions(video)
         kept = torch.rand(len(ids)) < keep
         kept = (symbols != 10) | kept  # text and digit tokens always, background with probability keep
-        rows.append((ids[kept], labels[kept], torch.nonzero(kept)[:, 0], symbols[kept], spots[kept]))
+        rows.append((ids[kept], labels[kept], torch.nonzero(kept)[:, 0], symbols[kept], spots[kept], at))
     length = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     labels = torch.full((len(rows), length), -100)
@@ -325,13 +345,20 @@ def symbolic_batch(model, tokenizer, items, video: bool, turns: int, keep: float
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     symbols = torch.full((len(rows), length), -1)
     spots = torch.full((len(rows), length, 4), -1)
-    for b, (i, lab, pos, sym, spot) in enumerate(rows):  # right padding
+    for b, (i, lab, pos, sym, spot, _) in enumerate(rows):  # right padding
         n = len(i)
         ids[b, :n], labels[b, :n], mask[b, :n], positions[b, :n], symbols[b, :n], spots[b, :n] = (
             i, lab, 1, pos, sym, spot
         )  # fmt: skip
     embed = model.get_input_embeddings()
     x = embed(ids)
+    if visual is not None:  # the real tokens of every kept visual position
+        b, j = torch.nonzero(symbols >= 0, as_tuple=True)
+        source = torch.cat(visual)
+        offsets = torch.tensor([0] + [len(v) for v in visual[:-1]]).cumsum(0)
+        starts = torch.tensor([r[5] for r in rows])
+        real = torch.zeros_like(x).index_put((b, j), source[offsets[b] + positions[b, j] - starts[b]].to(x.dtype))
+        return torch.where((symbols >= 0)[..., None], real, x), mask, positions, labels
     digit = embed(digit_words[symbols.clamp(0, 9)])
     x = torch.where((symbols >= 0)[..., None] & (symbols < 10)[..., None], digit, x)
     x = torch.where((symbols == 10)[..., None], background.to(x.dtype).expand_as(x), x)
@@ -438,6 +465,94 @@ def align_projector(model, tokenizer, processor, pool, rng, steps, lr, scenes, c
     return log
 
 
+def cache_features(model, processor, pool, rng, scenes: int, clips: int, chunk: int = 16):
+    """Stage 2c's data: ``scenes`` scenes and ``clips`` clips with the frozen vision tower's features
+    (the layer the model reads) of every view / frame: ((scenes, (n, 5, 144, width)), (clips, (n,
+    frames, 144, width))). Computed once, so that 2c costs what the decoder costs."""
+    vision, layer = model.model.vision_tower, model.config.vision_feature_layer
+    out, start = [], time.time()
+    for video, count in ((False, scenes), (True, clips)):
+        items, feats = [], []
+        for s in range(0, count, chunk):
+            batch = [(D.make_clip if video else D.make_scene)(rng, pool) for _ in range(min(chunk, count - s))]
+            if video:
+                pix = torch.cat([video_pixels(c.frames, processor) for c in batch])
+            else:
+                pix = processor([x.image for x in batch], return_tensors="pt")["pixel_values"].flatten(0, 1)
+            with torch.no_grad():
+                hidden = vision(pixel_values=pix, output_hidden_states=True).hidden_states[layer]
+            items += batch
+            feats.append(hidden.reshape(len(batch), -1, *hidden.shape[1:]))
+        out.append((items, torch.cat(feats)))
+        print(f"cached the features of {count} {'clips' if video else 'scenes'} "
+              f"{(time.time() - start) / 60:.1f} min", flush=True)  # fmt: skip
+    return tuple(out)
+
+
+def visual_tokens(model, features: torch.Tensor, video: bool) -> list[torch.Tensor]:
+    """The stock visual tokens (projector, then AnyRes packing with row-end tokens, or the video
+    pooling and the clip's end token) of ``features`` (``(items, views or frames, patches, width)``,
+    the vision tower's output): what ``get_image_features`` / ``get_video_features`` make of them."""
+    m, config = model.model, model.config
+    x = m.multi_modal_projector(features.flatten(0, 1))
+    if video:
+        n = len(features)
+        x = m.apply_pooling(x).reshape(n, -1, x.shape[-1])
+        return list(torch.cat([x, m.image_newline[None, None].expand(n, 1, -1)], 1))
+    x = x.reshape(*features.shape[:2], *x.shape[1:])
+    sizes = torch.tensor([[D.CANVAS, D.CANVAS]] * len(features))
+    packed, _ = m.pack_image_features(
+        list(x), sizes, image_newline=m.image_newline, vision_aspect_ratio=config.vision_aspect_ratio
+    )
+    return packed
+
+
+def tune_on_features(
+    model, tokenizer, cache, rng, steps, lr, scenes, clips, turns, schedule, check=None, every: int = 0
+) -> list[dict]:
+    """Stage 2c: the decoder, projector and row-end token learn on the real features of the frozen
+    vision tower (``cache_features``), with the background tokens kept along ``schedule`` as in 2a (at
+    share 1 a row is exactly the stock forward of the frozen-tower model, at the cost of the decoder).
+    ``check`` (optional): called every ``every`` steps, returns accuracies to log."""
+    m = model.model
+    params = [*m.language_model.parameters(), *m.multi_modal_projector.parameters(), m.image_newline]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, log, losses = time.time(), [], []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        keep = keep_at(schedule, step / steps)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for video, count in ((False, scenes), (True, clips)):
+            if count == 0:
+                continue
+            pool_items, feats = cache[int(video)]
+            picked = [rng.randrange(len(pool_items)) for _ in range(count)]
+            visual = visual_tokens(model, feats[picked], video)
+            x, mask, positions, labels = symbolic_batch(
+                model, tokenizer, [pool_items[i] for i in picked], video, turns, keep, rng, visual=visual
+            )
+            hidden = m.language_model(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
+            logits = model.lm_head(hidden[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(total)
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            log.append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2), "keep": round(keep, 3),
+                        "loss": float(np.mean(losses[-25:]))})  # fmt: skip
+            print(f"features step {step + 1}/{steps} keep {keep:.2f} loss {np.mean(losses[-25:]):.4f} "
+                  f"{(time.time() - start) / 60:.1f} min", flush=True)  # fmt: skip
+        if check is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            acc = check()
+            log.append({"step": step + 1, "accuracy": acc})
+            print(f"features step {step + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+    return log
+
+
 def turn(question: str) -> str:  # a later turn of the conversation (the chat template's format)
     return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -516,20 +631,25 @@ def evaluate(model, tokenizer, processor, data: D.TestSet, batch: int = 32) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vision-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--vision-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--vision-lr", type=float, default=1e-3)
     parser.add_argument("--vision-scenes", type=int, default=6, help="scenes per stage-1 step")
     parser.add_argument("--vision-clips", type=int, default=3, help="clips per stage-1 step")
-    parser.add_argument("--decoder-steps", type=int, default=0, help="stage 2a steps (0: none)")
-    parser.add_argument(
-        "--decoder-keep", default="0:0,0.5:0,0.9:1,1:1", help="stage 2a: background kept (progress:share)"
-    )
+    parser.add_argument("--decoder-steps", type=int, default=600, help="stage 2a steps (0: none)")
+    parser.add_argument("--decoder-keep", default="0:0,0.8:0,1:0.2", help="stage 2a: background kept (progress:share)")
     parser.add_argument("--decoder-lr", type=float, default=2e-3)
     parser.add_argument("--view-positions", action="store_true", help="stage 2a/2b: symbols know their place")
     parser.add_argument("--decoder-scenes", type=int, default=64, help="scenes per stage-2a step")
     parser.add_argument("--decoder-clips", type=int, default=64, help="clips per stage-2a step")
-    parser.add_argument("--align-steps", type=int, default=0, help="stage 2b steps (0: none)")
+    parser.add_argument("--align-steps", type=int, default=300, help="stage 2b steps (0: none)")
+    parser.add_argument("--tune-steps", type=int, default=750, help="stage 2c steps (0: none)")
+    parser.add_argument("--tune-keep", default="0:0.1,0.4:1,1:1", help="stage 2c: background kept (progress:share)")
+    parser.add_argument("--tune-lr", type=float, default=1e-3)
+    parser.add_argument("--tune-scenes", type=int, default=32, help="scenes per stage-2c step")
+    parser.add_argument("--tune-clips", type=int, default=32, help="clips per stage-2c step")
+    parser.add_argument("--cache-scenes", type=int, default=2048, help="stage 2c: scenes whose features are cached")
+    parser.add_argument("--cache-clips", type=int, default=2048, help="stage 2c: clips whose features are cached")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vision-lr-scale", type=float, default=0.2)
     parser.add_argument("--scenes-per-step", type=int, default=12)
@@ -540,7 +660,7 @@ def main() -> None:
         "--guide-until", type=float, default=0.5, help="share of stage 2 after which the guide has faded out"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--test-per-kind", type=int, default=200, help="questions per kind of the final test")
     parser.add_argument("--out", type=Path, default=Path("illava/models/digits"))
     parser.add_argument("--vision-from", type=Path, help="experiments: skip stage 1, load this vision tower")
@@ -554,7 +674,6 @@ def main() -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
     train_pool, _ = D.split()
     tokenizer = D.build_tokenizer()
     config = D.build_config(len(tokenizer))
@@ -567,7 +686,14 @@ def main() -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     quick = D.test_set(per_kind=50, seed=99)  # a small check during training (not the test set of the evals)
 
+    def stage_rng(stage: int) -> random.Random:
+        """Every stage starts from its own seed: a run resumed with ``--vision-from`` (a tower saved by
+        ``--save-vision`` of the same seed) sees the same data in later stages as the whole run."""
+        torch.manual_seed(args.seed * 100 + stage)
+        return random.Random(args.seed * 100 + stage)
+
     started = time.time()
+    rng = stage_rng(1)
     if args.vision_from is not None:  # experiments: a vision tower trained by an earlier stage 1
         model.model.vision_tower.load_state_dict(torch.load(args.vision_from))
         vision_log = []
@@ -579,12 +705,14 @@ def main() -> None:
             torch.save(model.model.vision_tower.state_dict(), args.save_vision)
     vision_minutes = (time.time() - started) / 60
     decoder_log, align_log, where = [], [], None
+    rng = stage_rng(2)
     if args.decoder_steps:
         schedule = [tuple(map(float, point.split(":"))) for point in args.decoder_keep.split(",")]
         decoder_log, where = pretrain_decoder(
             model, tokenizer, train_pool, rng, args.decoder_steps, args.decoder_lr, args.decoder_scenes,
             args.decoder_clips, args.turns, schedule, args.view_positions,
         )  # fmt: skip
+    rng = stage_rng(3)
     if args.align_steps:
         align_log = align_projector(
             model, tokenizer, processor, train_pool, rng, args.align_steps, args.vision_lr, args.vision_scenes,
@@ -594,9 +722,23 @@ def main() -> None:
         acc = evaluate(model, tokenizer, processor, quick)
         print("after stages 2a/2b: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
         decoder_log.append({"accuracy_after_2a_2b": acc})
+    rng = stage_rng(4)
+    tune_log = []
+    if args.tune_steps:
+        cache = cache_features(model, processor, train_pool, rng, args.cache_scenes, args.cache_clips)
+        schedule = [tuple(map(float, point.split(":"))) for point in args.tune_keep.split(",")]
+        tune_log = tune_on_features(
+            model, tokenizer, cache, rng, args.tune_steps, args.tune_lr, args.tune_scenes, args.tune_clips,
+            args.turns, schedule, lambda: evaluate(model, tokenizer, processor, quick), args.eval_every,
+        )  # fmt: skip
+        del cache
+        acc = evaluate(model, tokenizer, processor, quick)
+        print("after stage 2c: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+        tune_log.append({"accuracy_after_2c": acc})
     if args.vision_lr_scale == 0:
         model.model.vision_tower.requires_grad_(False)
 
+    rng = stage_rng(5)
     vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
     optimizer = torch.optim.AdamW(
         [
@@ -645,6 +787,7 @@ def main() -> None:
             log.append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2), "accuracy": acc})
             print(f"step {step + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
     minutes = (time.time() - start) / 60
+    total_minutes = (time.time() - started) / 60  # every stage, the checks during training included
     model.eval()
     model.set_attn_implementation("sdpa")
     final = evaluate(model, tokenizer, processor, D.test_set(args.test_per_kind))
@@ -657,12 +800,53 @@ def main() -> None:
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     info = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    info.update(vision_minutes=round(vision_minutes, 1), minutes=round(minutes, 1), vision_log=vision_log, log=log,
-                decoder_log=decoder_log, align_log=align_log,
+    info.update(vision_minutes=round(vision_minutes, 1), minutes=round(minutes, 1),
+                total_minutes=round(total_minutes, 1), vision_log=vision_log, log=log,
+                decoder_log=decoder_log, align_log=align_log, tune_log=tune_log,
                 test_accuracy=final)  # fmt: skip
     (out / "training.json").write_text(json.dumps(info, indent=2))
     write_card(out)
     print(f"saved to {out}")
+
+
+def card_stages(info: dict) -> str:
+    """The model card's list of the training stages that ran, with their steps and minutes."""
+
+    def minutes(log: list) -> str:
+        timed = [e["minutes"] for e in log if "minutes" in e]
+        return f" ({timed[-1]:.1f} min)" if timed else ""
+
+    lines = [
+        f"- Stage 1: {info['vision_steps']} steps ({info['vision_minutes']} min), the vision tower alone learns the "
+        "digit under every patch (a linear classifier on the layer the decoder reads, thrown away after)."
+    ]
+    if info.get("decoder_steps"):
+        lines.append(
+            f"- Stage 2a: {info['decoder_steps']} steps{minutes(info['decoder_log'])} of "
+            f"{info['decoder_scenes']} scenes and {info['decoder_clips']} clips, the decoder alone learns to "
+            "answer from symbols (each visual token the word embedding of the digit under it), background "
+            f"tokens kept along {info['decoder_keep']} (progress:share)."
+        )
+    if info.get("align_steps"):
+        lines.append(
+            f"- Stage 2b: {info['align_steps']} steps{minutes(info['align_log'])}, the projector alone maps "
+            "every patch's features onto its symbol."
+        )
+    if info.get("tune_steps"):
+        lines.append(
+            f"- Stage 2c: {info['tune_steps']} steps{minutes(info['tune_log'])} of {info['tune_scenes']} scenes "
+            f"and {info['tune_clips']} clips (drawn from {info['cache_scenes']} + {info['cache_clips']} whose "
+            "features the frozen vision tower computed once), the decoder, projector and row-end token learn "
+            f"on the real features, background tokens kept along {info['tune_keep']}; lr {info['tune_lr']}."
+        )
+    if info.get("steps"):
+        lines.append(
+            f"- Stage 2: {info['steps']} steps ({info['minutes']} min) of {info['scenes_per_step']} scenes and "
+            f"{info['clips_per_step']} clips, the whole model (vision x{info['vision_lr_scale']}), lr {info['lr']}."
+        )
+    if "total_minutes" in info:
+        lines.append(f"- In all {info['total_minutes']} min on 2 CPU cores (the checks during training included).")
+    return "\n".join(lines)
 
 
 def write_card(out: Path) -> None:
@@ -670,6 +854,7 @@ def write_card(out: Path) -> None:
     size = (out / "model.safetensors").stat().st_size / 2**20
     acc = info["test_accuracy"]
     rows = "\n".join(f"| {k} | {100 * v:.1f}% |" for k, v in acc.items())
+    stages = card_stages(info)
     (out / "README.md").write_text(
         f"""# digits LLaVA-OneVision (illava's detail check)
 
@@ -682,11 +867,7 @@ answers depend on small, localised detail. Data and questions: `illava/tools/dig
 
 - Architecture: vision 6 layers, width 128, 192 px crops of 16x16 px patches (144 patches per crop);
   decoder 4 layers, width 128; word-level tokenizer; {size:.1f} MB of float32 safetensors.
-- Stage 1: {info["vision_steps"]} steps ({info["vision_minutes"]} min), the vision tower alone learns the
-  digit of every grid cell (mean of its tokens over the cell, in every view) and of every frame.
-- Stage 2: {info["steps"]} steps ({info["minutes"]} min) of {info["scenes_per_step"]} scenes and
-  {info["clips_per_step"]} clips, up to {info["turns"]} questions each as turns; lr {info["lr"]}
-  (vision x{info["vision_lr_scale"]}), warm-up and cosine decay.
+{stages}
 - Exact-match accuracy of the stock model on the test set ({info["test_per_kind"]} questions per kind,
   seed 1234; teacher-forced, which equals greedy decoding's exact match):
 
