@@ -377,6 +377,21 @@ def keep_at(schedule: list[tuple[float, float]], progress: float) -> float:
     return schedule[-1][1]
 
 
+def answer_loss(model, x, mask, positions, labels) -> torch.Tensor:
+    """Next-token loss of the decoder alone on ``inputs_embeds`` rows (stages 2a and 2c)."""
+    hidden = model.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=positions)
+    logits = model.lm_head(hidden.last_hidden_state[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+
+
+def log_step(log: list, name: str, step: int, steps: int, keep: float, losses: list, start: float) -> None:
+    """Every 25 steps and at the last: the mean loss of the last 25 steps, logged and printed."""
+    if (step + 1) % 25 == 0 or step + 1 == steps:
+        minutes, loss = (time.time() - start) / 60, float(np.mean(losses[-25:]))
+        log.append({"step": step + 1, "minutes": round(minutes, 2), "keep": round(keep, 3), "loss": loss})
+        print(f"{name} step {step + 1}/{steps} keep {keep:.2f} loss {loss:.4f} {minutes:.1f} min", flush=True)
+
+
 def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turns, schedule, placed=False):
     """Stage 2a: the decoder learns to answer from symbols (each visual token the word embedding of the
     digit under it, a learned background vector elsewhere), first from short sequences (digit tokens
@@ -404,19 +419,13 @@ def pretrain_decoder(model, tokenizer, pool, rng, steps, lr, scenes, clips, turn
             x, mask, positions, labels = symbolic_batch(
                 model, tokenizer, items, video, turns, keep, rng, background, where
             )
-            hidden = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
-            logits = model.lm_head(hidden[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+            loss = answer_loss(model, x, mask, positions, labels)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(total)
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2), "keep": round(keep, 3),
-                        "loss": float(np.mean(losses[-25:]))})  # fmt: skip
-            print(f"decoder step {step + 1}/{steps} keep {keep:.2f} loss {np.mean(losses[-25:]):.4f} "
-                  f"{(time.time() - start) / 60:.1f} min", flush=True)  # fmt: skip
+        log_step(log, "decoder", step, steps, keep, losses, start)
     with torch.no_grad():
         model.model.image_newline.copy_(background)
     return log, (where.detach() if placed else None)
@@ -533,19 +542,13 @@ def tune_on_features(
             x, mask, positions, labels = symbolic_batch(
                 model, tokenizer, [pool_items[i] for i in picked], video, turns, keep, rng, visual=visual
             )
-            hidden = m.language_model(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
-            logits = model.lm_head(hidden[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+            loss = answer_loss(model, x, mask, positions, labels)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(total)
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2), "keep": round(keep, 3),
-                        "loss": float(np.mean(losses[-25:]))})  # fmt: skip
-            print(f"features step {step + 1}/{steps} keep {keep:.2f} loss {np.mean(losses[-25:]):.4f} "
-                  f"{(time.time() - start) / 60:.1f} min", flush=True)  # fmt: skip
+        log_step(log, "features", step, steps, keep, losses, start)
         if check is not None and every and (step + 1) % every == 0 and step + 1 < steps:
             acc = check()
             log.append({"step": step + 1, "accuracy": acc})
