@@ -6,7 +6,7 @@ import torch
 
 from .adapters import adapter_for
 from .config import IllavaConfig, scale_preset
-from .llm import LLMStage
+from .hf.llm import LLMStage
 from .methods import METHODS
 from .patch import PatchRecord
 from .state import IllavaState, Stats

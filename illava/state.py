@@ -7,7 +7,7 @@
   its own) and shared by nested ones; opening it is the one reset point. Everything one forward
   needs to carry from one patched module to another lives here (the LLM stage's ``Chunk``
   included); two threads never see each other's scope.
-- Decoding state lives on the cache (``illava.llm.Session``), so every conversation carries its own.
+- Decoding state lives on the cache (``illava.hf.cache.Session``), so every conversation carries its own.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class CallScope:
     encoder_call: EncoderCall | None = None  # the encoder call in progress
     encoder_outputs: dict[str, object] = field(default_factory=dict)  # kind -> feature output used
     placeholders: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (B, L) mask
-    chunk: object | None = None  # the LLM stage's bookkeeping of the decoder call in progress (illava.llm)
+    chunk: object | None = None  # the LLM stage's bookkeeping of the decoder call in progress (illava.hf.llm.Chunk)
     published: bool = False  # the call held visual tokens: its statistics become the model's last
     owner: object | None = None  # the hook that opened it
     model_inputs: dict = field(default_factory=dict)  # inner-model inputs an adapter needs later (``decoder_masks``)

@@ -231,7 +231,7 @@ def test_llm_merge_before_a_deepstack_layer_adds_the_kept_tokens_features(qconfi
         chunk = state.chunk()
         out = original(hidden, mask, embeds)
         calls.append(
-            (hidden.clone(), out.clone(), mask.clone(), embeds.clone(), chunk.index.clone(), chunk.mask.clone())
+            (hidden.clone(), out.clone(), mask.clone(), embeds.clone(), chunk.seq.index.clone(), chunk.seq.mask.clone())
         )
         return out
 

@@ -128,7 +128,7 @@ class IllavaGemma3Model:
     _NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "token_type_ids")
 
     def forward(self, *args, **kwargs):
-        from ..llm import IllavaDynamicCache
+        from ..hf.cache import IllavaDynamicCache
 
         state = self._illava.state
         given = dict(zip(self._NAMES, args), **kwargs)

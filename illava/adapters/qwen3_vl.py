@@ -37,8 +37,9 @@ from __future__ import annotations
 import torch
 
 from ..encoder import current_call, encoder_call, features_done, stock_count_features
-from ..llm import gather_seq
+from ..hf.llm import merged_sequence
 from ..patch import Hook
+from ..plan.llm import gather_seq
 from .base import FlopsDims, LayerDims, placeholder
 from .qwen_vl import IllavaQwenVLModel, QwenVLAdapter, _expand, _tokenized, _video_pixels
 
@@ -132,11 +133,11 @@ class IllavaQwen3TextModel:
     rows of the current (shorter) sequence. Disabled, or no LLM merge so far in this call: stock."""
 
     def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
-        chunk = self._illava.state.chunk()
-        if chunk is not None and chunk.before and chunk.index.shape[1] == hidden_states.shape[1]:
-            index = chunk.index.to(visual_pos_masks.device)
+        seq = merged_sequence(self._illava.state)
+        if seq is not None and seq.index.shape[1] == hidden_states.shape[1]:
+            index = seq.index.to(visual_pos_masks.device)
             order = (visual_pos_masks.flatten().long().cumsum(0) - 1).view(visual_pos_masks.shape)
-            picked = visual_pos_masks.gather(1, index) & chunk.mask.to(index.device)
+            picked = visual_pos_masks.gather(1, index) & seq.mask.to(index.device)
             rows = order.gather(1, index)[picked]
             visual_pos_masks, visual_embeds = picked, visual_embeds[rows.to(visual_embeds.device)]
         return super()._deepstack_process(hidden_states, visual_pos_masks, visual_embeds)
