@@ -172,7 +172,7 @@ class Adapter:
         return None
 
     def query_key(self, attn, hidden: torch.Tensor, position_embeddings, rows: torch.Tensor) -> tuple:
-        from ..hf.llm import rope_query_key
+        from ..hf.rope import rope_query_key
 
         return rope_query_key(attn, hidden, position_embeddings, rows)
 

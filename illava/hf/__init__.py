@@ -4,5 +4,6 @@ attention implementations and ``DynamicCache``.
 
 - ``illava.hf.llm``: the LLM stage's hooks (decoder input, scoring, merge layers, decoder output);
 - ``illava.hf.cache``: what a reduced cache holds per group of decoder layers (``Session``);
-- ``illava.hf.masks``: positions, rotary embeddings and attention masks of a reduced sequence.
+- ``illava.hf.masks``: positions, rotary embeddings and attention masks of a reduced sequence;
+- ``illava.hf.rope``: post-RoPE queries and keys of Llama-style decoder attention (LLM scoring).
 """

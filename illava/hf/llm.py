@@ -39,30 +39,6 @@ from .cache import IllavaDynamicCache, Session, open_session
 from .masks import attention_mask, layer_kwargs, window
 
 
-# ------------------------------------------------------------------------------------ scoring
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Standard rotary embedding (``x * cos + rotate_half(x) * sin``); cos/sin ``(B, L, hd)``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
-def rope_query_key(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, rows: torch.Tensor) -> tuple:
-    """Post-RoPE queries of the tokens at ``rows`` ``(B, S)`` -> ``(B, H, S, hd)`` and all keys
-    ``(B, Hkv, L, hd)``, for Llama-style attention modules (``q_proj``/``k_proj``, optional
-    ``q_norm``/``k_norm``). ``hidden`` is the normalised input of the attention module."""
-    b, n, _ = hidden.shape
-    hd = attn.head_dim
-    cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
-    q = attn.q_proj(gather_seq(hidden, rows)).view(b, rows.shape[1], -1, hd)
-    k = attn.k_proj(hidden).view(b, n, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q = rotate(q.transpose(1, 2), gather_seq(cos, rows), gather_seq(sin, rows))
-    k = rotate(k.transpose(1, 2), cos, sin)
-    return q, k, attn.scaling
-
-
 # ------------------------------------------------------------------------------------ the chunk
 @dataclass
 class Fed:
@@ -232,57 +208,62 @@ class DecoderInput(Hook):
         return found
 
     def _chunk(self, module, kwargs: dict, cache, session, read: _Input, reduce_at: set[int]) -> Chunk:
-        """Compacts the input, renumbers positions, opens the cache's session; the call's ``Chunk``."""
+        """Opens the cache's session, compacts the input, renumbers positions; the call's ``Chunk``."""
         b, q = read.valid.shape
         device = read.valid.device
         past = cache.get_seq_length() if cache is not None else 0
+        cache, session, groups = self._session(module, kwargs, cache, session, read, past)
+        positions = read.positions
+        if positions is None:
+            positions = (torch.arange(q, device=device) + past)[None].expand(b, q)
+        shift = plan.shift(read.removed, read.seq.segments, session.shift if session is not None else None)
+        kwargs["position_ids"] = self._renumber(positions, shift)
+        pad_left = not bool((~read.valid[:, -1]).any())
+        index, seq = self._compact(kwargs, read, pad_left)
+        empty = torch.zeros(b, 0, dtype=torch.bool, device=device)
+        past_masks = session.past_masks(read.mask) if session is not None else [empty] * len(groups)
+        full = torch.cat([past_masks[0].to(device), seq.mask], 1)
+        keep_none = read.mask is None and session is None and bool(full.all())
+        kwargs["attention_mask"] = None if keep_none else full.long()
+        blocks = _input_blocks(read.blocks, past, q, index, seq.mask)
+        fed = Fed(q, index, read.removed, index + past, blocks, pad_left, read.packed and keep_none)
+        chunk = Chunk(fed, seq, reduce_at, cache, session, groups, [m.to(device) for m in past_masks])
+        chunk.group_seq[0] = seq
+        return chunk
+
+    def _session(self, module, kwargs: dict, cache, session, read: _Input, past: int) -> tuple:
+        """The cache (a new one when the call wants one and has none), its session split at the
+        merge layers, and the groups of layers."""
+        b, q = read.valid.shape
         if cache is None and _wants_cache(kwargs, module.config):
             cache = IllavaDynamicCache(config=module.config)
             kwargs[_cache_key(kwargs)] = cache
         cfg = self.state.config
         groups = (0, *sorted(cfg.llm_layers)) if cfg.llm_active else (0,)
         if cache is not None:
-            session = open_session(cache, session, groups, b, past, device)
+            session = open_session(cache, session, groups, b, past, read.valid.device)
             groups = session.groups
         if session is not None and read.mask is not None and read.mask.shape[1] != past + q:
             covered = read.mask.shape[1]
             raise ValueError(
                 f"illava: the attention mask covers {covered} tokens, but the cache holds {past} and {q} are new"
             )
-        positions = read.positions
-        if positions is None:
-            positions = (torch.arange(q, device=device) + past)[None].expand(b, q)
-        shift = plan.shift(read.removed, read.seq.segments, session.shift if session is not None else None)
-        positions = self._renumber(positions, shift)
-        pad_left = not bool((~read.valid[:, -1]).any())
-        seq = read.seq
-        index = seq.index
-        if read.removed.any():
-            index, new_valid = plan.compact(read.valid & ~read.removed, pad_left)
-            # padding slots point at dropped tokens: their NaN must not reach attention (0 * NaN)
-            kwargs["inputs_embeds"] = gather_seq(read.embeds, index).masked_fill(~new_valid[..., None], 0.0)
-            positions = plan.gather_positions(positions.to(device), index)
-            seq = seq.gather(index, new_valid)
-            seq.index = torch.arange(index.shape[1], device=device)[None].expand(b, -1)
-            self.adapter.gather_decoder_inputs(kwargs, index)
-        kwargs["position_ids"] = positions
-        empty = torch.zeros(b, 0, dtype=torch.bool, device=device)
-        past_masks = session.past_masks(read.mask) if session is not None else [empty] * len(groups)
-        full = torch.cat([past_masks[0].to(device), seq.mask], 1)
-        keep_none = read.mask is None and session is None and bool(full.all())
-        kwargs["attention_mask"] = None if keep_none else full.long()
-        fed = Fed(
-            q,
-            index,
-            read.removed,
-            index + past,
-            _input_blocks(read.blocks, past, q, index, seq.mask),
-            pad_left,
-            read.packed and keep_none,
-        )
-        chunk = Chunk(fed, seq, reduce_at, cache, session, groups, [m.to(device) for m in past_masks])
-        chunk.group_seq[0] = seq
-        return chunk
+        return cache, session, groups
+
+    def _compact(self, kwargs: dict, read: _Input, pad_left: bool) -> tuple[torch.Tensor, Sequence]:
+        """Drops the slots the encoder stage emptied from the decoder's inputs: the fed position of
+        every decoder-input token and the input sequence."""
+        if not read.removed.any():
+            return read.seq.index, read.seq
+        index, valid = plan.compact(read.valid & ~read.removed, pad_left)
+        # padding slots point at dropped tokens: their NaN must not reach attention (0 * NaN)
+        kwargs["inputs_embeds"] = gather_seq(read.embeds, index).masked_fill(~valid[..., None], 0.0)
+        positions = kwargs["position_ids"]
+        kwargs["position_ids"] = plan.gather_positions(positions.to(valid.device), index)
+        seq = read.seq.gather(index, valid)
+        seq.index = torch.arange(index.shape[1], device=valid.device)[None].expand(index.shape[0], -1)
+        self.adapter.gather_decoder_inputs(kwargs, index)
+        return index, seq
 
     def _renumber(self, positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Positions as if the prompt had been built without the removed slots, for families that
