@@ -9,12 +9,31 @@ Two kinds of change, both ToMe-style (no transformers code is copied):
 
 from __future__ import annotations
 
+import copyreg
 import types
 from dataclasses import dataclass, field
 
 import torch
 
 _SWAPPED: dict[tuple[type, type], type] = {}
+
+
+class Swapped(type):
+    """The metaclass of the classes ``PatchRecord.swap`` creates at run time. Pickle cannot find
+    them by name; it rebuilds them from their mixin and original class instead, so a patched model
+    pickles (``torch.save``) and loads back patched."""
+
+
+def swapped_class(mixin: type, original: type) -> type:
+    """The class ``mixin + original`` (one per pair, created on first use)."""
+    key = (mixin, original)
+    if key not in _SWAPPED:
+        name = f"{mixin.__name__}_{original.__name__}"
+        _SWAPPED[key] = Swapped(name, (mixin, original), {"_illava_original": original})
+    return _SWAPPED[key]
+
+
+copyreg.pickle(Swapped, lambda cls: (swapped_class, (cls.__bases__[0], cls._illava_original)))
 
 
 @dataclass
@@ -44,13 +63,7 @@ class PatchRecord:
         accelerate's dispatch hooks keep the original bound ``forward`` in ``_old_forward``; it is
         rebound so that the patched forward runs on dispatched models too.
         """
-        original = type(module)
-        key = (mixin, original)
-        if key not in _SWAPPED:
-            _SWAPPED[key] = type(
-                f"{mixin.__name__}_{original.__name__}", (mixin, original), {"_illava_original": original}
-            )
-        module.__class__ = _SWAPPED[key]
+        module.__class__ = swapped_class(mixin, type(module))
         module._illava = ModulePatch(self.state, layer)
         if hasattr(module, "_old_forward"):
             module._old_forward = types.MethodType(module.__class__.forward, module)

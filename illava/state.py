@@ -247,3 +247,13 @@ class IllavaState:
         twin._local = threading.local()
         twin.keyed = TensorKeyed()
         return twin
+
+    # pickling (``torch.save`` of a patched model): the configuration, adapter and last statistics;
+    # per-thread and per-call data start afresh, as in a copy
+    def __getstate__(self) -> dict:
+        return {"config": self.config, "adapter": self.adapter, "last_stats": self.last_stats}
+
+    def __setstate__(self, values: dict) -> None:
+        self.__dict__.update(values)
+        self._local = threading.local()
+        self.keyed = TensorKeyed()

@@ -574,3 +574,49 @@ def test_an_unsupported_cache_is_a_clear_error_that_leaves_nothing_behind(fam, p
     ref = logits(model, inputs)
     illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
     torch.testing.assert_close(logits(model, inputs), ref)
+
+
+def test_a_patched_model_pickles_and_loads_back_patched(fam, photos, tmp_path):
+    """``torch.save`` of a patched model (illava creates its classes at run time): it loads back
+    patched, with the same configuration and outputs, and ``remove`` restores stock there. (Saved
+    before any forward: transformers installs an unpicklable output-capturing hook at the first
+    forward, stock models included.)"""
+    model = fam.make()
+    inputs = fam.build([IMAGE_Q, TEXT_Q], [photos["cat"]])
+    stock = logits(fam.make(), inputs)
+    cfg = illava.apply(model, fam.both_stages(llm_layers=(1, 2)))
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ours = logits(model, inputs)
+    assert illava.is_applied(loaded) and illava.config_of(loaded) == cfg
+    torch.testing.assert_close(logits(loaded, inputs), ours, atol=0, rtol=0, equal_nan=True)
+    assert illava.stats(loaded).visual_tokens() == illava.stats(model).visual_tokens()
+    illava.remove(loaded)
+    assert torch.equal(logits(loaded, inputs), stock)
+
+
+def test_a_pickled_patched_model_loads_in_a_fresh_process(tmp_path):
+    """Where illava has not created its run-time classes yet (a new process), they are rebuilt. The
+    forward there is text-only: a vision tower unpickled in a fresh process loses transformers'
+    output capturing (registered per class when a model is constructed), stock models included."""
+    import subprocess
+    import sys
+
+    fam = next(f for f in FAMILIES if f.name == "llava_onevision")
+    model = fam.make()
+    inputs = fam.build([TEXT_Q])
+    cfg = illava.apply(model, IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5))
+    expected = logits(copy.deepcopy(model), inputs)
+    torch.save({"model": model, "inputs": dict(inputs), "logits": expected, "cfg": cfg}, tmp_path / "saved.pt")
+    code = (
+        "import torch, illava;"
+        f"saved = torch.load({str(tmp_path / 'saved.pt')!r}, weights_only=False);"
+        "m = saved['model'];"
+        "assert illava.is_applied(m) and illava.config_of(m) == saved['cfg'];"
+        "torch.testing.assert_close(m(**saved['inputs']).logits, saved['logits'], atol=0, rtol=0);"
+        "name = type(m.model).__name__; illava.remove(m);"
+        "print(name, type(m.model).__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "IllavaLlavaOnevisionModel_LlavaOnevisionModel LlavaOnevisionModel"
