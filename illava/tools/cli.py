@@ -430,12 +430,12 @@ def _methods(text: str | None) -> list[str]:
 
 
 def _method_config(net, method: str, budget: float | None, inputs: dict):
-    from ..methods import METHODS
+    from ..methods import REGISTRY
     from .budget import solve
 
     if budget is None:
         try:
-            return METHODS[method].config(net)
+            return REGISTRY[method].config(net)
         except ValueError as err:
             _fail(f"{method}: {err}")
     with console.status(f"solving {method}'s knob for {100 * budget:g}% of stock prefill FLOPs"):
@@ -502,10 +502,10 @@ def _overrides(encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recy
 
 
 def _config(net, preset: str, overrides: dict):
-    from ..api import resolve_config
+    from ..api import configure
 
     try:
-        return resolve_config(net, preset, **overrides)
+        return configure(net, preset, **overrides)
     except ValueError as err:
         _fail(str(err))
 

@@ -7,7 +7,7 @@ the embedded default of ``illava`` (the demo) and what ``tests/test_fidelity.py`
 Every answer of easy-VQA is one word, and one token of the model's tokenizer, so a prediction is
 the argmax of the logits of the first generated token, computed by the stock forward pass with
 illava applied (both stages). ``run_eval`` scores the stock model, each preset, each recycle mode,
-a sweep of reduction levels and a deliberately broken policy (``illava.InvertedScores``: prune
+a sweep of reduction levels and a deliberately broken policy (``illava.testing.InvertedScores``: prune
 keeping the *lowest*-scored tokens; a check that cannot see this lose accuracy cannot tell a good
 scorer from a bad one), with the analytic prefill FLOPs of every setting.
 """
@@ -28,7 +28,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from .. import api
 from ..config import IllavaConfig
-from ..policy import InvertedScores
+from ..testing import InvertedScores
 
 MODEL_DIR = Path(__file__).parent.parent / "models" / "easy-vqa"
 
@@ -225,16 +225,16 @@ def settings(model, levels=(0.5, 1.25, 1.5)) -> list[tuple[str, IllavaConfig | N
     """(name, config or None for stock) of every setting ``run_eval`` scores."""
     from .bench import sweep_config
 
-    image = api.resolve_config(model, "image")
+    image = api.configure(model, "image")
     out: list[tuple[str, IllavaConfig | None]] = [("stock", None)]
     for name in ("image", "video", "encoder-only", "llm-only"):
-        out.append((f"preset {name}", api.resolve_config(model, name)))
+        out.append((f"preset {name}", api.configure(model, name)))
     for mode in ("cluster", "prune"):
         out.append((f"image, recycle {mode}", image.replace(recycle=mode)))
     for level in levels:
         config = sweep_config(image, level)
         try:
-            api.resolve_config(model, config)
+            api.configure(model, config)
         except ValueError as error:  # e.g. more removed than there are tokens
             warnings.warn(f"easy-VQA sweep level {level:g} skipped: {error}", stacklevel=2)
             continue
