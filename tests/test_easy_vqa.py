@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import illava
 from illava.testing import InvertedScores
-from illava.tools import easy_vqa
 from illava.tools.cli import app
+from illava_tasks import easy_vqa
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 import illava
 from illava.testing import InvertedScores
-from illava.tools import easy_vqa
+from illava_tasks import easy_vqa
 
 LIMIT = 1000
 

@@ -18,9 +18,9 @@ import pytest
 
 import illava
 from illava.testing import InvertedScores
-from illava.tools import digits as D
-from illava.tools import easy_vqa
 from illava.tools.bench import sweep_config
+from illava_tasks import digits as D
+from illava_tasks import easy_vqa
 
 PER_KIND = 50
 

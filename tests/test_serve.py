@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageSequence
 from typer.testing import CliRunner
 
 import illava
-from illava.tools import easy_vqa
 from illava.tools import serve as web
 from illava.tools.cli import app
 from illava.tools.flops import prefill_flops
 from illava.tools.inputs import build
+from illava_tasks import easy_vqa
 
 # gradio's queue uses pandas options that pandas 3 deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword is deprecated)")

@@ -135,7 +135,7 @@ def _load(name: str, device: str) -> LoadedModel:
         raise ModelError("device cuda asked for, but torch sees no CUDA device")
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     if name == SHIPPED:
-        from . import easy_vqa
+        from illava_tasks import easy_vqa
 
         try:
             model, tokenizer, image_processor = easy_vqa.load()
