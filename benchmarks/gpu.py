@@ -329,7 +329,7 @@ def throughput_row(plan: Plan, models: Models, allotment_s: float) -> dict:
     model = models.get(name)
     sample = bench.make_inputs(model, None, [plan.image()], [], 1)
     cap = memory_cap_mb(plan, model, sample)
-    settings = {"stock": None, "illava": illava.resolve_config(model, "image")}
+    settings = {"stock": None, "illava": illava.configure(model, "image")}
     search_s = 0.3 * allotment_s  # per setting; the rest: timing at the batches found
     found = {s: batch_search(plan, model, sample, s, config, cap, search_s) for s, config in settings.items()}
     inputs: dict[str, dict] = {}
@@ -398,7 +398,7 @@ def merge_layer_cost(plan: Plan, models: Models, role: str) -> dict:
     path costs more. On the GPU the model is built only up to its last merge layer (1 decoder layer)."""
     name = plan.arch(role)
     full = build(name, plan.dtype, "meta") if name in architectures() else models.get(name)
-    config = illava.resolve_config(full, "image")
+    config = illava.configure(full, "image")
     index = min(config.encoder_layers)
     truncate = {"vision_layers": max(config.encoder_layers) + 1, "llm_layers": 1} if name in architectures() else {}
     del full

@@ -50,8 +50,8 @@ else
     pip=("$venv/bin/python" -m pip install --progress-bar off --disable-pip-version-check)
     step "pip install torch (PyPI's default Linux build is the CUDA one)"
     "${pip[@]}" torch
-    step "pip install -e . (illava and its dependencies)"
-    "${pip[@]}" -e .
+    step "pip install -e .[tools] (illava, its dependencies and the tools extra)"
+    "${pip[@]}" -e ".[tools]"
 fi
 "$venv/bin/python" -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true

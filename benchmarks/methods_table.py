@@ -1,5 +1,5 @@
-"""README tables of the method comparison, from the JSON of `illava eval easy-vqa --methods` and of
-`illava bench --method all --budget S` (one or more).
+"""The method-comparison tables of docs/results.md, from the JSON of `illava eval easy-vqa --methods`
+and of `illava bench --method all --budget S` (one or more).
 
     python benchmarks/methods_table.py --eval benchmarks/results/easy_vqa_methods.json \
         --bench benchmarks/results/methods-cpu-0.5b-33.json benchmarks/results/methods-cpu-0.5b-10.json

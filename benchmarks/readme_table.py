@@ -1,12 +1,13 @@
-"""Produce the README's results table: stock vs patched-but-disabled vs iLLaVA, alternated.
+"""Produce the results table of docs/results.md (the README quotes its headline row): stock vs
+patched-but-disabled vs iLLaVA, alternated.
 
 CPU rows: LLaVA-OneVision-0.5B architecture (random weights), fp32, one 384x384 image, `image`
 preset. With a CUDA device (--device cuda): bf16, SDPA, 7B architectures.
 
     python benchmarks/readme_table.py --device cpu --out benchmarks/results/cpu.json
 
---from-json turns the JSON of benchmarks/gpu.py (benchmarks/gpu.sh) into the README's GPU table rows
-and notes, without measuring anything:
+--from-json turns the JSON of benchmarks/gpu.py (benchmarks/gpu.sh) into the GPU table rows of
+docs/results.md and notes, without measuring anything:
 
     python benchmarks/readme_table.py --from-json out/gpu/gpu.json
 """
@@ -121,7 +122,7 @@ def gpu_notes(rows: list[dict]) -> list[str]:
 
 
 def gpu_table(rows: list[dict]) -> list[str]:
-    """The README's GPU table (header, one row per run_bench row) and the notes under it."""
+    """The GPU table of docs/results.md (header, one row per run_bench row) and the notes under it."""
     throughput = next((r for r in rows if r["status"] == "ok" and "memory_cap_mb" in r), None)
     lines = [GPU_HEADER]
     for entry in rows:

@@ -63,7 +63,7 @@ def main() -> None:
     results = {}
     model, model_preset = None, None
     for name, (preset, images, videos) in cases.items():
-        cfg = illava.resolve_config(meta, preset)
+        cfg = illava.configure(meta, preset)
         depth = max(cfg.llm_layers) + 1 if args.truncate and cfg.llm_layers else None
         vision = max(cfg.encoder_layers) + 1 if args.truncate and cfg.encoder_layers else None
         start = time.time()

@@ -5,43 +5,68 @@ from __future__ import annotations
 import torch
 
 from .adapters import adapter_for
-from .config import IllavaConfig, scale_preset
+from .config import PRESETS, IllavaConfig
 from .hf.llm import LLMStage
-from .methods import METHODS
+from .methods import METHODS, REGISTRY
 from .patch import PatchRecord
 from .state import IllavaState, Stats
 
 
-def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "image", **overrides) -> IllavaConfig:
-    """The configuration ``apply`` would use: a preset name scaled to ``model``, or a config."""
+def configure(
+    model: torch.nn.Module, config: IllavaConfig | str | None = "image", knob: float | None = None, **overrides
+) -> IllavaConfig:
+    """The configuration ``apply`` would use for ``model``, checked against it.
+
+    ``config`` is one of:
+
+    - a preset name (``PRESETS``: ``image``, ``video``, ``encoder-only``, ``llm-only``, ``off``),
+      the family's published settings scaled to the model's depths;
+    - a method name (``METHODS``: ``illava``, ``fastv``, ``pdrop``, ``tome``, ``visionzip``,
+      ``divprune``, ``random``, ``pool``, ...; docs/peers.md) at its published default, or at
+      ``knob`` (its one budget knob, e.g. the share of visual tokens FastV keeps);
+    - an ``IllavaConfig``, used as given.
+
+    Keyword ``overrides`` replace fields of the result (``recycle="cluster"``, ``llm_layers=(4,)``).
+    """
     adapter = adapter_for(model)
     if config is None:
         config = "image"
     if isinstance(config, str) and config in METHODS:
-        cfg = METHODS[config].config(model)
-    elif isinstance(config, str):
+        cfg = REGISTRY[config].config(model, knob)
+    elif knob is not None:
+        what = f"preset {config!r}" if isinstance(config, str) else "an IllavaConfig"
+        raise TypeError(f"knob={knob!r}: only a method takes a knob, not {what}; methods: {', '.join(METHODS)}")
+    elif isinstance(config, str) and config in PRESETS:
         cfg = adapter.preset(model, config)
+    elif isinstance(config, str):
+        raise ValueError(unknown_name(config))
     elif isinstance(config, IllavaConfig):
         cfg = config
     else:
-        raise TypeError(f"config must be an IllavaConfig or a preset name, got {type(config).__name__}")
+        raise TypeError(f"config must be a preset name, a method name or an IllavaConfig, got {type(config).__name__}")
     cfg = cfg.replace(**overrides) if overrides else cfg
     cfg.check_against(**adapter.dimensions(model).as_dict())
     adapter.check(model, cfg)
     return cfg
 
 
-def apply(model: torch.nn.Module, config: IllavaConfig | str | None = "image", **overrides) -> IllavaConfig:
+def unknown_name(name: str) -> str:
+    """The message for a configuration name that is neither a preset nor a method."""
+    return f"{name!r} is an unknown method or preset name; presets: {', '.join(PRESETS)}; methods: {', '.join(METHODS)}"
+
+
+def apply(
+    model: torch.nn.Module, config: IllavaConfig | str | None = "image", knob: float | None = None, **overrides
+) -> IllavaConfig:
     """Turn iLLaVA on for a loaded model, in place; returns the configuration in use.
 
-    ``config`` is a preset name (``image``, ``video``, ``encoder-only``, ``llm-only``, ``off``)
-    scaled to the model's depths, a method name (``illava.methods.METHODS``: ``fastv``, ``pdrop``,
-    ``tome``, ``visionzip``, ``divprune``, ``random``, ``pool``, ``illava``) at its published
-    default, or an ``IllavaConfig``; keyword ``overrides`` replace fields.
+    ``config``, ``knob`` and ``overrides`` are those of ``configure``: a preset name (``PRESETS``)
+    scaled to the model, a method name (``METHODS``) at its published default or at ``knob``, or
+    an ``IllavaConfig``; keyword ``overrides`` replace fields.
     Applying again replaces the previous configuration (if the new one is invalid, the previous
     one stays). ``remove`` restores stock behaviour.
     """
-    cfg = resolve_config(model, config, **overrides)
+    cfg = configure(model, config, knob, **overrides)
     previous = config_of(model) if is_applied(model) else None
     remove(model)
     try:
@@ -88,32 +113,6 @@ def set_enabled(model: torch.nn.Module, enabled: bool) -> None:
 def stats(model: torch.nn.Module) -> Stats:
     """Visual tokens per stage of the last prefill (encoder in/out per crop, LLM in/out per layer)."""
     return _state(model).last_stats
-
-
-def preset(
-    name: str,
-    *,
-    encoder_depth: int,
-    tokens_per_crop: int,
-    llm_depth: int,
-    family: str = "llava_onevision",
-    llm_stage: bool = True,
-    **overrides,
-) -> IllavaConfig:
-    """The preset ``name`` of a model family (a ``config.model_type``) scaled to the given dimensions."""
-    from .adapters import adapter_for_type
-
-    adapter = adapter_for_type(family)
-    return scale_preset(
-        name,
-        adapter.presets[family],
-        encoder_depth=encoder_depth,
-        tokens_per_crop=tokens_per_crop,
-        llm_depth=llm_depth,
-        llm_stage=llm_stage,
-        unit=adapter.unit,
-        **overrides,
-    )
 
 
 def _state(model: torch.nn.Module) -> IllavaState:

@@ -77,6 +77,34 @@ class IllavaConfig:
     def replace(self, **changes) -> IllavaConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        *,
+        encoder_depth: int,
+        tokens_per_crop: int,
+        llm_depth: int,
+        family: str = "llava_onevision",
+        llm_stage: bool = True,
+        **overrides,
+    ) -> IllavaConfig:
+        """The preset ``name`` (``PRESETS``) of a model family (a ``config.model_type``) scaled to
+        the given dimensions, without a model; ``illava.configure(model, name)`` reads them from one."""
+        from .adapters import adapter_for_type
+
+        adapter = adapter_for_type(family)
+        return scale_preset(
+            name,
+            adapter.presets[family],
+            encoder_depth=encoder_depth,
+            tokens_per_crop=tokens_per_crop,
+            llm_depth=llm_depth,
+            llm_stage=llm_stage,
+            unit=adapter.unit,
+            **overrides,
+        )
+
     # ----------------------------------------------------------------- validation
     def _check_self(self) -> None:
         if not isinstance(self.recycle, str) or self.recycle not in RECYCLE_MODES:
@@ -245,7 +273,10 @@ def scale_preset(
     of the result.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown iLLaVA preset {name!r}; choose one of {list(PRESETS)} or a method name")
+        raise ValueError(
+            f"unknown iLLaVA preset {name!r}; presets: {', '.join(PRESETS)} "
+            "(a method name needs a model: illava.configure(model, name))"
+        )
     reference = table["reference"]
     values = _preset_values(name, table)
     if "encoder_layers" in values:

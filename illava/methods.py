@@ -1,8 +1,11 @@
 """iLLaVA and its peers, by name: each a configuration of the stages plus a policy, with its
 published default and one knob (what a FLOPs budget solves for). docs/peers.md describes them.
 
-    illava.apply(model, "fastv")                                # published default
-    illava.apply(model, method_config(model, "fastv", 0.25))    # knob: share of visual tokens kept
+    illava.apply(model, "fastv")          # published default
+    illava.apply(model, "fastv", 0.25)    # knob: share of visual tokens kept
+    illava.configure(model, "fastv", 0.25)  # the configuration, without applying it
+
+``METHODS`` are the names; ``REGISTRY`` maps each to its ``Method`` (knob, range, builder).
 
 | method | where | knob (default) |
 |---|---|---|
@@ -100,7 +103,7 @@ def _last_layer(model, keep: float, policy) -> IllavaConfig:
     return IllavaConfig(encoder_layers=(layer,), encoder_removal=round(1 - keep, 6), policy=policy)
 
 
-METHODS: dict[str, Method] = {
+REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
         Method("illava", "iLLaVA: encoder + LLM stages (image preset)", "level", 1.0, 0.0, 4.0, _illava),
@@ -159,8 +162,4 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_config(model, name: str, value: float | None = None) -> IllavaConfig:
-    """The configuration of method ``name`` for ``model`` at knob ``value`` (default: published)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {list(METHODS)}")
-    return METHODS[name].config(model, value)
+METHODS: tuple[str, ...] = tuple(REGISTRY)

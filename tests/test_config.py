@@ -2,7 +2,7 @@ import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import illava
-from illava import IllavaConfig, preset
+from illava import IllavaConfig
 from illava._compat import check_transformers_version
 from illava.adapters.llava_onevision import llava_onevision_config
 
@@ -50,30 +50,30 @@ def test_layer_after_feature_layer_is_rejected():
 
 
 def test_presets_reproduce_the_authors_7b_settings():
-    img = preset("image", encoder_depth=26, tokens_per_crop=729, llm_depth=28)
+    img = IllavaConfig.from_preset("image", encoder_depth=26, tokens_per_crop=729, llm_depth=28)
     assert img.encoder_layers == (5, 6, 7, 8) and img.encoder_removal == 92
     assert img.llm_layers == (8,) and img.llm_keep_ratio == 0.70
-    vid = preset("video", encoder_depth=26, tokens_per_crop=729, llm_depth=28)
+    vid = IllavaConfig.from_preset("video", encoder_depth=26, tokens_per_crop=729, llm_depth=28)
     assert vid.encoder_layers == (3, 4, 5, 6) and vid.llm_layers == (2,)
 
 
 def test_presets_scale_to_other_depths():
-    half = preset("image", encoder_depth=26, tokens_per_crop=729, llm_depth=24)  # 0.5B
+    half = IllavaConfig.from_preset("image", encoder_depth=26, tokens_per_crop=729, llm_depth=24)  # 0.5B
     assert half.llm_layers == (7,) and half.encoder_layers == (5, 6, 7, 8)
-    big = preset("image", encoder_depth=26, tokens_per_crop=729, llm_depth=80)  # 72B
+    big = IllavaConfig.from_preset("image", encoder_depth=26, tokens_per_crop=729, llm_depth=80)  # 72B
     assert big.llm_layers == (23,)
-    tiny = preset("image", encoder_depth=6, tokens_per_crop=64, llm_depth=4)
+    tiny = IllavaConfig.from_preset("image", encoder_depth=6, tokens_per_crop=64, llm_depth=4)
     assert len(set(tiny.encoder_layers)) == 4 and tiny.encoder_removal == 8 and tiny.llm_layers == (1,)
     with pytest.raises(ValueError, match="unknown iLLaVA preset"):
-        preset("fast", encoder_depth=26, tokens_per_crop=729, llm_depth=28)
+        IllavaConfig.from_preset("fast", encoder_depth=26, tokens_per_crop=729, llm_depth=28)
 
 
-def test_resolve_config_for_real_architecture_without_weights():
+def test_configure_for_real_architecture_without_weights():
     from transformers import LlavaOnevisionForConditionalGeneration
 
     with __import__("torch").device("meta"):
         model = LlavaOnevisionForConditionalGeneration(llava_onevision_config("0.5b"))
-    cfg = illava.resolve_config(model, "image", recycle="cluster")
+    cfg = illava.configure(model, "image", recycle="cluster")
     assert cfg.llm_layers == (7,) and cfg.recycle == "cluster" and cfg.encoder_removal == 92
 
 
@@ -134,7 +134,7 @@ def test_block_families_take_counts_in_multiples_of_their_unit():
 def test_presets_for_very_small_models_have_no_impossible_stage():
     """A one-layer decoder has no LLM stage (layer k is scored by layer k-1): the preset drops it
     instead of failing with an empty range, and an explicit request says why."""
-    cfg = preset("image", encoder_depth=2, tokens_per_crop=16, llm_depth=1)
+    cfg = IllavaConfig.from_preset("image", encoder_depth=2, tokens_per_crop=16, llm_depth=1)
     assert cfg.llm_layers == () and cfg.encoder_layers
     with pytest.raises(ValueError, match="decoder has 1 layer"):
         IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5).check_against(**{**DIMS, "llm_depth": 1})
@@ -150,7 +150,7 @@ def test_feature_layers_of_mixed_signs_bound_the_encoder_stage():
     cfg = tiny_config("tiny-llava-onevision")
     cfg.vision_feature_layer = [-1, 3]
     model = LlavaOnevisionForConditionalGeneration(cfg)
-    assert illava.resolve_config(model, illava.IllavaConfig(encoder_layers=(1, 2), encoder_removal=4))
+    assert illava.configure(model, illava.IllavaConfig(encoder_layers=(1, 2), encoder_removal=4))
     with pytest.raises(ValueError, match="after the layer the model reads"):
         illava.apply(model, illava.IllavaConfig(encoder_layers=(3,), encoder_removal=4))
 
@@ -164,3 +164,58 @@ def test_qwen_counts_that_leave_no_block_fail_clearly(photos):
     illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4000))
     with pytest.raises(ValueError, match="lower encoder_removal"):
         model(**fam.build([chat("<image>\nwhat is this?")], [photos["cat"]]))
+
+
+def test_the_public_surface_is_one_way_in():
+    """The top level is the user's API: one function builds configurations, presets and methods
+    are two separate name lists, and test controls live in illava.testing."""
+    assert set(illava.__all__) == {
+        "apply", "remove", "stats", "set_enabled", "is_applied", "config_of", "configure",
+        "IllavaConfig", "Policy", "FastV", "PDrop", "ToMe", "VisionZip", "DivPrune", "RandomDrop", "Pool",
+        "PRESETS", "METHODS",
+    }  # fmt: skip
+    assert all(hasattr(illava, name) for name in illava.__all__)
+    assert not set(illava.PRESETS) & set(illava.METHODS)
+    assert {"image", "video", "encoder-only", "llm-only", "off"} == set(illava.PRESETS)
+    assert {"illava", "fastv", "pdrop", "tome", "visionzip", "divprune", "random", "pool"} <= set(illava.METHODS)
+    for gone in ("preset", "resolve_config", "method_config", "InvertedScores"):
+        assert not hasattr(illava, gone), gone
+    from illava.testing import InvertedScores
+
+    assert issubclass(InvertedScores, illava.Policy)
+
+
+def _meta_onevision():
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    with __import__("torch").device("meta"):
+        return LlavaOnevisionForConditionalGeneration(llava_onevision_config("0.5b"))
+
+
+def test_an_unknown_name_lists_presets_and_methods_separately():
+    model = _meta_onevision()
+    with pytest.raises(ValueError) as error:
+        illava.configure(model, "turbo")
+    message = str(error.value)
+    assert "'turbo'" in message
+    presets = message.split("presets: ")[1].split(";")[0].split(", ")
+    methods = message.split("methods: ")[1].split(", ")
+    assert presets == list(illava.PRESETS) and methods == list(illava.METHODS)
+    with pytest.raises(ValueError, match="presets: image, video"):
+        illava.apply(model, "turbo")
+
+
+def test_configure_takes_a_preset_a_method_with_its_knob_or_a_config():
+    model = _meta_onevision()
+    assert illava.configure(model, "image") == IllavaConfig.from_preset(
+        "image", encoder_depth=26, tokens_per_crop=729, llm_depth=24
+    )
+    assert illava.configure(model, "fastv").llm_keep_ratio == 0.5
+    assert illava.configure(model, "fastv", 0.25).llm_keep_ratio == 0.25
+    assert illava.configure(model, "fastv", 0.25, recycle="prune").recycle == "prune"
+    given = IllavaConfig(llm_layers=(3,), llm_keep_ratio=0.5)
+    assert illava.configure(model, given, llm_keep_ratio=0.4) == given.replace(llm_keep_ratio=0.4)
+    with pytest.raises(TypeError, match="only a method takes a knob"):
+        illava.configure(model, "image", 0.5)
+    with pytest.raises(TypeError, match="preset name, a method name or an IllavaConfig"):
+        illava.configure(model, 3)

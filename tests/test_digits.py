@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from illava.tools import digits as D
 from illava.tools.cli import app
+from illava_tasks import digits as D
 
 ROOT = Path(__file__).resolve().parent.parent
 

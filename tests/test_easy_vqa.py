@@ -9,8 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 import illava
-from illava.tools import easy_vqa
+from illava.testing import InvertedScores
 from illava.tools.cli import app
+from illava_tasks import easy_vqa
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +89,12 @@ def test_inverted_scores_keep_the_lowest_through_the_stages(folder):
     every stage of every family calls it (the setting of the eval uses it)."""
     x = torch.arange(6.0).view(1, 6, 1)
     attention = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.8, 0.3]])
-    policy = illava.InvertedScores()
+    policy = InvertedScores()
     config = illava.IllavaConfig(recycle="rank")
     assert policy.reduce("encoder", x, policy.scores("encoder", attention), 3, config).kept.tolist() == [[0, 3, 5]]
     model, _, _ = easy_vqa.load(folder)
     (name, broken) = easy_vqa.settings(model, ())[-1]
-    assert "INVERTED" in name and isinstance(broken.policy, illava.InvertedScores)
+    assert "INVERTED" in name and isinstance(broken.policy, InvertedScores)
 
 
 def test_eval_command_table_json_and_plot(folder, tmp_path):

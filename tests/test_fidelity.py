@@ -12,7 +12,8 @@ import json
 import pytest
 
 import illava
-from illava.tools import easy_vqa
+from illava.testing import InvertedScores
+from illava_tasks import easy_vqa
 
 LIMIT = 1000
 
@@ -68,9 +69,9 @@ def test_a_broken_scorer_loses_clearly(shipped, stock_accuracy):
     """Keeping the lowest-scored tokens instead of the highest must cost clearly more than the real
     merge: the scorer is what makes iLLaVA faithful."""
     model = shipped[0]
-    config = illava.resolve_config(model, "image").replace(recycle="prune")
+    config = illava.configure(model, "image").replace(recycle="prune")
     right = _score(shipped, config)
-    wrong = _score(shipped, config.replace(policy=illava.InvertedScores()))
+    wrong = _score(shipped, config.replace(policy=InvertedScores()))
     assert right >= stock_accuracy - 0.01
     assert wrong <= right - 0.05, (right, wrong)
 

@@ -17,9 +17,10 @@ import json
 import pytest
 
 import illava
-from illava.tools import digits as D
-from illava.tools import easy_vqa
+from illava.testing import InvertedScores
 from illava.tools.bench import sweep_config
+from illava_tasks import digits as D
+from illava_tasks import easy_vqa
 
 PER_KIND = 50
 
@@ -71,16 +72,16 @@ def test_stock_accuracy_per_kind(stock):
 
 def test_merging_in_the_llm_alone_keeps_stock(shipped, stock):
     """The llm-only preset is where iLLaVA keeps >= 99 % of stock's mean accuracy on this model."""
-    llm = _score(shipped, "llm-only", illava.resolve_config(shipped[0], "llm-only"))
+    llm = _score(shipped, "llm-only", illava.configure(shipped[0], "llm-only"))
     assert 0.75 <= llm.share <= 0.9
     assert llm.accuracy["all"] >= 0.99 * stock.accuracy["all"]
     assert llm.agreement >= 0.95
 
 
 def test_a_broken_scorer_loses_clearly(shipped, stock):
-    config = illava.resolve_config(shipped[0], "image").replace(recycle="prune")
+    config = illava.configure(shipped[0], "image").replace(recycle="prune")
     right = _score(shipped, "prune", config)
-    wrong = _score(shipped, "inverted", config.replace(policy=illava.InvertedScores()))
+    wrong = _score(shipped, "inverted", config.replace(policy=InvertedScores()))
     assert abs(right.share - wrong.share) < 0.01
     assert wrong.accuracy["all"] <= right.accuracy["all"] - 0.10, (right.accuracy, wrong.accuracy)
     assert wrong.kl > right.kl
@@ -89,7 +90,7 @@ def test_a_broken_scorer_loses_clearly(shipped, stock):
 def test_accuracy_falls_with_the_flops_share(shipped, stock):
     """The sweep around the image preset: fewer FLOPs, fewer right answers (the check sees
     degradation); at the preset (46 % of the FLOPs) reading is what is lost first."""
-    image = illava.resolve_config(shipped[0], "image")
+    image = illava.configure(shipped[0], "image")
     points = [stock] + [_score(shipped, f"x{level}", sweep_config(image, level)) for level in (0.5, 1.0, 1.5)]
     shares = [p.share for p in points]
     means = [p.accuracy["all"] for p in points]

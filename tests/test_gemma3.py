@@ -293,16 +293,16 @@ def test_presets_for_published_sizes():
         assert (dims.encoder_depth, dims.tokens_per_crop, dims.llm_depth, dims.feature_layer, dims.unit) == (
             27, 4096, depth, 26, 16,
         )  # fmt: skip
-        cfg = illava.resolve_config(model, "image")
+        cfg = illava.configure(model, "image")
         assert cfg.encoder_layers == (5, 6, 7, 8) and cfg.encoder_removal == 512 and cfg.llm_layers == llm
         assert cfg.llm_keep_ratio == 0.7
-        video = illava.resolve_config(model, "video")  # no video in Gemma 3: the image preset
+        video = illava.configure(model, "video")  # no video in Gemma 3: the image preset
         assert (video.encoder_layers, video.encoder_removal, video.llm_layers) == (cfg.encoder_layers, 512, llm)
 
 
 def test_tiny_preset_scores_at_a_global_layer_and_other_poolings_are_refused(photos):
     model = FAM.make()
-    cfg = illava.resolve_config(model, "image")
+    cfg = illava.configure(model, "image")
     assert cfg.llm_layers == (2,) and cfg.encoder_layers == (1, 2, 3) and cfg.encoder_removal == 32
     from illava.adapters.gemma3 import tiny_gemma3_config
 

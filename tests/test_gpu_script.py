@@ -1,5 +1,5 @@
 """benchmarks/gpu.sh --dry-run: the GPU script end to end on CPU with tiny configurations (seconds),
-its JSON, and the README table made from it; and the helpers of benchmarks/gpu.py."""
+its JSON, and the results table (docs/results.md) made from it; and the helpers of benchmarks/gpu.py."""
 
 import argparse
 import importlib.util

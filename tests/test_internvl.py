@@ -109,7 +109,7 @@ def test_presets_for_published_sizes():
     for size, encoder, llm in (("8b", (5, 6, 7, 8), (9,)), ("26b", (9, 11, 13, 15), (14,))):
         with torch.device("meta"):
             model = InternVLForConditionalGeneration(internvl_config(size))
-        cfg = illava.resolve_config(model, "image")
+        cfg = illava.configure(model, "image")
         assert cfg.encoder_layers == encoder and cfg.encoder_removal == 128 and cfg.llm_layers == llm
         assert cfg.llm_keep_ratio == 0.7
 

@@ -123,7 +123,7 @@ def test_cls_is_never_removed_and_survivors_equal_stock(photos):
     before the feature layer) with inverted scores (the *least* attended survive): the CLS token
     stays in row 0 with its stock feature, and the 6 survivors equal the stock features of the
     patches they came from (tracked by the recorded trace), in source order, in the last rows."""
-    from illava.policy import InvertedScores
+    from illava.testing import InvertedScores
 
     model, config = full_strategy_model()
     from illava.tools.inputs import build, word_tokenizer
@@ -186,10 +186,10 @@ def test_presets_for_published_sizes():
             model = LlavaForConditionalGeneration(llava_config(size))
         dims = illava.adapters.adapter_for(model).dimensions(model)
         assert (dims.encoder_depth, dims.tokens_per_crop, dims.feature_layer) == (24, 576, 22)
-        cfg = illava.resolve_config(model, "image")
+        cfg = illava.configure(model, "image")
         assert cfg.encoder_layers == (5, 6, 7, 8) and cfg.encoder_removal == 72 and cfg.llm_layers == llm
         assert cfg.llm_keep_ratio == 0.7
-        video = illava.resolve_config(model, "video")  # no video in LLaVA-1.5: the image preset
+        video = illava.configure(model, "video")  # no video in LLaVA-1.5: the image preset
         assert (video.encoder_layers, video.encoder_removal, video.llm_layers) == (
             cfg.encoder_layers,
             72,

@@ -9,7 +9,8 @@ from families import FAMILIES, chat
 import illava
 from illava import IllavaConfig
 from illava.patch import Hook
-from illava.policy import InvertedScores, Policy
+from illava.policy import Policy
+from illava.testing import InvertedScores
 
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")
 TWO_Q = chat("<image>\n<image>\ncompare the two")
@@ -187,14 +188,14 @@ def test_presets_and_stock_layout_for_the_published_model(photos):
         model = LlavaNextForConditionalGeneration(config)
     dims = illava.adapters.adapter_for(model).dimensions(model)
     assert (dims.encoder_depth, dims.tokens_per_crop, dims.llm_depth, dims.feature_layer) == (24, 576, 32, 22)
-    cfg = illava.resolve_config(model, "image")
+    cfg = illava.configure(model, "image")
     assert (cfg.encoder_layers, cfg.encoder_removal, cfg.llm_layers, cfg.llm_keep_ratio) == (
         (5, 6, 7, 8),
         72,
         (9,),
         0.7,
     )
-    video = illava.resolve_config(model, "video")  # no video in this class: the image preset
+    video = illava.configure(model, "video")  # no video in this class: the image preset
     assert (video.encoder_layers, video.encoder_removal, video.llm_layers) == ((5, 6, 7, 8), 72, (9,))
     # 1280x720 -> 672x672 (2x2 crops, 48x48 patches); height round(720 * 48 / 1280) = 27, padding
     # 10 rows each side: 28 rows kept -> 576 + 28 * 48 + 28 = 1948

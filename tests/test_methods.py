@@ -9,7 +9,7 @@ from families import FAMILIES, chat
 
 import illava
 from illava.merge import attention_with_received_scores
-from illava.methods import METHODS, method_config
+from illava.methods import METHODS, REGISTRY
 from illava.peers import bipartite_merge, cells_for, diverse_subset, dominant_contextual, grid_pool, received_from_all
 from illava.policy import RandomDrop
 from illava.tools.budget import Meter, solve
@@ -90,10 +90,10 @@ def test_methods_apply_by_name_with_their_published_defaults():
     model = FAMILIES[0].make()
     cfg = illava.apply(model, "fastv")
     assert cfg.llm_layers == (2,) and cfg.llm_keep_ratio == 0.5 and cfg.policy.llm_query == "all"
-    assert illava.resolve_config(model, "pdrop").llm_layers == (1, 2, 3)
-    assert method_config(model, "divprune").feature_keep == 0.1
+    assert illava.configure(model, "pdrop").llm_layers == (1, 2, 3)
+    assert illava.configure(model, "divprune").feature_keep == 0.1
     with pytest.raises(ValueError, match="unknown method"):
-        method_config(model, "fast-v")
+        illava.configure(model, "fast-v")
 
 
 # knob values that reduce tokens on the tiny models (the published defaults are for real sizes)
@@ -113,7 +113,7 @@ def fam(request):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_on_every_family_batch_equals_singles(fam, photos, method):
     model = fam.make()
-    config = illava.apply(model, method_config(model, method, KNOBS[method]))
+    config = illava.apply(model, illava.configure(model, method, KNOBS[method]))
     prompts, images = [IMAGE_Q, TEXT_Q, SYSTEM_Q], [photos["cat"], photos["rocket"]]
 
     def generate(inputs):
@@ -142,7 +142,7 @@ def test_every_method_on_every_family_batch_equals_singles(fam, photos, method):
 # ------------------------------------------------------------------------------ matched budgets
 def _best_on_a_grid(meter, method, target, points=24):
     """Brute force: the least-reducing knob of an even grid whose FLOPs are within the target."""
-    m = METHODS[method]
+    m = REGISTRY[method]
     best = None
     for i in range(points + 1):
         knob = m.low + (m.high - m.low) * i / points
@@ -180,7 +180,7 @@ def test_an_unreachable_budget_gives_the_method_at_its_floor_and_says_so(photos)
     model = fam.make()
     inputs = dict(fam.build([IMAGE_Q], [photos["cat"]]))
     solved = solve(model, "fastv", 0.05, inputs)  # FastV leaves the encoder and two LLM layers whole
-    assert not solved.reached and solved.share > 0.05 and solved.knob == METHODS["fastv"].high
-    assert solve(model, "fastv", 1.0, inputs).knob == METHODS["fastv"].low  # stock is within any budget
+    assert not solved.reached and solved.share > 0.05 and solved.knob == REGISTRY["fastv"].high
+    assert solve(model, "fastv", 1.0, inputs).knob == REGISTRY["fastv"].low  # stock is within any budget
     with pytest.raises(ValueError, match="share of stock"):
         solve(model, "fastv", 0.0, inputs)

@@ -100,7 +100,7 @@ def test_off_and_removed_give_stock_logits_and_deepstack(qconfig, qbuild, photos
 def test_preset_scales_qwen2_vl_settings_to_the_8b():
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(qwen3_vl_config("8b"))
-    cfg = illava.resolve_config(model, "image")
+    cfg = illava.configure(model, "image")
     assert cfg.encoder_layers == (10, 11, 12, 13) and cfg.encoder_removal == 0.16
     assert cfg.llm_layers == (8, 9, 10) and cfg.llm_keep_ratio == 0.9
     assert model.config.vision_config.deepstack_visual_indexes == [8, 16, 24]

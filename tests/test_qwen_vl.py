@@ -92,7 +92,7 @@ def test_presets_follow_the_authors_settings(make_qwen, version):
         config = qwen2_vl_config(size) if version == "2" else qwen2_5_vl_config(size)
         with torch.device("meta"):
             model = cls(config)
-        cfg = illava.resolve_config(model, "image")
+        cfg = illava.configure(model, "image")
         if version == "2":
             assert cfg.encoder_layers == (12, 13, 14, 15) and cfg.encoder_removal == 0.16
             assert cfg.llm_layers == llm

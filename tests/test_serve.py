@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageSequence
 from typer.testing import CliRunner
 
 import illava
-from illava.tools import easy_vqa
 from illava.tools import serve as web
 from illava.tools.cli import app
 from illava.tools.flops import prefill_flops
 from illava.tools.inputs import build
+from illava_tasks import easy_vqa
 
 # gradio's queue uses pandas options that pandas 3 deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword is deprecated)")
@@ -181,7 +181,7 @@ def test_page_fields_round_trip_to_every_preset(direct):
         config = web.config_from_fields(
             model, preset, f.encoder_layers, f.encoder_removal, f.llm_layers, f.llm_keep_ratio, f.recycle
         )
-        assert config == illava.resolve_config(model, preset), preset
+        assert config == illava.configure(model, preset), preset
     f = web.fields_for(model, "image")
     assert (f.encoder_layers, f.encoder_removal, f.llm_layers, f.removal_kind) == ("1,2,3,4", 25, "1", "count")
     with pytest.raises(ValueError, match="layer numbers separated by commas"):
@@ -278,7 +278,7 @@ def test_client_answers_and_tokens_equal_the_library(client, direct):
         assert details[side]["gflops"]["total"] == pytest.approx(want[side]["gflops"], rel=1e-9)
     assert want["illava"]["visual_tokens"] == {"stock": 406, "after_encoder": 206, "after_llm": 144}
     assert details["flops_share"] == pytest.approx(want["illava"]["gflops"] / want["stock"]["gflops"])
-    assert details["config"] == str(illava.resolve_config(model, "image"))
+    assert details["config"] == str(illava.configure(model, "image"))
     assert details["stock"]["prefill_ms"] > 0 and details["illava"]["prefill_ms"] > 0
     assert "46.4% of stock prefill FLOPs" in summary and "| triangle |" in summary
 

@@ -1,6 +1,6 @@
 """Train the digits model: a small LLaVA-OneVision that reads handwritten digits, on the CPU, fixed seed.
 
-The shipped model (``illava/models/digits``) is this script's defaults: stage 1 (600 steps), 2a
+The shipped model (``illava_tasks/models/digits``) is this script's defaults: stage 1 (600 steps), 2a
 (600), 2b (300), 2c (750), no stage 2. Measured on 2 CPU cores, 2026-12-05: 45.5 min in all (stage 1
 3.7 min, 2a 10.5 min, 2b 0.9 min, feature cache 1.3 min, 2c ~28 min); test set (200 per kind):
 position 60.0%, count 86.5%, relation 59.0%, read 58.0%, video order 73.0%, video count 94.0%. Below
@@ -14,7 +14,7 @@ History (2026-12-01 to 12-05; every run reproducible from its flags):
 - First data design (96 px scenes, 12-16 px digits on 4 px patches, 16 patches per digit): stage 1
   with per-patch labels reached 40% of digit patches right in 400 steps, with per-cell labels it
   stayed at the empty-cell prior; a ViT from scratch on 16-patch digits is too sample-hungry.
-- Digits of 1-2 patches (this file; ``illava/tools/digits.py``): stage 1 learns. One-patch digits:
+- Digits of 1-2 patches (this file; ``illava_tasks/digits.py``): stage 1 learns. One-patch digits:
   per-patch accuracy 52% on scenes, 88% on frames after 300 steps; 2x2-patch digits (the current
   design): 70-82% on scenes, 83-90% on frames after 300 steps (15 min). (These runs classified
   SigLIP's post-layernorm output; the model reads the layer before it, which stage 1 now trains.)
@@ -76,7 +76,7 @@ symbols), then a longer stage 2. The step counts and rates of the defaults are n
     python training/train_digits.py                                   # the shipped model (~46 min)
     python training/train_digits.py --vision-steps 50 --steps 50 --out /tmp/d   # a quick try
 
-Data (``illava/tools/digits.py``): scenes of 3-6 handwritten digits (scikit-learn's, train split) on a
+Data (``illava_tasks/digits.py``): scenes of 3-6 handwritten digits (scikit-learn's, train split) on a
 384 px canvas seen through AnyRes crops, and 6-frame clips of one digit per frame; questions about
 position, count, neighbours, reading a row, order and count over frames. Fresh scenes every step
 from a seeded generator (the weights depend on the seed and the step counts, not on machine speed).
@@ -115,8 +115,8 @@ import numpy as np
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from illava.tools import digits as D
 from illava.tools.inputs import build
+from illava_tasks import digits as D
 
 
 def _token_labels(centres_y: np.ndarray, centres_x: np.ndarray, boxes) -> np.ndarray:
@@ -665,7 +665,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--test-per-kind", type=int, default=200, help="questions per kind of the final test")
-    parser.add_argument("--out", type=Path, default=Path("illava/models/digits"))
+    parser.add_argument("--out", type=Path, default=Path("illava_tasks/models/digits"))
     parser.add_argument("--vision-from", type=Path, help="experiments: skip stage 1, load this vision tower")
     parser.add_argument("--save-vision", type=Path, help="experiments: save the vision tower after stage 1")
     parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
@@ -866,7 +866,7 @@ classes) trained from scratch by `training/train_digits.py` on 2 CPU cores, seed
 answer questions about handwritten digits (scikit-learn's `load_digits`, split by sample; test digits
 unseen) placed on a 384 px canvas (AnyRes: base view + four 192 px crops, 744 visual tokens) or shown
 one per frame in 6-frame clips. It exists so that illava can measure what token merging does where
-answers depend on small, localised detail. Data and questions: `illava/tools/digits.py`.
+answers depend on small, localised detail. Data and questions: `illava_tasks/digits.py`.
 
 - Architecture: vision 6 layers, width 128, 192 px crops of 16x16 px patches (144 patches per crop);
   decoder 4 layers, width 128; word-level tokenizer; {size:.1f} MB of float32 safetensors.

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from illava.tools.easy_vqa import build_config, build_tokenizer, image_processor, prompt
+from illava_tasks.easy_vqa import build_config, build_tokenizer, image_processor, prompt
 
 
 def load_split(split: str):
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=27.0, help="stage 2: the whole model on answers")
     parser.add_argument("--vision-lr", type=float, default=3e-3, help="stage 1 learning rate")
     parser.add_argument("--vision-lr-scale", type=float, default=0.1, help="stage 2: vision lr / lr")
-    parser.add_argument("--out", type=Path, default=Path("illava/models/easy-vqa"))
+    parser.add_argument("--out", type=Path, default=Path("illava_tasks/models/easy-vqa"))
     parser.add_argument("--images-per-step", type=int, default=32)
     parser.add_argument(
         "--questions-per-image", type=int, default=8, help="questions per image and step (share its features)"
@@ -359,7 +359,7 @@ measure what token merging does to accuracy where no pretrained VLM can be downl
 Load: `AutoModelForImageTextToText.from_pretrained(folder)`, `AutoTokenizer`, `AutoImageProcessor`
 (and `AutoProcessor` where torchvision is installed). Prompt:
 `<|im_start|>user\\n<image>\\n{{question}}<|im_end|>\\n<|im_start|>assistant\\n`.
-What illava does to its accuracy: `illava eval easy-vqa` (README of illava).
+What illava does to its accuracy: `illava eval easy-vqa` (docs/results.md of illava).
 """
     )
 

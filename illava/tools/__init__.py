@@ -3,4 +3,7 @@ lmms-eval models, inputs built without torchvision, bundled architectures.
 
 They use the core's public API (``illava``) and what the adapters expose for tools
 (``illava.adapters.base``); nothing here asks which family a model is.
+
+They need the ``tools`` extra (``pip install "illava[tools]"``); the trained models and tasks of the
+accuracy checks (easy-VQA, digits) are the package ``illava_tasks``.
 """

@@ -307,7 +307,7 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Stock vs patched-but-disabled vs iLLaVA (and sweep levels), alternated; a JSON-able report."""
-    cfg = api.resolve_config(model, config)
+    cfg = api.configure(model, config)
     settings = [Setting("stock", None), Setting("disabled", cfg.replace(enabled=False)), Setting("illava", cfg)]
     levels = sorted(sweep or [])
     settings += [Setting(f"level {level:g}", sweep_config(cfg, level)) for level in levels]
@@ -420,7 +420,7 @@ def run_methods(
     prefill FLOPs on ``inputs`` (``illava.tools.budget``). Reports, per method, the FLOPs-predicted
     prefill speedup, the measured one (median of adjacent-pair ratios, and of the fastest runs) and
     the measured share of the predicted: what the method's own scoring / matching costs."""
-    from ..methods import METHODS
+    from ..methods import REGISTRY
     from .budget import Meter, solve
 
     meter = Meter(model, inputs)
@@ -428,10 +428,10 @@ def run_methods(
     try:
         for method in methods:
             if budget is None:
-                config = METHODS[method].config(model)
-                point = meter.point(METHODS[method].default, config)
+                config = REGISTRY[method].config(model)
+                point = meter.point(REGISTRY[method].default, config)
                 chosen[method] = {
-                    "knob": METHODS[method].default, "config": config, "share": point.gflops / meter.stock.gflops,
+                    "knob": REGISTRY[method].default, "config": config, "share": point.gflops / meter.stock.gflops,
                     "reached": None, "tokens": point.tokens, "gflops": point.gflops,
                 }  # fmt: skip
             else:

@@ -1,6 +1,6 @@
 """Matched budgets: solve a method's knob so that its analytic prefill FLOPs hit a share of stock's.
 
-Every method of ``illava.methods.METHODS`` has one knob, monotone in how much it reduces (from
+Every method of ``illava.methods.REGISTRY`` has one knob, monotone in how much it reduces (from
 ``Method.low``, the least, to ``Method.high``, the most). For a target share ``s`` of the stock
 prefill FLOPs of given inputs, ``solve`` finds the configuration with the *least* reduction whose
 FLOPs are at most ``s`` of stock's: it brackets the knob and narrows the bracket (interpolation and
@@ -24,7 +24,7 @@ import torch
 from .. import api
 from ..adapters import adapter_for
 from ..config import IllavaConfig
-from ..methods import METHODS, Method
+from ..methods import REGISTRY, Method
 from .flops import prefill_flops
 
 
@@ -126,7 +126,7 @@ def solve(model, method: str | Method, target: float, inputs: dict, *, max_steps
     stock's on ``inputs`` (module docstring)."""
     if not 0 < target <= 1:
         raise ValueError(f"a FLOPs budget is a share of stock's in (0, 1], got {target!r}")
-    m = METHODS[method] if isinstance(method, str) else method
+    m = REGISTRY[method] if isinstance(method, str) else method
     own = meter is None
     meter = meter or Meter(model, inputs)
     start = meter.forwards
@@ -136,7 +136,7 @@ def solve(model, method: str | Method, target: float, inputs: dict, *, max_steps
         def at(knob: float) -> Point:
             try:
                 config = m.config(model, knob)
-                api.resolve_config(model, config)
+                api.configure(model, config)
             except ValueError:
                 return Point(knob, None)
             return meter.point(knob, config)

@@ -66,7 +66,7 @@ def demo(
         console.print(f"[bold]Reference answer (easy-VQA test split):[/bold] {result.reference}")
     console.print(
         "[dim]Model: LLaVA-OneVision architecture, 1.1 M parameters, trained on easy-VQA on a CPU "
-        "(illava/models/easy-vqa; training/train_easy_vqa.py).[/dim]"
+        "(illava_tasks/models/easy-vqa; training/train_easy_vqa.py).[/dim]"
     )
     table = Table(title=f"baseline vs iLLaVA (preset '{preset}')")
     columns = ("", "answer", "visual tokens in", "after encoder stage", "after LLM stage", "GFLOPs", "prefill")
@@ -430,12 +430,12 @@ def _methods(text: str | None) -> list[str]:
 
 
 def _method_config(net, method: str, budget: float | None, inputs: dict):
-    from ..methods import METHODS
+    from ..methods import REGISTRY
     from .budget import solve
 
     if budget is None:
         try:
-            return METHODS[method].config(net)
+            return REGISTRY[method].config(net)
         except ValueError as err:
             _fail(f"{method}: {err}")
     with console.status(f"solving {method}'s knob for {100 * budget:g}% of stock prefill FLOPs"):
@@ -502,10 +502,10 @@ def _overrides(encoder_layers, encoder_removal, llm_layers, llm_keep_ratio, recy
 
 
 def _config(net, preset: str, overrides: dict):
-    from ..api import resolve_config
+    from ..api import configure
 
     try:
-        return resolve_config(net, preset, **overrides)
+        return configure(net, preset, **overrides)
     except ValueError as err:
         _fail(str(err))
 
@@ -610,7 +610,7 @@ def eval_easy_vqa(
 
     from rich.progress import Progress
 
-    from . import easy_vqa
+    from illava_tasks import easy_vqa
 
     if questions not in ("open", "all"):
         _fail(f"--questions must be 'open' or 'all', got {questions!r}")
@@ -665,7 +665,7 @@ def _compare_methods(net, tokenizer, processor, names, shares, limit, json_path,
 
     from rich.progress import Progress
 
-    from . import easy_vqa
+    from illava_tasks import easy_vqa
 
     rows, in_all, in_open = easy_vqa.question_sets(limit)
     with Progress(console=console, transient=True) as bar:
@@ -742,7 +742,7 @@ def eval_digits(
 
     from rich.progress import Progress
 
-    from . import digits
+    from illava_tasks import digits
 
     chosen_kinds = digits.KINDS if kinds.strip() == "all" else tuple(k.strip() for k in kinds.split(","))
     unknown = [k for k in chosen_kinds if k not in digits.KINDS]

@@ -1,7 +1,7 @@
 """The embedded default job: one easy-VQA question, the shipped model, baseline vs iLLaVA side by side.
 
 The model is the small LLaVA-OneVision trained on easy-VQA by ``training/train_easy_vqa.py`` and
-shipped inside the package (``illava/models/easy-vqa``); the image and question come from
+shipped with the package (``illava_tasks/models/easy-vqa``); the image and question come from
 easy-VQA's test split (real data, not seen in training). The job prints the question, the answers,
 the visual tokens per stage, the analytic prefill FLOPs and the measured prefill time of both runs.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from illava_tasks import easy_vqa
+
 from .. import api
 from ..config import IllavaConfig
-from . import easy_vqa
 
 DEFAULT_QUESTION_INDEX = 0  # easy-VQA test question 0: "what is the red shape?" (image 0)
 

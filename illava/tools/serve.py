@@ -32,7 +32,7 @@ from PIL import Image
 
 from .. import api
 from ..config import PRESETS, RECYCLE_MODES, IllavaConfig
-from ..methods import METHODS
+from ..methods import METHODS, REGISTRY
 
 SHIPPED = "easy-vqa (shipped)"
 DEFAULT_QUESTION = "what is the red shape?"
@@ -135,7 +135,7 @@ def _load(name: str, device: str) -> LoadedModel:
         raise ModelError("device cuda asked for, but torch sees no CUDA device")
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     if name == SHIPPED:
-        from . import easy_vqa
+        from illava_tasks import easy_vqa
 
         try:
             model, tokenizer, image_processor = easy_vqa.load()
@@ -311,7 +311,7 @@ def _one(value, name: str):
 
 def _count_kind(model, preset: str) -> bool:
     """Whether the preset's encoder removal is a count (else a fraction)."""
-    base = api.resolve_config(model, "image" if preset in ("off", "llm-only") else preset)
+    base = api.configure(model, "image" if preset in ("off", "llm-only") else preset)
     return isinstance(_one(base.encoder_removal, "encoder_removal"), int)
 
 
@@ -319,7 +319,7 @@ def fields_for(model, preset: str) -> Fields:
     """The fields of ``preset`` scaled to ``model`` (``config_from_fields`` gives the preset back)."""
     from ..adapters import adapter_for
 
-    config = api.resolve_config(model, preset)
+    config = api.configure(model, preset)
     dims = adapter_for(model).dimensions(model)
     removal = _one(config.encoder_removal, "encoder_removal") or 0
     keep = _one(config.llm_keep_ratio, "llm_keep_ratio")
@@ -378,7 +378,7 @@ def config_from_fields(
         removal = int(round(removal))
     elif not 0 <= removal < 1:
         raise ValueError(f"encoder removal is a fraction in [0, 1) for this model, got {removal:g}")
-    return api.resolve_config(
+    return api.configure(
         model,
         preset,
         encoder_layers=_layers(encoder_layers, "encoder layers"),
@@ -413,7 +413,7 @@ def config_for(model, choice: Choice, inputs: dict) -> tuple[IllavaConfig, dict]
         if choice.method not in METHODS:
             raise ValueError(f"unknown method {choice.method!r}; choose one of {', '.join(METHODS)}")
         if choice.budget is None:
-            return METHODS[choice.method].config(model), {"method": choice.method, "budget": None}
+            return REGISTRY[choice.method].config(model), {"method": choice.method, "budget": None}
         if not 0 < choice.budget <= 1:
             raise ValueError(f"the FLOPs budget is a share of stock prefill FLOPs in (0, 1], got {choice.budget}")
         from .budget import solve
@@ -423,7 +423,7 @@ def config_for(model, choice: Choice, inputs: dict) -> tuple[IllavaConfig, dict]
             "method": choice.method,
             "budget": choice.budget,
             "knob": solved.knob,
-            "knob_name": METHODS[choice.method].knob,
+            "knob_name": REGISTRY[choice.method].knob,
             "budget_reached": solved.reached,
             "solved_share": solved.share,
         }
@@ -431,7 +431,7 @@ def config_for(model, choice: Choice, inputs: dict) -> tuple[IllavaConfig, dict]
     if choice.mode != "preset":
         raise ValueError(f"mode must be 'preset' or 'method', got {choice.mode!r}")
     if choice.fields is None:
-        return api.resolve_config(model, choice.preset), {}
+        return api.configure(model, choice.preset), {}
     return config_from_fields(model, choice.preset, **choice.fields), {}
 
 

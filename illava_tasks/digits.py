@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import api
-from ..config import IllavaConfig
+from illava import api
+from illava.config import IllavaConfig
 
-MODEL_DIR = Path(__file__).parent.parent / "models" / "digits"
+MODEL_DIR = Path(__file__).parent / "models" / "digits"
 CANVAS, CELL, CROP, PATCH = 384, 128, 192, 16
 DIGIT, JITTER = 32, 3  # a digit is upscaled 4x: 2x2 patches of a crop, one patch of the base view
 FRAMES = 6
@@ -326,7 +326,7 @@ MAX_ANSWER_TOKENS = 6  # "read" answers: up to 3 digits (one token each), the en
 
 def inputs_for(model, tokenizer, processor, data: TestSet, rows: list[Row]):
     """Model inputs of ``rows`` (all images or all videos), left padded."""
-    from .inputs import build
+    from illava.tools.inputs import build
 
     if all(r.video for r in rows):
         return build(
@@ -384,7 +384,7 @@ def by_kind(rows, ok: torch.Tensor) -> dict[str, float]:
 
 def _flops(model, tokenizer, processor, data: TestSet, row: Row) -> tuple[float, dict]:
     """Prefill GFLOPs and visual tokens of one question (every scene / clip has one size)."""
-    from .flops import prefill_flops
+    from illava.tools.flops import prefill_flops
 
     inputs = inputs_for(model, tokenizer, processor, data, [row])
     was_applied = api.is_applied(model)
@@ -483,7 +483,7 @@ def compare_methods(model, tokenizer, processor, data: TestSet, methods, budgets
     configuration per method and budget, used for the video questions too; their share is reported
     apart), scored per kind, with agreement and KL against stock. A budget out of reach repeats the
     method's floor, scored once."""
-    from .budget import solve_all
+    from illava.tools.budget import solve_all
 
     image_row = next(r for r in data.rows if not r.video)
     probe = dict(inputs_for(model, tokenizer, processor, data, [image_row]))

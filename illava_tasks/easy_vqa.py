@@ -1,13 +1,14 @@
 """An accuracy check that can fail: a small LLaVA-OneVision trained here on easy-VQA.
 
-The model ships inside the package (``MODEL_DIR``, 4 MB): trained on 2 CPU cores in under an hour by
-``training/train_easy_vqa.py`` (its model card and ``training.json`` sit next to the weights). It is
+The model ships with the package (``MODEL_DIR``: ``illava_tasks/models/easy-vqa``, 4 MB): trained on 2
+CPU cores in under an hour by ``training/train_easy_vqa.py`` (its model card and ``training.json``
+sit next to the weights). It is
 the embedded default of ``illava`` (the demo) and what ``tests/test_fidelity.py`` scores.
 
 Every answer of easy-VQA is one word, and one token of the model's tokenizer, so a prediction is
 the argmax of the logits of the first generated token, computed by the stock forward pass with
 illava applied (both stages). ``run_eval`` scores the stock model, each preset, each recycle mode,
-a sweep of reduction levels and a deliberately broken policy (``illava.InvertedScores``: prune
+a sweep of reduction levels and a deliberately broken policy (``illava.testing.InvertedScores``: prune
 keeping the *lowest*-scored tokens; a check that cannot see this lose accuracy cannot tell a good
 scorer from a bad one), with the analytic prefill FLOPs of every setting.
 """
@@ -26,11 +27,11 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from .. import api
-from ..config import IllavaConfig
-from ..policy import InvertedScores
+from illava import api
+from illava.config import IllavaConfig
+from illava.testing import InvertedScores
 
-MODEL_DIR = Path(__file__).parent.parent / "models" / "easy-vqa"
+MODEL_DIR = Path(__file__).parent / "models" / "easy-vqa"
 
 
 SPECIALS = ["<pad>", "<image>", "<video>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -146,7 +147,7 @@ def test_questions(limit: int | None = 1000, seed: int = 0, kinds: str = "all") 
 
     ``kinds="open"`` keeps the questions whose answer names a shape or a colour (2,537 of 9,673):
     the shipped model answers those from the image, its yes/no answers mostly from a prior (see the
-    README), so the open questions are where merging can show a loss."""
+    results in docs/results.md), so the open questions are where merging can show a loss."""
     import easy_vqa
 
     if kinds not in ("all", "open"):
@@ -175,7 +176,7 @@ def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
     model as it is set up: stock or with illava applied), from one forward of the prompt."""
     from PIL import Image
 
-    from .inputs import build
+    from illava.tools.inputs import build
 
     out = []
     with torch.inference_mode():
@@ -203,8 +204,8 @@ def _flops(model, tokenizer, processor, row) -> tuple[float, dict]:
     """Prefill GFLOPs and visual tokens of one question (all images are 64x64: same counts)."""
     from PIL import Image
 
-    from .flops import prefill_flops
-    from .inputs import build
+    from illava.tools.flops import prefill_flops
+    from illava.tools.inputs import build
 
     image = Image.open(row[2]).convert("RGB")
     inputs = build(model.config, tokenizer, [prompt(row[0])], [image], image_processor=processor)
@@ -223,18 +224,18 @@ def _flops(model, tokenizer, processor, row) -> tuple[float, dict]:
 
 def settings(model, levels=(0.5, 1.25, 1.5)) -> list[tuple[str, IllavaConfig | None]]:
     """(name, config or None for stock) of every setting ``run_eval`` scores."""
-    from .bench import sweep_config
+    from illava.tools.bench import sweep_config
 
-    image = api.resolve_config(model, "image")
+    image = api.configure(model, "image")
     out: list[tuple[str, IllavaConfig | None]] = [("stock", None)]
     for name in ("image", "video", "encoder-only", "llm-only"):
-        out.append((f"preset {name}", api.resolve_config(model, name)))
+        out.append((f"preset {name}", api.configure(model, name)))
     for mode in ("cluster", "prune"):
         out.append((f"image, recycle {mode}", image.replace(recycle=mode)))
     for level in levels:
         config = sweep_config(image, level)
         try:
-            api.resolve_config(model, config)
+            api.configure(model, config)
         except ValueError as error:  # e.g. more removed than there are tokens
             warnings.warn(f"easy-VQA sweep level {level:g} skipped: {error}", stacklevel=2)
             continue
@@ -317,8 +318,8 @@ def compare_methods(
     answer, mean KL divergence of the first answer token's distribution from stock's."""
     from PIL import Image
 
-    from .budget import solve_all
-    from .inputs import build
+    from illava.tools.budget import solve_all
+    from illava.tools.inputs import build
 
     api.remove(model)
     stock = predict(model, tokenizer, processor, rows)
