@@ -67,6 +67,7 @@ from ..encoder import (
     record_placeholders,
     recording,
     stock_count_features,
+    unit_trace,
     vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
@@ -176,12 +177,12 @@ def _unit_trace(call, trace, images: int, blocks_side: int, device) -> None:
     """``illava.tools.viz``: units are the 4x4 blocks of every image in raster order of the block
     grid; the feature row of a block is its image's first row + the block of its survivor."""
     units = blocks_side * blocks_side
-    trace = trace or CropTrace(images, units, device)
+    trace = trace or CropTrace.start(images, units, device)
     first = (torch.arange(images) * units)[:, None]
     assign, positions = trace.assign.cpu(), trace.positions.cpu()
     owner = positions.gather(1, assign.clamp(min=0))
     feature = torch.where(assign >= 0, owner + first, -1)
-    call.trace = trace.unit_trace([(blocks_side, blocks_side)] * images, feature.flatten())
+    call.trace = unit_trace(trace, [(blocks_side, blocks_side)] * images, feature.flatten())
 
 
 class Gemma3Adapter(Adapter):

@@ -42,6 +42,7 @@ from ..encoder import (
     proportional_bias,
     record_placeholders,
     recording,
+    unit_trace,
 )
 from ..patch import Hook
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
@@ -169,11 +170,11 @@ def _unit_trace(call, tiles: int, side: int, device) -> None:
     """``illava.tools.viz``: units are the blocks of every tile in raster order; the feature row of a
     block is its tile's first row + the block's raster index (the pixel shuffle's order)."""
     blocks = (side // 2) ** 2
-    trace = call.work.get("crops") or CropTrace(tiles, blocks, device)
+    trace = call.work.get("crops") or CropTrace.start(tiles, blocks, device)
     rows = torch.arange(tiles)[:, None] * blocks
     assign = trace.assign.cpu()
     feature = torch.where(assign >= 0, trace.positions.cpu().gather(1, assign.clamp(min=0)) + rows, -1)
-    call.trace = trace.unit_trace([(side // 2, side // 2)] * tiles, feature.flatten())
+    call.trace = unit_trace(trace, [(side // 2, side // 2)] * tiles, feature.flatten())
 
 
 class InternVLAdapter(Adapter):

@@ -49,6 +49,7 @@ from ..encoder import (
     record_placeholders,
     recording,
     stock_count_features,
+    unit_trace,
     vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
@@ -133,13 +134,13 @@ def _unit_trace(call, trace, images: int, side: int, head: int, device) -> None:
     """``illava.tools.viz``: units are the patches of every image in raster order; the feature row of
     a patch is its image's first row + the CLS row (``full``) + the slot of its survivor (the
     survivors fill the last rows, in source order)."""
-    trace = trace or CropTrace(images, side * side, device)
+    trace = trace or CropTrace.start(images, side * side, device)
     total = head + side * side
     kept = trace.positions.shape[1]
     first = (torch.arange(images) * total + total - kept)[:, None]
     assign = trace.assign.cpu()
     feature = torch.where(assign >= 0, assign + first, -1)
-    call.trace = trace.unit_trace([(side, side)] * images, feature.flatten())
+    call.trace = unit_trace(trace, [(side, side)] * images, feature.flatten())
 
 
 class LlavaAdapter(Adapter):

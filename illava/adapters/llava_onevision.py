@@ -40,6 +40,7 @@ from ..encoder import (
     recording,
     rows_with_newlines,
     stock_count_features,
+    unit_trace,
     vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
@@ -94,7 +95,7 @@ class AnyResLayout:
         if trace is None:  # no encoder stage: stock features
             packed, lens = stock(image_features, image_newline)
             if recording(self._illava.state):
-                trace = CropTrace(sum(crops), side**2, image_features[0].device)
+                trace = CropTrace.start(sum(crops), side**2, image_features[0].device)
         else:
             packed, lens = [], stock_lens
             positions = torch.split(trace.positions, crops, dim=0)
@@ -173,7 +174,7 @@ class AnyResLayout:
             rows.append(torch.where(assign >= 0, slots.gather(1, assign.clamp(min=0)), -1))
             start, offset = start + crops, offset + n
         grids = [(side, side)] * trace.assign.shape[0]
-        call.trace = trace.unit_trace(grids, torch.cat(rows).flatten())
+        call.trace = unit_trace(trace, grids, torch.cat(rows).flatten())
 
 
 class IllavaLlavaOnevisionModel(AnyResLayout):
@@ -256,7 +257,7 @@ class IllavaLlavaOnevisionModel(AnyResLayout):
         stock_cells = math.ceil(side / 2) ** 2
         if trace is None:
             if call is not None and recording(self._illava.state):
-                trace = CropTrace(frames, side**2, image_features.device)
+                trace = CropTrace.start(frames, side**2, image_features.device)
                 cells = math.ceil(side / 2)
                 slots = [
                     pool_survivors(p[:, None].float(), p // side, p % side, (side, side), (cells, cells))[3]
@@ -283,7 +284,7 @@ class IllavaLlavaOnevisionModel(AnyResLayout):
         row = (frame // frames) * per_video + (frame % frames) * cells
         assign = trace.assign.cpu()
         feature = torch.where(assign >= 0, slots.cpu().gather(1, assign.clamp(min=0)) + row[:, None], -1)
-        call.trace = trace.unit_trace([(side, side)] * (batch * frames), feature.flatten())
+        call.trace = unit_trace(trace, [(side, side)] * (batch * frames), feature.flatten())
 
 
 def anyres_panels(config, images, image_size, unit: int) -> list[Panel]:
