@@ -23,23 +23,23 @@ contiguous, and empty windows vanish.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from ..config import removal_units
 from ..encoder import (
     collecting_attentions,
     current_call,
     encoder_call,
     features_done,
-    merged_sizes,
     record_placeholders,
     recording,
     stock_count_features,
 )
 from ..merge import attention_with_received_scores, compose_assign
 from ..patch import Hook
+from ..plan import encoder as plan
 from ..state import UnitTrace
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
 
@@ -148,7 +148,7 @@ class IllavaQwenVisionBlock:
         bounds = cu.tolist()
         bias = None
         if state.policy.proportional_attention and blocks.sizes is not None:  # ToMe: log(size) of every token
-            bias = blocks.sizes.to(hidden.device).repeat_interleave(run.unit).log()
+            bias = plan.size_bias(blocks.sizes[None].to(hidden.device), n, run.unit)[0, 0, 0]
         outputs, received = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
             frame_bias = bias[a:b][None, None, None] if bias is not None else None
@@ -166,91 +166,89 @@ class IllavaQwenVisionBlock:
         return hidden + self.mlp(self.norm2(hidden))
 
 
+class _Frame(NamedTuple):
+    """One frame after a merge step."""
+
+    kept: torch.Tensor  # its surviving blocks (indices into the blocks before the step)
+    tokens: torch.Tensor  # (kept * unit, D) hidden states
+    assign: torch.Tensor  # output block of every block before the step, -1: dropped
+    sizes: torch.Tensor  # original blocks every survivor stands for
+    scores: torch.Tensor  # the blocks' scores before the step
+
+
 def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, received, position_embeddings, keys):
-    """Remove and recycle whole 2x2 blocks, frame by frame (frames of one size and grid together)."""
-    cfg, unit, device = state.config, run.unit, hidden.device
-    dim = hidden.shape[-1]
-    flat = hidden.view(-1, unit * dim)
-    metric = keys.reshape(flat.shape[0], -1)
-    attention = received.view(-1, unit).float().mean(-1)
-    scores = state.policy.scores("encoder", attention)
-    starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1].tolist()
-    removal = cfg.removal_at(layer)
-    raster = blocks is run.initial and run.window_index is None
-    by_size: dict[tuple, list[int]] = {}
-    for f, size in enumerate(blocks.frame_blocks):
-        by_size.setdefault((size, run.grids[f] if raster else None), []).append(f)
-    sizes = blocks.sizes if blocks.sizes is not None else torch.ones(flat.shape[0])
-    # companions (Qwen3-VL deepstack) follow this merge: an identity probe appended to every block
-    # gives the weights the policy combines blocks with (policies act on every column alike, and a
-    # one-hot probe adds nothing to the dot products of distinct blocks)
+    """Remove and recycle whole 2x2 blocks, frame by frame: frames of one size and grid go through
+    ``illava.plan.encoder.reduce_units`` together (a crop per frame); the packed-sequence metadata
+    of the survivors is kept for the later blocks (``run.after``)."""
+    unit, device = run.unit, hidden.device
+    starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1]
+    sizes = blocks.sizes if blocks.sizes is not None else torch.ones(sum(blocks.frame_blocks))
+    # companions (Qwen3-VL deepstack) follow this merge with the weights the policy combined blocks with
     probe = layer in run.probed or (layer not in run.after and bool(run.companions))
-    groups = []
-    kept_per_frame, tokens_per_frame, assign_per_frame, sizes_per_frame = {}, {}, {}, {}
-    for (size, grid), frames in by_size.items():
-        r = removal_units(size, removal, unit)
-        if isinstance(removal, float):
-            r = min(r, size - 1)  # a fraction never removes the last block of a frame
-        if r >= size:
-            raise ValueError(
-                f"illava: encoder_removal={removal} removes {r * unit} tokens at vision block {layer} but a frame "
-                f"has only {size * unit} left; lower encoder_removal (counts are per frame)"
-            )
-        index = torch.tensor([starts[f] for f in frames], device=device)[:, None] + torch.arange(size, device=device)
-        context = {"metric": metric[index], "sizes": sizes.to(device)[index], "grid": grid}
-        x = flat[index]
+    frames: dict[int, _Frame] = {}
+    groups = []  # (frames, their blocks before, weights)
+    for (size, grid), group in _frame_groups(run, blocks).items():
+        index = starts[group].to(device)[:, None] + torch.arange(size, device=device)  # (frames, blocks)
+        tokens = (index[..., None] * unit + torch.arange(unit, device=device)).flatten(1)
+        step = plan.reduce_units(
+            state.config, state.policy, layer, hidden[tokens], received[tokens], unit, 0, keys[tokens],
+            sizes=sizes.to(device)[index], grid=grid, with_weights=probe,
+        )  # fmt: skip
+        merged = plan.merged_sizes(sizes.to(device)[index], step.result, size)
+        kept = index.gather(1, step.result.kept)
+        for i, f in enumerate(group):
+            frames[f] = _Frame(kept[i], step.hidden[i], step.result.assign[i], merged[i], step.scores[i])
         if probe:
-            x = torch.cat([x, torch.eye(size, dtype=x.dtype, device=device).expand(len(frames), size, size)], -1)
-        res = state.policy.reduce("encoder", x, scores[index], r, cfg, **context)
-        if probe:
-            groups.append((frames, index, res.tokens[..., flat.shape[1] :].detach()))
-            res.tokens = res.tokens[..., : flat.shape[1]]
-        kept = index.gather(1, res.kept)
-        merged = merged_sizes(context["sizes"], res, size)
-        for i, f in enumerate(frames):
-            kept_per_frame[f], tokens_per_frame[f], assign_per_frame[f] = kept[i], res.tokens[i], res.assign[i]
-            sizes_per_frame[f] = merged[i]
-    frames = range(len(blocks.frame_blocks))
-    kept_blocks = torch.cat([kept_per_frame[f] for f in frames])
-    tokens = torch.cat([tokens_per_frame[f] for f in frames]).reshape(-1, dim)
+            groups.append((group, index, step.weights))
+    ordered = [frames[f] for f in range(len(blocks.frame_blocks))]
+    out = torch.cat([frame.tokens for frame in ordered])
     if layer in run.after:  # run again (gradient checkpointing): same decisions, nothing to record
-        return tokens
+        return out
+    kept_blocks = torch.cat([frame.kept for frame in ordered])
     token_index = (kept_blocks[:, None] * unit + torch.arange(unit, device=device)).flatten()
     kept_cpu = kept_blocks.cpu()
-    window = blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None
-    new_counts = [kept_per_frame[f].numel() for f in frames]
+    new_counts = [frame.kept.numel() for frame in ordered]
     run.after[layer] = Blocks(
         new_counts,
         blocks.block_ids[kept_cpu],
-        window,
+        blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None,
         tuple(t[token_index] for t in position_embeddings),
-        torch.cat([sizes_per_frame[f] for f in frames]).cpu(),
+        torch.cat([frame.sizes for frame in ordered]).cpu(),
     )
+    starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1]
     if probe:
         run.probed.add(layer)
-        starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1]
         steps = []
-        for group_frames, index, weights in groups:
-            rows = starts_new[group_frames].to(device)[:, None] + torch.arange(weights.shape[1], device=device)
+        for group, index, weights in groups:
+            rows = starts_new[group].to(device)[:, None] + torch.arange(weights.shape[1], device=device)
             steps.append((index, rows, weights))
         run.steps.append((sum(new_counts), steps))
     call = current_call(state)
     if call is not None:
-        call.layers.append((layer, sum(blocks.frame_blocks) * unit, tokens.shape[0]))
+        call.layers.append((layer, sum(blocks.frame_blocks) * unit, out.shape[0]))
         if recording(state):
-            starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1].tolist()
-            step = torch.cat(
-                [
-                    torch.where(assign_per_frame[f].cpu() >= 0, assign_per_frame[f].cpu() + starts_new[f], -1)
-                    for f in frames
-                ]
-            )
-            before = torch.full((run.assign.shape[0],), float("nan"))
-            before[blocks.block_ids] = attention.cpu()
-            run.assign = compose_assign(run.assign[None], step[None])[0]
-            ids = run.after[layer].block_ids
-            run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))
-    return tokens
+            _record_step(run, layer, blocks, ordered, starts_new)
+    return out
+
+
+def _frame_groups(run: VisionRun, blocks: Blocks) -> dict[tuple, list[int]]:
+    """Frames of one block count (and one block grid while blocks are in raster order) merge together."""
+    raster = blocks is run.initial and run.window_index is None
+    groups: dict[tuple, list[int]] = {}
+    for f, size in enumerate(blocks.frame_blocks):
+        groups.setdefault((size, run.grids[f] if raster else None), []).append(f)
+    return groups
+
+
+def _record_step(run: VisionRun, layer: int, blocks: Blocks, frames: list[_Frame], starts_new) -> None:
+    """``illava.tools.viz``: the owner of every original block after ``layer`` and the scores before."""
+    assigns = [frame.assign.cpu() for frame in frames]
+    step = torch.cat([torch.where(a >= 0, a + start, -1) for a, start in zip(assigns, starts_new.tolist())])
+    before = torch.full((run.assign.shape[0],), float("nan"))
+    before[blocks.block_ids] = torch.cat([frame.scores for frame in frames]).cpu()
+    run.assign = compose_assign(run.assign[None], step[None])[0]
+    ids = run.after[layer].block_ids
+    run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))
 
 
 class Substitute(Hook):
