@@ -2,17 +2,26 @@
 
 - ``encoder_call``: the context of one ``get_image_features`` / ``get_video_features`` call; the
   merge layers and the layout of survivors of that call meet in its ``EncoderCall``.
-- ``merge_units``: one merge step of a batch of crops (frames, tiles): score, remove, recycle with
-  the configuration's policy, and keep track of which original unit every survivor is.
+- ``merge_units``: ``illava.plan.encoder.merge_units`` for the call in progress: one merge step of a
+  batch of crops (frames, tiles) and the call's ``CropTrace``.
 - ``stock_count_features``: survivors written into the stock number of feature rows, the rows of
   removed tokens set to NaN. Everything downstream of the encoder (placeholder checks, the
   feature expansion of beam search and ``num_return_sequences``, feature reuse across the
   forwards of ``generate``) then runs unchanged, and the decoder input drops the NaN rows.
 - layout helpers: ``pool_survivors``, ``rows_with_newlines``.
+- the pieces every family's patch is made of: ``IllavaViTLayer`` (a CLIP / SigLIP layer with the
+  encoder stage; the adapter's ``unit`` / ``keep_first`` say the geometry), ``merge_layer`` (block
+  order at the first merge layer, then ``merge_units``), ``FeatureCalls`` (the model mixin running
+  the feature calls in encoder calls and recording the placeholders).
+
+The decision of a merge step is ``illava.plan.encoder``'s (no transformers, no state); this module
+runs it inside Hugging Face transformers' modules.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -201,6 +210,99 @@ def merge_units(
         call.work["crops"] = trace
         call.layers.append((layer, hidden.shape[0] * hidden.shape[1], out.shape[0] * out.shape[1]))
     return out
+
+
+def merge_layer(state: IllavaState, layer: int, hidden: torch.Tensor, received: torch.Tensor, keys: torch.Tensor):
+    """The merge of a ViT layer of the adapter's geometry (``adapter.unit`` tokens per unit after
+    ``adapter.keep_first`` kept tokens): at the first merge layer, units of ``k x k`` patches
+    (``unit = k * k > 1``) are made consecutive (block order; attention does not depend on token
+    order, positions were added at the embeddings), then ``merge_units``."""
+    unit, keep_first = state.adapter.unit, state.adapter.keep_first
+    if unit > 1 and layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
+        side = round((hidden.shape[1] - keep_first) ** 0.5)
+        patches = block_order(side, round(unit**0.5), hidden.device) + keep_first
+        order = torch.cat([torch.arange(keep_first, device=hidden.device), patches])
+        hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
+    return merge_units(state, layer, hidden, received, unit, keep_first, keys)
+
+
+class IllavaViTLayer:
+    """A pre-norm ViT layer (CLIP, SigLIP: ``layer_norm1``, ``self_attn`` with ``q/k/v/out_proj``,
+    ``layer_norm2``, ``mlp``) with the encoder stage, for every family: the geometry of units is the
+    adapter's data (``unit``, ``keep_first``).
+
+    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
+    token receives, whatever ``attn_implementation`` says; after the attention residual and before
+    the MLP, ``merge_layer`` removes and recycles units. Disabled: stock forward.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        state = self._illava.state
+        if not state.config.encoder_active:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        unit, keep_first = state.adapter.unit, state.adapter.keep_first
+        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit, keep_first)
+        hidden = merge_layer(state, self._illava.layer, hidden, received, keys)
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class FeatureCalls:
+    """Model mixin of every family: each stock ``get_<kind>_features`` runs inside an encoder call of
+    that kind and its output goes through ``features_done``; ``get_placeholder_mask`` records where
+    stock puts the features of every kind.
+
+    The overrides are made for the stock class at the swap (``__init_subclass__`` of the swapped
+    class), with the stock signature (``generate`` picks their arguments from it). Family
+    differences are hooks: ``_illava_encode`` (the call itself, default stock) and
+    ``_illava_finish`` (after ``features_done``). Disabled: stock.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_illava_original")
+        if original is None:
+            return
+        for kind in ("image", "video"):
+            stock = getattr(original, f"get_{kind}_features", None)
+            if stock is not None:
+                setattr(cls, f"get_{kind}_features", _feature_call(kind, stock))
+
+    def _illava_encode(self, kind: str, call: EncoderCall | None, stock, args: tuple, kwargs: dict):
+        """The feature output of ``kind`` inside its encoder call (``stock``: the stock method)."""
+        return stock(self, *args, **kwargs)
+
+    def _illava_finish(self, kind: str, output):
+        return output
+
+    def get_placeholder_mask(self, *args, **kwargs):
+        masks = super().get_placeholder_mask(*args, **kwargs)
+        state = self._illava.state
+        if not isinstance(masks, tuple):  # one kind: images
+            record_placeholders(state, "image", masks)
+            return masks
+        given = dict(zip(("input_ids", "inputs_embeds", "image_features", "video_features"), args), **kwargs)
+        for kind, mask in zip(("image", "video"), masks):
+            if given.get(f"{kind}_features") is not None:
+                record_placeholders(state, kind, mask)
+        return masks
+
+
+def _feature_call(kind: str, stock):
+    @functools.wraps(stock)
+    def get_features(self, *args, **kwargs):
+        state = self._illava.state
+        with encoder_call(state, kind) as call:
+            out = self._illava_encode(kind, call, stock, args, kwargs)
+        return self._illava_finish(kind, features_done(state, call, out, kind))
+
+    return get_features
+
+
+def stock_argument(stock, args: tuple, kwargs: dict, name: str):
+    """The value of argument ``name`` of a call of ``stock`` (unbound) with ``args`` / ``kwargs``."""
+    bound = inspect.signature(stock).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments[name]
 
 
 def stock_count_features(survivors: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ def greedy(model, inputs, n=5):
 
 
 def test_block_order_lists_every_block_in_raster_order():
-    from illava.adapters.gemma3 import block_order
+    from illava.plan.encoder import block_order
 
     order = block_order(8, 4)
     assert sorted(order.tolist()) == list(range(64))

@@ -103,6 +103,7 @@ class Adapter:
     model_classes: tuple[str, ...] = ()
     config_types: tuple[str, ...] = ()
     unit = 1
+    keep_first = 0  # encoder tokens of a crop before its units, never removed (a CLS token: 1)
     renumber_positions = True
     # token counts after the encoder stage depend on the weights (e.g. survivors cut away by AnyRes
     # unpadding): tools must not measure them on models of other widths (token_counts --narrow)

@@ -2,7 +2,8 @@
 pooling + a linear projector + the Gemma 3 decoder).
 
 What is patched (``illava.remove`` undoes all of it):
-- the SigLIP layers listed in ``encoder_layers`` get ``IllavaGemma3SiglipLayer`` (the encoder stage);
+- the SigLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder
+  stage, ``unit = 16``);
 - the inner ``Gemma3Model`` gets ``IllavaGemma3Model`` (layout of survivors, feature calls,
   placeholder bookkeeping, and what the decoder side needs to rebuild Gemma's masks);
 - the decoder-side hooks of ``illava.llm``.
@@ -61,14 +62,12 @@ import torch
 
 from ..encoder import (
     CropTrace,
-    encoder_call,
-    features_done,
-    merge_units,
-    record_placeholders,
+    FeatureCalls,
+    IllavaViTLayer,
     recording,
+    stock_argument,
     stock_count_features,
     unit_trace,
-    vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
 
@@ -84,46 +83,14 @@ def _geometry(config) -> tuple[int, int]:
     return side, side // int(config.mm_tokens_per_image**0.5)
 
 
-def block_order(side: int, kernel: int, device=None) -> torch.Tensor:
-    """Raster index of the patch at every position of the block order: block after block (raster
-    order of the block grid), each block's ``kernel x kernel`` patches in raster order."""
-    blocks = side // kernel
-    r = torch.arange(side, device=device)[:, None]
-    c = torch.arange(side, device=device)[None]
-    key = ((r // kernel) * blocks + c // kernel) * kernel * kernel + (r % kernel) * kernel + c % kernel
-    return torch.argsort(key.flatten())
-
-
-class IllavaGemma3SiglipLayer:
-    """SigLIP encoder layer of Gemma 3 with the encoder stage.
-
-    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
-    token receives, whatever ``attn_implementation`` says; after the attention residual and before
-    the MLP, the tokens are put in block order (first merge layer only) and
-    ``illava.encoder.merge_units`` removes and recycles whole 4x4 blocks. Disabled: stock forward.
-    """
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = self._illava.state
-        if not state.config.encoder_active:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit=UNIT)
-        if self._illava.layer == min(state.config.encoder_layers):  # raster -> block order
-            side = round(hidden.shape[1] ** 0.5)
-            order = block_order(side, KERNEL, hidden.device)
-            hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
-        hidden = merge_units(state, self._illava.layer, hidden, received, unit=UNIT, keys=keys)
-        return hidden + self.mlp(self.layer_norm2(hidden))
-
-
-class IllavaGemma3Model:
+class IllavaGemma3Model(FeatureCalls):
     """Gemma 3 model with iLLaVA's layout of survivors.
 
     Modifications: ``forward`` remembers the 2D attention mask and ``token_type_ids`` it received
     (the decoder side rebuilds Gemma's masks from them); ``get_image_features`` runs inside an
-    encoder call and, with the encoder stage, pools and projects the surviving blocks into their
-    own rows of the stock 256 (NaN rows for removed blocks, module docstring);
-    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+    encoder call (``FeatureCalls``) and, with the encoder stage, pools and projects the surviving
+    blocks into their own rows of the stock 256 (NaN rows for removed blocks, module docstring).
+    Disabled: stock.
     """
 
     _NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "token_type_ids")
@@ -140,37 +107,33 @@ class IllavaGemma3Model:
             scope.model_inputs = {k: given.get(k) for k in ("attention_mask", "token_type_ids")}
             return super().forward(*args, **kwargs)
 
-    def get_image_features(self, pixel_values, **kwargs):
+    def _illava_encode(self, kind, call, stock, args, kwargs):
         state = self._illava.state
-        with encoder_call(state, "image") as call:
-            side, kernel = _geometry(self.config)
-            blocks = (side // kernel) ** 2
-            images = pixel_values.shape[0]
-            if call is not None:
-                call.crops, call.tokens, call.item_crops = images, images * side * side, [1] * images
-            if call is None or not state.config.encoder_active:
-                out = super().get_image_features(pixel_values, **kwargs)
-                trace = None
-            else:
-                kwargs.pop("return_dict", None)
-                out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
-                hidden = out.last_hidden_state  # (images, survivors * 16, D) in block order
-                proj = self.multi_modal_projector
-                pooled = hidden.view(images, -1, kernel * kernel, hidden.shape[-1]).mean(2)  # = AvgPool2d of a block
-                features = torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(hidden)
-                trace = call.work.get("crops")
-                slots = trace.positions if trace is not None else torch.arange(blocks).expand(images, -1)
-                out.pooler_output = torch.stack(
-                    [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]
-                )
-            if call is not None and recording(state):
-                _unit_trace(call, trace, images, side // kernel, pixel_values.device)
-        return features_done(state, call, out, "image")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        record_placeholders(self._illava.state, "image", mask)
-        return mask
+        pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
+        side, kernel = _geometry(self.config)
+        blocks = (side // kernel) ** 2
+        images = pixel_values.shape[0]
+        if call is not None:
+            call.crops, call.tokens, call.item_crops = images, images * side * side, [1] * images
+        if call is None or not state.config.encoder_active:
+            out = stock(self, *args, **kwargs)
+            trace = None
+        else:
+            extra = stock_argument(stock, args, kwargs, "kwargs")
+            extra.pop("return_dict", None)
+            out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **extra)
+            hidden = out.last_hidden_state  # (images, survivors * 16, D) in block order
+            proj = self.multi_modal_projector
+            pooled = hidden.view(images, -1, kernel * kernel, hidden.shape[-1]).mean(2)  # = AvgPool2d of a block
+            features = torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(hidden)
+            trace = call.work.get("crops")
+            slots = trace.positions if trace is not None else torch.arange(blocks).expand(images, -1)
+            out.pooler_output = torch.stack(
+                [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]
+            )
+        if call is not None and recording(state):
+            _unit_trace(call, trace, images, side // kernel, pixel_values.device)
+        return out
 
 
 def _unit_trace(call, trace, images: int, blocks_side: int, device) -> None:
@@ -245,7 +208,7 @@ class Gemma3Adapter(Adapter):
         tower = model.model.vision_tower
         layers = getattr(tower, "vision_model", tower).encoder.layers
         for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaGemma3SiglipLayer, layer=i)
+            record.swap(layers[i], IllavaViTLayer, layer=i)
 
     def decoder_masks(self, scope, kwargs: dict) -> tuple:
         mask = kwargs.get("attention_mask")

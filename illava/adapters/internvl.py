@@ -4,7 +4,7 @@ InternVL tiles an image into 448 px crops plus a thumbnail (dynamic tiling by th
 video is one tile per frame). InternViT encodes every tile as a CLS token and 32x32 patches; a
 pixel shuffle folds every 2x2 block of patches into one LLM token (256 per tile). So:
 - unit of removal: a 2x2 block, aligned as the pixel shuffle aligns them; the CLS token is never
-  removed (``merge_units(..., unit=4, keep_first=1)``). At the first merge layer the patch tokens
+  removed (``unit = 4``, ``keep_first = 1``). At the first merge layer the patch tokens
   are reordered so that every block is 4 consecutive tokens (attention does not depend on token
   order; positions were added at the embeddings);
 - scoring per tile: the attention a token receives from its own tile (the CLS token's included);
@@ -34,17 +34,17 @@ import torch
 
 from ..encoder import (
     CropTrace,
+    FeatureCalls,
     attention_and_scores,
     current_call,
-    encoder_call,
-    features_done,
-    merge_units,
+    merge_layer,
     proportional_bias,
-    record_placeholders,
     recording,
+    stock_argument,
     unit_trace,
 )
 from ..patch import Hook
+from ..plan import encoder as plan
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -58,12 +58,7 @@ def _side(config) -> int:
 def block_order(side: int, device=None) -> torch.Tensor:
     """``(side // 2)**2`` blocks x 4: the raster patch index of every patch of every block (blocks in
     raster order, the pixel shuffle's output order)."""
-    half = side // 2
-    br, bc = torch.meshgrid(torch.arange(half, device=device), torch.arange(half, device=device), indexing="ij")
-    dr, dc = torch.meshgrid(torch.arange(2, device=device), torch.arange(2, device=device), indexing="ij")
-    rows = 2 * br.reshape(-1, 1) + dr.reshape(1, -1)
-    cols = 2 * bc.reshape(-1, 1) + dc.reshape(1, -1)
-    return rows * side + cols
+    return plan.block_order(side, 2, device).view(-1, 4)
 
 
 class IllavaInternVisionLayer:
@@ -86,17 +81,11 @@ class IllavaInternVisionLayer:
         q, k = attn.q_norm(attn.q_proj(hidden)), attn.k_norm(attn.k_proj(hidden))
         v = attn.v_proj(hidden)
         q, k, v = (t.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        bias = proportional_bias(state, n, unit=4, keep_first=1)
+        bias = proportional_bias(state, n, state.adapter.unit, state.adapter.keep_first)
         out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
         if not projected:
             out = attn.projection_dropout(attn.projection_layer(out.reshape(b, n, -1)))
-        hidden = hidden_states + self.lambda_1 * out
-        keys = k.mean(1)
-        if patch.layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
-            patches = block_order(round((n - 1) ** 0.5), hidden.device).flatten() + 1
-            order = torch.cat([patches.new_zeros(1), patches])  # the CLS token first
-            hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
-        hidden = merge_units(state, patch.layer, hidden, received, unit=4, keep_first=1, keys=keys)
+        hidden = merge_layer(state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1))
         layer_output = self.dropout(self.mlp(self.layernorm_after(hidden)))
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output
@@ -128,42 +117,26 @@ class RasterSurvivors(Hook):
         return output
 
 
-class IllavaInternVLModel:
-    """InternVL model: feature calls and placeholder bookkeeping.
-
-    Modifications: ``get_image_features`` runs inside an encoder call (crops and source tracking
-    per tile); ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+class IllavaInternVLModel(FeatureCalls):
+    """InternVL model: the feature call (``FeatureCalls``) counts crops per tile, sets the features
+    of removed blocks to NaN and records the source tracking. Disabled: stock.
     """
 
-    # generate() picks the arguments from the signature: keep the stock one
-    def get_image_features(
-        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            if call is not None:
-                side = _side(self.config)
-                call.crops, call.tokens = pixel_values.shape[0], pixel_values.shape[0] * (1 + side * side)
-            out = super().get_image_features(
-                pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                **kwargs,
-            )
-            kept = call.work.get("kept_blocks") if call is not None else None
-            if kept is not None:  # the features of removed blocks: NaN rows, dropped at the decoder input
-                features = out.pooler_output
-                removed = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-                removed.scatter_(1, kept.to(features.device), False)
-                out.pooler_output = features.masked_fill(removed[..., None], float("nan"))
-            if call is not None and recording(state):
-                _unit_trace(call, pixel_values.shape[0], side, pixel_values.device)
-        return features_done(state, call, out, "image")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        record_placeholders(self._illava.state, "image", mask)
-        return mask
+    def _illava_encode(self, kind, call, stock, args, kwargs):
+        pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
+        side = _side(self.config)
+        if call is not None:
+            call.crops, call.tokens = pixel_values.shape[0], pixel_values.shape[0] * (1 + side * side)
+        out = stock(self, *args, **kwargs)
+        kept = call.work.get("kept_blocks") if call is not None else None
+        if kept is not None:  # the features of removed blocks: NaN rows, dropped at the decoder input
+            features = out.pooler_output
+            removed = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+            removed.scatter_(1, kept.to(features.device), False)
+            out.pooler_output = features.masked_fill(removed[..., None], float("nan"))
+        if call is not None and recording(self._illava.state):
+            _unit_trace(call, pixel_values.shape[0], side, pixel_values.device)
+        return out
 
 
 def _unit_trace(call, tiles: int, side: int, device) -> None:
@@ -181,6 +154,7 @@ class InternVLAdapter(Adapter):
     model_classes = ("InternVLForConditionalGeneration",)
     config_types = ("internvl",)
     unit = 4
+    keep_first = 1  # InternViT's CLS token
     renumber_positions = True
     # reference: InternVL2.5-8B (InternViT-300M, 24 layers, 1024 patches per tile; 32 decoder layers)
     presets = {

@@ -1,7 +1,7 @@
 """iLLaVA for ``LlavaForConditionalGeneration`` (LLaVA-1.5: CLIP ViT-L/14-336 + MLP projector + Vicuna).
 
 What is patched (``illava.remove`` undoes all of it):
-- the CLIP layers listed in ``encoder_layers`` get ``IllavaCLIPEncoderLayer`` (the encoder stage);
+- the CLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaModel`` gets ``IllavaLlavaModel`` (layout of survivors, feature calls,
   placeholder bookkeeping);
 - the decoder-side hooks of ``illava.llm``.
@@ -11,7 +11,7 @@ it): a CLS token and 24x24 patches. The model reads the hidden states of the pen
 (``vision_feature_layer=-2``), drops the CLS token (``vision_feature_select_strategy="default"``)
 and maps every patch to one LLM token with a 2-layer MLP: 576 tokens per image. So:
 - unit of removal: one patch; the CLS token (index 0) is never removed and never absorbs removed
-  tokens (``merge_units(..., keep_first=1)``);
+  tokens (``keep_first = 1``);
 - scoring: the attention a token receives from *all* tokens of its image, the CLS token's query
   included, averaged over heads and queries (the paper's definition; the CLS query is not singled
   out, since the features LLaVA reads are the patches, not the CLS token);
@@ -43,16 +43,15 @@ import torch
 
 from ..encoder import (
     CropTrace,
-    encoder_call,
-    features_done,
-    merge_units,
-    record_placeholders,
+    FeatureCalls,
+    IllavaViTLayer,
     recording,
+    stock_argument,
     stock_count_features,
     unit_trace,
-    vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+from .llava_family import require_clip, vit_dimensions
 
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
@@ -67,67 +66,34 @@ def _cls_rows(config, strategy: str | None = None) -> int:
     return 1 if (strategy or config.vision_feature_select_strategy) == "full" else 0
 
 
-class IllavaCLIPEncoderLayer:
-    """CLIP encoder layer with the encoder stage.
-
-    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
-    token receives, whatever ``attn_implementation`` says; after the attention residual and before
-    the MLP, ``illava.encoder.merge_units`` removes and recycles patches (the CLS token stays).
-    Disabled: stock forward.
-    """
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = self._illava.state
-        if not state.config.encoder_active:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, keep_first=1)
-        hidden = merge_units(state, self._illava.layer, hidden, received, keep_first=1, keys=keys)
-        return hidden + self.mlp(self.layer_norm2(hidden))
-
-
-class IllavaLlavaModel:
+class IllavaLlavaModel(FeatureCalls):
     """LLaVA model with iLLaVA's layout of survivors.
 
-    Modifications: ``get_image_features`` runs inside an encoder call and writes the survivors'
-    features into the stock feature count (NaN rows for removed patches, module docstring);
-    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+    Modifications: the feature call (``FeatureCalls``) writes the survivors' features into the stock
+    feature count (NaN rows for removed patches, module docstring). Disabled: stock.
     """
 
-    # generate() picks the arguments from the signature: keep the stock one
-    def get_image_features(
-        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None, **kwargs
-    ):
+    def _illava_encode(self, kind, call, stock, args, kwargs):
         state = self._illava.state
-        with encoder_call(state, "image") as call:
-            side = _side(self.config)
-            if call is not None:
-                images = pixel_values.shape[0]
-                call.crops, call.tokens, call.item_crops = images, images * (1 + side * side), [1] * images
-            out = super().get_image_features(
-                pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-                **kwargs,
-            )
-            head = _cls_rows(self.config, vision_feature_select_strategy)
-            trace = call.work.get("crops") if call is not None else None
-            if trace is not None:
-                total = head + side * side
-                laid = []
-                for f in out.pooler_output:  # (head + survivors, D) per image, source order
-                    kept = f.shape[0] - head
-                    slots = torch.cat([torch.arange(head), torch.arange(total - kept, total)]).to(f.device)
-                    laid.append(stock_count_features(f, slots, total))
-                out.pooler_output = laid
-            if call is not None and recording(state):
-                _unit_trace(call, trace, pixel_values.shape[0], side, head, pixel_values.device)
-        return features_done(state, call, out, "image")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        record_placeholders(self._illava.state, "image", mask)
-        return mask
+        pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
+        side = _side(self.config)
+        if call is not None:
+            images = pixel_values.shape[0]
+            call.crops, call.tokens, call.item_crops = images, images * (1 + side * side), [1] * images
+        out = stock(self, *args, **kwargs)
+        head = _cls_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
+        trace = call.work.get("crops") if call is not None else None
+        if trace is not None:
+            total = head + side * side
+            laid = []
+            for f in out.pooler_output:  # (head + survivors, D) per image, source order
+                kept = f.shape[0] - head
+                slots = torch.cat([torch.arange(head), torch.arange(total - kept, total)]).to(f.device)
+                laid.append(stock_count_features(f, slots, total))
+            out.pooler_output = laid
+        if call is not None and recording(state):
+            _unit_trace(call, trace, pixel_values.shape[0], side, head, pixel_values.device)
+        return out
 
 
 def _unit_trace(call, trace, images: int, side: int, head: int, device) -> None:
@@ -147,6 +113,7 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     config_types = ("llava",)
     unit = 1
+    keep_first = 1  # CLIP's CLS token
     renumber_positions = True
     # reference: LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers, 576 patches; Vicuna-7B, 32 layers).
     # No "video" entry: LLaVA-1.5 takes no video, the "video" preset is the "image" one.
@@ -158,29 +125,16 @@ class LlavaAdapter(Adapter):
     }
 
     def dimensions(self, model) -> Dimensions:
-        vc, tc = model.config.vision_config, model.config.text_config
-        depth = vc.num_hidden_layers
-        layers = model.config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l, and
-        # every selected hidden state must see the same tokens
-        feature_layer = min(layer % (depth + 1) for layer in layers) - 1
-        return Dimensions(depth, _side(model.config) ** 2, tc.num_hidden_layers, feature_layer)
+        return vit_dimensions(model)
 
     def check(self, model, config) -> None:
-        from transformers import CLIPVisionModel
-
-        if config.encoder_layers and not isinstance(model.model.vision_tower, CLIPVisionModel):
-            raise ValueError(
-                "illava: the LLaVA encoder stage needs a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); this model's is "
-                f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
-            )
+        require_clip(model, config, "LLaVA")
 
     def patch(self, model, record) -> None:
         record.swap(model.model, IllavaLlavaModel)
         layers = model.model.vision_tower.encoder.layers
         for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaCLIPEncoderLayer, layer=i)
+            record.swap(layers[i], IllavaViTLayer, layer=i)
 
     # ------------------------------------------------------------------------------ tools
     architectures = {

@@ -2,7 +2,7 @@
 Vicuna / Mistral / Nous-Hermes, AnyRes images).
 
 What is patched (``illava.remove`` undoes all of it):
-- the CLIP layers listed in ``encoder_layers`` get ``IllavaCLIPEncoderLayer`` (the encoder stage,
+- the CLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage,
   shared with LLaVA-1.5: the CLS token is never removed, scores come from all tokens);
 - the inner ``LlavaNextModel`` gets ``IllavaLlavaNextModel`` (layout of survivors, feature calls,
   placeholder bookkeeping);
@@ -15,7 +15,7 @@ then ``pack_image_features`` lays the crops out as one patch grid, cuts the padd
 the processor added (``unpad_image``) and appends an ``image_newline`` token after every row of the
 unpadded grid; the base view comes first, without newlines. So:
 - unit of removal: one patch per view (the same removal in the base view and in every crop); the
-  CLS token (index 0) is never removed (``merge_units(..., keep_first=1)``);
+  CLS token (index 0) is never removed (``keep_first = 1``);
 - merge layers must come no later than the layer the model reads (``dimensions().feature_layer``:
   22 for CLIP-L with ``-2``);
 - layout (``AnyResLayout``, shared with LLaVA-OneVision): base-view survivors in raster order;
@@ -41,36 +41,19 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next import modeling_llava_next as mln
 
-from ..encoder import encoder_call, features_done, record_placeholders
+from ..encoder import FeatureCalls, IllavaViTLayer
 from .base import Adapter, Dimensions, FlopsDims, Panel, placeholder, unnormalise
-from .llava import _CLIP_L_336, _VICUNA, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, IllavaCLIPEncoderLayer, LlavaAdapter
-from .llava_onevision import AnyResLayout, anyres_panels
+from .llava import _CLIP_L_336, _VICUNA, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, LlavaAdapter
+from .llava_family import AnyResLayout, require_clip, vit_dimensions
+from .llava_onevision import anyres_panels
 
 
-class IllavaLlavaNextModel(AnyResLayout):
+class IllavaLlavaNextModel(AnyResLayout, FeatureCalls):
     """LLaVA-NeXT model with iLLaVA's layout of survivors.
 
-    Modifications: ``get_image_features`` runs inside an encoder call; ``pack_image_features`` lays
-    the survivors out by their source positions (module docstring) at the stock feature count;
-    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+    Modifications: the feature call (``FeatureCalls``); ``pack_image_features`` lays the survivors
+    out by their source positions (module docstring) at the stock feature count. Disabled: stock.
     """
-
-    _encoder_head = 1  # CLIP's CLS token, in the encoder only (dropped by the "default" strategy)
-
-    # generate() picks the arguments from the signature: keep the stock one
-    def get_image_features(
-        self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            out = super().get_image_features(
-                pixel_values,
-                image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                **kwargs,
-            )
-        return features_done(state, call, out, "image")
 
     def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
         def stock(features, newline):
@@ -80,16 +63,12 @@ class IllavaLlavaNextModel(AnyResLayout):
 
         return self._pack_anyres(stock, image_features, image_sizes, image_newline, None)
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        record_placeholders(self._illava.state, "image", mask)
-        return mask
-
 
 class LlavaNextAdapter(Adapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     config_types = ("llava_next",)
     unit = 1
+    keep_first = 1  # CLIP's CLS token, in the encoder only (dropped by the "default" strategy)
     renumber_positions = True
     counts_depend_on_weights = True  # survivors cut away by unpadding follow where they lie
     # reference: LLaVA-1.6-Vicuna-7B (CLIP ViT-L/14-336, 24 layers, 576 patches per view;
@@ -102,10 +81,10 @@ class LlavaNextAdapter(Adapter):
     }
 
     def dimensions(self, model) -> Dimensions:
-        return LlavaAdapter.dimensions(self, model)
+        return vit_dimensions(model)
 
     def check(self, model, config) -> None:
-        LlavaAdapter.check(self, model, config)  # the same CLIP encoder stage as LLaVA-1.5
+        require_clip(model, config, "LLaVA")  # the same CLIP encoder stage as LLaVA-1.5
         if config.encoder_layers and model.config.vision_feature_select_strategy != "default":
             raise ValueError(
                 "illava: the LLaVA-NeXT encoder stage needs vision_feature_select_strategy='default' (the CLS token "
@@ -116,7 +95,7 @@ class LlavaNextAdapter(Adapter):
         record.swap(model.model, IllavaLlavaNextModel)
         layers = model.model.vision_tower.encoder.layers
         for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaCLIPEncoderLayer, layer=i)
+            record.swap(layers[i], IllavaViTLayer, layer=i)
 
     # ------------------------------------------------------------------------------ tools
     architectures = {"llava-v1.6-vicuna-7b": lambda: llava_next_config("vicuna-7b")}

@@ -1,7 +1,7 @@
 """iLLaVA for ``LlavaOnevisionForConditionalGeneration`` (SigLIP encoder + Qwen2 decoder).
 
 What is patched (``illava.remove`` undoes all of it):
-- the SigLIP layers listed in ``encoder_layers`` get ``IllavaSiglipLayer`` (the encoder stage);
+- the SigLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors,
   feature calls, placeholder bookkeeping);
 - the decoder-side hooks of ``illava.llm``.
@@ -31,211 +31,34 @@ from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
 from ..encoder import (
     CropTrace,
+    FeatureCalls,
+    IllavaViTLayer,
     current_call,
-    encoder_call,
-    features_done,
-    merge_units,
     pool_survivors,
-    record_placeholders,
     recording,
-    rows_with_newlines,
-    stock_count_features,
+    stock_argument,
     unit_trace,
-    vit_attention_half,
 )
 from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+from .llava_family import AnyResLayout, vit_dimensions
 
 
-class IllavaSiglipLayer:
-    """SigLIP encoder layer with the encoder stage.
-
-    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
-    token receives, whatever ``attn_implementation`` says; after the attention residual and before
-    the MLP, ``illava.encoder.merge_units`` removes and recycles tokens. Disabled: stock forward.
-    """
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = self._illava.state
-        if not state.config.encoder_active:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask)
-        hidden = merge_units(state, self._illava.layer, hidden, received, keys=keys)
-        return hidden + self.mlp(self.layer_norm2(hidden))
-
-
-class AnyResLayout:
-    """Layout of the survivors of AnyRes images (a base view + crops on a grid), shared by the
-    LLaVA-OneVision and LLaVA-NeXT model mixins (their stock ``pack_image_features`` differ only in
-    signature and in OneVision's ``anyres_max_N`` budget; ``get_anyres_image_grid_shape`` and
-    ``unpad_image`` are the same code in both modules). Survivors are placed on the full crop grid,
-    those in the padding stock ``unpad_image`` cuts away are dropped, and a newline follows every
-    row of the unpadded grid (module docstring).
-    """
-
-    _encoder_head = 0  # encoder tokens of a crop that are not patches (CLIP's CLS token: 1)
-
-    def _side(self) -> int:
-        return self.config.vision_config.image_size // self.config.vision_config.patch_size
-
-    def _pack_anyres(self, stock, image_features, image_sizes, image_newline, aspect):
-        """``pack_image_features`` with the survivors laid out (class docstring); ``stock(features,
-        newline)`` is the stock ``pack_image_features`` of the model with its other arguments bound."""
-        call = current_call(self._illava.state)
-        if call is None:
-            return stock(image_features, image_newline)
-        side = self._side()
-        crops = [f.shape[0] for f in image_features]
-        per_crop = self._encoder_head + side**2
-        call.crops, call.tokens, call.item_crops = sum(crops), sum(crops) * per_crop, crops
-        trace = call.work.get("crops")
-        # stock counts from stock code run on one-channel zeros (cheap, and always in sync)
-        dummy = [f.new_zeros(f.shape[0], side**2, 1) for f in image_features]
-        newline = image_newline[:1] if image_newline is not None else None
-        _, stock_lens = stock(dummy, newline)
-        if trace is None:  # no encoder stage: stock features
-            packed, lens = stock(image_features, image_newline)
-            if recording(self._illava.state):
-                trace = CropTrace.start(sum(crops), side**2, image_features[0].device)
-        else:
-            packed, lens = [], stock_lens
-            positions = torch.split(trace.positions, crops, dim=0)
-            for f, p, size, n in zip(image_features, positions, image_sizes, stock_lens.tolist()):
-                tokens, _ = self._pack_survivors(f, p, size, image_newline, aspect, n)
-                slots = torch.arange(n - tokens.shape[0], n, device=tokens.device)  # survivors last: the prompt's
-                packed.append(stock_count_features(tokens, slots, n))  # last token stays a real one
-        if recording(self._illava.state):
-            self._image_feature_rows(call, trace, image_sizes, stock_lens, image_newline, aspect)
-        return packed, lens
-
-    def _pack_survivors(self, feature, positions, image_size, newline, aspect, stock: int):
-        """Survivors laid out by their source positions, and the token of every survivor of every
-        crop ``(crops, K)`` (-1: cut by the unpadding); at most ``stock`` tokens."""
-        side = self._side()
-        base = feature[0]
-        crops, k, dim = feature.shape
-        slots = torch.full((crops, k), -1, dtype=torch.long, device=feature.device)
-        slots[0] = torch.arange(k, device=feature.device)
-        if crops == 1:
-            return (torch.cat([base, newline[None].to(base)]) if newline is not None else base), slots
-        grid_h, grid_w = mlo.get_anyres_image_grid_shape(
-            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
-        )
-        crops -= 1
-        crop = torch.arange(crops, device=feature.device)[:, None].expand(crops, k)
-        rows = (crop // grid_w) * side + positions[1:] // side
-        cols = (crop % grid_w) * side + positions[1:] % side
-        # the window stock unpad_image keeps, found by running it on a grid of row/col indices
-        height, width = grid_h * side, grid_w * side
-        index = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"))
-        window = mlo.unpad_image(index, image_size)
-        unpad_h, unpad_w = window.shape[1:]
-        top = int(window[0, 0, 0]) if unpad_h and unpad_w else 0
-        left = int(window[1, 0, 0]) if unpad_h and unpad_w else 0
-        rows, cols = rows.flatten() - top, cols.flatten() - left
-        inside = (rows >= 0) & (rows < unpad_h) & (cols >= 0) & (cols < unpad_w)
-        tokens, rows, cols = feature[1:].reshape(-1, dim)[inside], rows[inside], cols[inside]
-        slot = torch.arange(tokens.shape[0], device=feature.device)  # output token of each survivor inside
-        budget = int(aspect.removeprefix("anyres_max_")) * side**2 if aspect else None  # None: no budget
-        newlines = newline is not None
-        too_many = k + tokens.shape[0] + (unpad_h if newlines else 0) > stock
-        if (budget is not None and math.sqrt(tokens.shape[0] / budget) > 1.1) or too_many:
-            ratio = math.sqrt(unpad_h * unpad_w / budget) if budget is not None else 1.0
-            cells = (
-                (max(1, int(unpad_h // ratio)), max(1, int(unpad_w // ratio))) if ratio > 1.1 else (unpad_h, unpad_w)
-            )
-            tokens, rows, cols, slot = pool_survivors(tokens, rows, cols, (unpad_h, unpad_w), cells)
-            num_rows = cells[0]
-        else:
-            order = torch.argsort(rows * unpad_w + cols)
-            tokens, rows, cols = tokens[order], rows[order], cols[order]
-            slot[order] = torch.arange(order.numel(), device=order.device)
-            num_rows = unpad_h
-        if newlines:
-            tokens, where = rows_with_newlines(tokens, rows, cols, num_rows, newline)
-            slot = where[slot]
-        crop_slots = torch.full((crops * k,), -1, dtype=torch.long, device=feature.device)
-        crop_slots[inside] = slot + k
-        slots[1:] = crop_slots.view(crops, k)
-        return torch.cat([base, tokens]), slots
-
-    def _image_feature_rows(self, call, trace, image_sizes, stock_lens, newline, aspect) -> None:
-        """``illava.tools.viz``: the feature row holding every patch of every crop of the call."""
-        side = self._side()
-        newline = newline[:1] if newline is not None else None
-        rows, start, offset = [], 0, 0
-        for crops, size, n in zip(call.item_crops, image_sizes, stock_lens.tolist()):
-            positions = trace.positions[start : start + crops].cpu()
-            dummy = torch.zeros(crops, positions.shape[1], 1)
-            packed, slots = self._pack_survivors(dummy, positions, size.cpu(), newline, aspect, n)
-            if call.work.get("crops") is None and packed.shape[0] != n:
-                slots = torch.full_like(slots, -1)  # stock pooled by interpolation: no exact mapping
-            slots = torch.where(slots >= 0, slots + offset + n - packed.shape[0], -1)
-            assign = trace.assign[start : start + crops].cpu()
-            rows.append(torch.where(assign >= 0, slots.gather(1, assign.clamp(min=0)), -1))
-            start, offset = start + crops, offset + n
-        grids = [(side, side)] * trace.assign.shape[0]
-        call.trace = unit_trace(trace, grids, torch.cat(rows).flatten())
-
-
-class IllavaLlavaOnevisionModel(AnyResLayout):
+class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
     """LLaVA-OneVision model with iLLaVA's layout of survivors.
 
-    Modifications: ``get_image_features`` / ``get_video_features`` run inside an encoder call;
-    ``pack_image_features`` and ``apply_pooling`` lay the survivors out by their source positions
-    (module docstring) at the stock feature count; ``get_placeholder_mask`` records where stock
-    puts the features. Disabled: stock.
+    Modifications: the feature calls (``FeatureCalls``); ``pack_image_features`` and
+    ``apply_pooling`` lay the survivors out by their source positions (module docstring) at the
+    stock feature count. Disabled: stock.
     """
 
-    # generate() picks the arguments of these from their signatures: keep the stock ones
-    def get_image_features(
-        self,
-        pixel_values,
-        image_sizes,
-        vision_feature_layer=None,
-        vision_feature_select_strategy=None,
-        vision_aspect_ratio=None,
-        batch_num_images=None,
-        **kwargs,
-    ):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            out = super().get_image_features(
-                pixel_values,
-                image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                vision_aspect_ratio=vision_aspect_ratio,
-                batch_num_images=batch_num_images,
-                **kwargs,
-            )
-        return features_done(state, call, out, "image")
-
-    def get_video_features(
-        self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ):
-        state = self._illava.state
-        with encoder_call(state, "video") as call:
-            out = super().get_video_features(
-                pixel_values_videos,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                **kwargs,
-            )
-            if call is not None:
-                batch, frames = pixel_values_videos.shape[:2]
-                call.item_crops = [frames] * batch
-                if recording(state) and "video_slots" in call.work:
-                    self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
-        return features_done(state, call, out, "video")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-        state = self._illava.state
-        if image_features is not None:
-            record_placeholders(state, "image", image_mask)
-        if video_features is not None:
-            record_placeholders(state, "video", video_mask)
-        return image_mask, video_mask
+    def _illava_encode(self, kind, call, stock, args, kwargs):
+        out = stock(self, *args, **kwargs)
+        if kind == "video" and call is not None:
+            batch, frames = stock_argument(stock, args, kwargs, "pixel_values_videos").shape[:2]
+            call.item_crops = [frames] * batch
+            if recording(self._illava.state) and "video_slots" in call.work:
+                self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
+        return out
 
     # ---------------------------------------------------------------------------- images
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
@@ -326,14 +149,7 @@ class LlavaOnevisionAdapter(Adapter):
     }
 
     def dimensions(self, model) -> Dimensions:
-        vc, tc = model.config.vision_config, model.config.text_config
-        depth = vc.num_hidden_layers
-        layers = model.config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l, and
-        # every selected hidden state must see the same tokens
-        feature_layer = min(layer % (depth + 1) for layer in layers) - 1
-        return Dimensions(depth, (vc.image_size // vc.patch_size) ** 2, tc.num_hidden_layers, feature_layer)
+        return vit_dimensions(model)
 
     def check(self, model, config) -> None:
         if config.encoder_layers and model.config.vision_feature_select_strategy != "full":
@@ -346,7 +162,7 @@ class LlavaOnevisionAdapter(Adapter):
         record.swap(model.model, IllavaLlavaOnevisionModel)
         layers = model.model.vision_tower.encoder.layers
         for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaSiglipLayer, layer=i)
+            record.swap(layers[i], IllavaViTLayer, layer=i)
 
     # ------------------------------------------------------------------------------ tools
     architectures = {

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ..encoder import current_call, encoder_call, features_done, stock_count_features
+from ..encoder import current_call, stock_argument, stock_count_features
 from ..llm import gather_seq
 from ..patch import Hook
 from .base import FlopsDims, LayerDims, placeholder
@@ -51,15 +51,17 @@ class IllavaQwen3VLModel(IllavaQwenVLModel):
     (stock's ``get_video_features`` calls ``get_image_features``). Disabled: stock.
     """
 
-    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
-        return _mask_deepstack(super().get_image_features(pixel_values, image_grid_thw, **kwargs))
+    def _illava_encode(self, kind, call, stock, args, kwargs):
+        if kind == "video":  # stock runs videos through ``self.get_image_features``: one call, not nested
+            videos, grid, extra = (
+                stock_argument(stock, args, kwargs, name)
+                for name in ("pixel_values_videos", "video_grid_thw", "kwargs")
+            )
+            return self._illava_original.get_image_features(self, videos, grid, **extra)
+        return stock(self, *args, **kwargs)
 
-    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
-        # stock runs videos through ``self.get_image_features``: one call of kind video, not nested
-        state = self._illava.state
-        with encoder_call(state, "video") as call:
-            out = self._illava_original.get_image_features(self, pixel_values_videos, video_grid_thw, **kwargs)
-        return _mask_deepstack(features_done(state, call, out, "video"))
+    def _illava_finish(self, kind, output):
+        return _mask_deepstack(output)
 
 
 def _mask_deepstack(output):

@@ -29,11 +29,9 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from ..encoder import (
+    FeatureCalls,
     collecting_attentions,
     current_call,
-    encoder_call,
-    features_done,
-    record_placeholders,
     recording,
     stock_count_features,
 )
@@ -328,34 +326,9 @@ def _unit_trace(call, run: VisionRun) -> None:
     call.trace = UnitTrace(grids=grids, layers=layers, feature=final)
 
 
-class IllavaQwenVLModel:
-    """Qwen2-VL / Qwen2.5-VL model: feature calls and placeholder bookkeeping.
-
-    Modifications: ``get_image_features`` / ``get_video_features`` run inside an encoder call;
-    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
-    """
-
-    # generate() picks the arguments of these from their signatures: keep the stock ones
-    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            out = super().get_image_features(pixel_values, image_grid_thw, **kwargs)
-        return features_done(state, call, out, "image")
-
-    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
-        state = self._illava.state
-        with encoder_call(state, "video") as call:
-            out = super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
-        return features_done(state, call, out, "video")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-        state = self._illava.state
-        if image_features is not None:
-            record_placeholders(state, "image", image_mask)
-        if video_features is not None:
-            record_placeholders(state, "video", video_mask)
-        return image_mask, video_mask
+class IllavaQwenVLModel(FeatureCalls):
+    """Qwen2-VL / Qwen2.5-VL model: the feature calls (``FeatureCalls``); the encoder stage itself
+    lives in the vision blocks and the hooks on the vision transformer. Disabled: stock."""
 
 
 class QwenVLAdapter(Adapter):
