@@ -116,9 +116,24 @@ class Adapter:
         """Raise ``ValueError`` for a configuration this family cannot run."""
 
     # ------------------------------------------------------------------ the stages
+    model_mixin: type | None = None  # mixin of the inner model (``illava.encoder.FeatureCalls`` and the layout)
+    layer_mixin: type | None = None  # mixin of the encoder's merge layers (``illava.encoder.IllavaViTLayer``)
+
+    def encoder_layers(self, model) -> torch.nn.ModuleList:
+        """The vision encoder's layers (the merge layers are among them)."""
+        return self.parts(model).vision.encoder.layers
+
     def patch(self, model, record) -> None:
-        """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``)."""
-        raise NotImplementedError
+        """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``):
+        ``model_mixin`` on the inner model, ``layer_mixin`` on every merge layer, then ``patch_more``."""
+        record.swap(self.parts(model).inner, self.model_mixin)
+        layers = self.encoder_layers(model)
+        for i in record.state.config.encoder_layers:
+            record.swap(layers[i], self.layer_mixin, layer=i)
+        self.patch_more(model, record)
+
+    def patch_more(self, model, record) -> None:
+        """Hooks and swaps of the family beyond ``patch``'s (default: none)."""
 
     def item_lengths(self, kind: str, output) -> list[int] | None:
         """Feature rows of every image / video in an encoder output (``pooler_output`` a list per
@@ -154,3 +169,13 @@ class Adapter:
         from ..tools.families import tools_for
 
         return tools_for(config).build_inputs(config, tokenizer, prompts, images, videos, image_processor)
+
+
+def require_strategy(model, config: IllavaConfig, wanted: str, stage: str, why: str) -> None:
+    """``ValueError`` when the encoder stage is on and the model's ``vision_feature_select_strategy``
+    is not ``wanted``; ``stage`` names the encoder stage, ``why`` says what ``wanted`` means."""
+    strategy = model.config.vision_feature_select_strategy
+    if config.encoder_layers and strategy != wanted:
+        raise ValueError(
+            f"illava: {stage} needs vision_feature_select_strategy={wanted!r} ({why}); this model uses {strategy!r}"
+        )

@@ -75,7 +75,7 @@ KERNEL = 4  # the pooling of every released Gemma 3: 64x64 patches -> 16x16 toke
 UNIT = KERNEL * KERNEL
 
 
-def _geometry(config) -> tuple[int, int]:
+def geometry(config) -> tuple[int, int]:
     """(patches per side, pooling kernel) of an image."""
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
@@ -109,7 +109,7 @@ class IllavaGemma3Model(FeatureCalls):
     def _illava_encode(self, kind, call, stock, args, kwargs):
         state = self._illava.state
         pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
-        side, kernel = _geometry(self.config)
+        side, kernel = geometry(self.config)
         blocks = (side // kernel) ** 2
         images = pixel_values.shape[0]
         if call is not None:
@@ -151,6 +151,8 @@ class Gemma3Adapter(Adapter):
     model_classes = ("Gemma3ForConditionalGeneration",)
     config_types = ("gemma3",)
     unit = UNIT
+    model_mixin = IllavaGemma3Model
+    layer_mixin = IllavaViTLayer
     renumber_positions = True
     # reference: Gemma-3-4B (SigLIP 27 layers at 896 px, 4096 patches; 34 decoder layers). No "video"
     # entry: Gemma 3 takes no video, the "video" preset is the "image" one.
@@ -168,7 +170,7 @@ class Gemma3Adapter(Adapter):
 
     def dimensions(self, model) -> Dimensions:
         vc, tc = model.config.vision_config, model.config.text_config
-        side, _ = _geometry(model.config)
+        side, _ = geometry(model.config)
         return Dimensions(vc.num_hidden_layers, side * side, tc.num_hidden_layers, vc.num_hidden_layers - 1, unit=UNIT)
 
     def adjust_preset(self, model, config):
@@ -195,19 +197,16 @@ class Gemma3Adapter(Adapter):
                 "illava: the Gemma 3 encoder stage needs a SigLIP vision tower; this model's is "
                 f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
             )
-        side, kernel = _geometry(model.config)
+        side, kernel = geometry(model.config)
         if kernel != KERNEL or side % kernel:
             raise ValueError(
                 f"illava: the Gemma 3 encoder stage removes 4x4 blocks (the pooling of every released Gemma 3); "
                 f"this model pools {side}x{side} patches with a {kernel}x{kernel} kernel (the LLM stage still works)"
             )
 
-    def patch(self, model, record) -> None:
-        record.swap(model.model, IllavaGemma3Model)
+    def encoder_layers(self, model):
         tower = model.model.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaViTLayer, layer=i)
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     def decoder_masks(self, scope, kwargs: dict) -> tuple:
         mask = kwargs.get("attention_mask")

@@ -43,10 +43,10 @@ from ..encoder import (
 )
 from ..patch import Hook
 from ..plan import encoder as plan
-from .base import Adapter, Dimensions
+from .base import Adapter, Dimensions, require_strategy
 
 
-def _side(config) -> int:
+def patch_side(config) -> int:
     vc = config.vision_config
     return vc.image_size[0] // vc.patch_size[0]
 
@@ -120,7 +120,7 @@ class IllavaInternVLModel(FeatureCalls):
 
     def _illava_encode(self, kind, call, stock, args, kwargs):
         pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
-        side = _side(self.config)
+        side = patch_side(self.config)
         if call is not None:
             call.crops, call.tokens = pixel_values.shape[0], pixel_values.shape[0] * (1 + side * side)
         out = stock(self, *args, **kwargs)
@@ -151,6 +151,8 @@ class InternVLAdapter(Adapter):
     config_types = ("internvl",)
     unit = 4
     keep_first = 1  # InternViT's CLS token
+    model_mixin = IllavaInternVLModel
+    layer_mixin = IllavaInternVisionLayer
     renumber_positions = True
     # reference: InternVL2.5-8B (InternViT-300M, 24 layers, 1024 patches per tile; 32 decoder layers)
     presets = {
@@ -168,7 +170,7 @@ class InternVLAdapter(Adapter):
         depth = vc.num_hidden_layers
         # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l
         feature_layer = model.config.vision_feature_layer % (depth + 1) - 1
-        return Dimensions(depth, _side(model.config) ** 2, tc.num_hidden_layers, feature_layer, unit=self.unit)
+        return Dimensions(depth, patch_side(model.config) ** 2, tc.num_hidden_layers, feature_layer, unit=self.unit)
 
     def check(self, model, config) -> None:
         if config.encoder_layers and model.config.vision_feature_layer != -1:
@@ -176,20 +178,16 @@ class InternVLAdapter(Adapter):
                 "illava: the InternVL encoder stage needs vision_feature_layer=-1 (hidden states of earlier layers "
                 f"are in block order and shortened); this model reads layer {model.config.vision_feature_layer}"
             )
-        if config.encoder_layers and model.config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "illava: the InternVL encoder stage needs vision_feature_select_strategy='default' (the CLS token "
-                f"dropped before the pixel shuffle); this model uses {model.config.vision_feature_select_strategy!r}"
-            )
+        why = "the CLS token dropped before the pixel shuffle"
+        require_strategy(model, config, "default", "the InternVL encoder stage", why)
 
-    def patch(self, model, record) -> None:
-        state = record.state
-        record.swap(model.model, IllavaInternVLModel)
-        layers = model.model.vision_tower.encoder.layer
-        for i in state.config.encoder_layers:
-            record.swap(layers[i], IllavaInternVisionLayer, layer=i)
-        if state.config.encoder_layers:
-            record.hook(model.model.vision_tower.encoder, RasterSurvivors(state, _side(model.config)), "post")
+    def encoder_layers(self, model):
+        return model.model.vision_tower.encoder.layer
+
+    def patch_more(self, model, record) -> None:
+        if record.state.config.encoder_layers:
+            survivors = RasterSurvivors(record.state, patch_side(model.config))
+            record.hook(model.model.vision_tower.encoder, survivors, "post")
 
     def item_lengths(self, kind: str, output) -> list[int] | None:
         return None  # features are per tile: an image is a run of placeholders

@@ -54,12 +54,12 @@ from .base import Adapter, Dimensions
 from .llava_family import require_clip, vit_dimensions
 
 
-def _side(config) -> int:
+def patch_side(config) -> int:
     vc = config.vision_config
     return vc.image_size // vc.patch_size
 
 
-def _cls_rows(config, strategy: str | None = None) -> int:
+def cls_rows(config, strategy: str | None = None) -> int:
     """Feature rows of the CLS token per image: 1 for ``full``, 0 for ``default`` (dropped)."""
     return 1 if (strategy or config.vision_feature_select_strategy) == "full" else 0
 
@@ -74,12 +74,12 @@ class IllavaLlavaModel(FeatureCalls):
     def _illava_encode(self, kind, call, stock, args, kwargs):
         state = self._illava.state
         pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
-        side = _side(self.config)
+        side = patch_side(self.config)
         if call is not None:
             images = pixel_values.shape[0]
             call.crops, call.tokens, call.item_crops = images, images * (1 + side * side), [1] * images
         out = stock(self, *args, **kwargs)
-        head = _cls_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
+        head = cls_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
         trace = call.work.get("crops") if call is not None else None
         if trace is not None:
             total = head + side * side
@@ -113,6 +113,8 @@ class LlavaAdapter(Adapter):
     unit = 1
     keep_first = 1  # CLIP's CLS token
     renumber_positions = True
+    model_mixin = IllavaLlavaModel
+    layer_mixin = IllavaViTLayer
     # reference: LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers, 576 patches; Vicuna-7B, 32 layers).
     # No "video" entry: LLaVA-1.5 takes no video, the "video" preset is the "image" one.
     presets = {
@@ -127,9 +129,3 @@ class LlavaAdapter(Adapter):
 
     def check(self, model, config) -> None:
         require_clip(model, config, "LLaVA")
-
-    def patch(self, model, record) -> None:
-        record.swap(model.model, IllavaLlavaModel)
-        layers = model.model.vision_tower.encoder.layers
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaViTLayer, layer=i)

@@ -39,7 +39,7 @@ LLaVA-NeXT (this class) takes no video: ``video`` is the ``image`` preset.
 from __future__ import annotations
 
 from ..encoder import FeatureCalls, IllavaViTLayer
-from .base import Adapter, Dimensions
+from .base import Adapter, Dimensions, require_strategy
 from .llava_family import AnyResLayout, require_clip, vit_dimensions
 
 
@@ -64,6 +64,8 @@ class LlavaNextAdapter(Adapter):
     config_types = ("llava_next",)
     unit = 1
     keep_first = 1  # CLIP's CLS token, in the encoder only (dropped by the "default" strategy)
+    model_mixin = IllavaLlavaNextModel
+    layer_mixin = IllavaViTLayer
     renumber_positions = True
     # reference: LLaVA-1.6-Vicuna-7B (CLIP ViT-L/14-336, 24 layers, 576 patches per view;
     # Vicuna-7B, 32 layers). No "video" entry: this class takes no video, "video" is "image".
@@ -79,14 +81,4 @@ class LlavaNextAdapter(Adapter):
 
     def check(self, model, config) -> None:
         require_clip(model, config, "LLaVA")  # the same CLIP encoder stage as LLaVA-1.5
-        if config.encoder_layers and model.config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "illava: the LLaVA-NeXT encoder stage needs vision_feature_select_strategy='default' (the CLS token "
-                f"dropped); this model uses {model.config.vision_feature_select_strategy!r}"
-            )
-
-    def patch(self, model, record) -> None:
-        record.swap(model.model, IllavaLlavaNextModel)
-        layers = model.model.vision_tower.encoder.layers
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaViTLayer, layer=i)
+        require_strategy(model, config, "default", "the LLaVA-NeXT encoder stage", "the CLS token dropped")

@@ -38,7 +38,7 @@ from ..encoder import (
     stock_argument,
     unit_trace,
 )
-from .base import Adapter, Dimensions
+from .base import Adapter, Dimensions, require_strategy
 from .llava_family import AnyResLayout, vit_dimensions
 
 
@@ -112,6 +112,8 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
 class LlavaOnevisionAdapter(Adapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     config_types = ("llava_onevision",)
+    model_mixin = IllavaLlavaOnevisionModel
+    layer_mixin = IllavaViTLayer
     unit = 1
     renumber_positions = True
     # the authors' settings for LLaVA-OneVision-7B (docs/method.md)
@@ -127,14 +129,4 @@ class LlavaOnevisionAdapter(Adapter):
         return vit_dimensions(model)
 
     def check(self, model, config) -> None:
-        if config.encoder_layers and model.config.vision_feature_select_strategy != "full":
-            raise ValueError(
-                "illava: the encoder stage needs vision_feature_select_strategy='full' (every encoder token is a "
-                f"patch); this model uses {model.config.vision_feature_select_strategy!r}"
-            )
-
-    def patch(self, model, record) -> None:
-        record.swap(model.model, IllavaLlavaOnevisionModel)
-        layers = model.model.vision_tower.encoder.layers
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaViTLayer, layer=i)
+        require_strategy(model, config, "full", "the encoder stage", "every encoder token is a patch")

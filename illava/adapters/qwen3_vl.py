@@ -164,8 +164,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
         if bad:
             raise ValueError(f"IllavaConfig.encoder_layers: Qwen3-VL has vision blocks 0-{depth - 1}; got {bad}")
 
-    def patch(self, model, record) -> None:
-        super().patch(model, record)
+    def patch_more(self, model, record) -> None:
+        super().patch_more(model, record)
         inner = model.model
         visual = inner.visual
         state = record.state

@@ -394,15 +394,14 @@ class QwenVLAdapter(Adapter):
                 )
 
     model_mixin = IllavaQwenVLModel
+    layer_mixin = IllavaQwenVisionBlock
 
-    def patch(self, model, record) -> None:
-        inner = model.model
-        visual = inner.visual
-        state = record.state
-        record.swap(inner, self.model_mixin)
+    def encoder_layers(self, model):
+        return model.model.visual.blocks
+
+    def patch_more(self, model, record) -> None:
+        visual, state = model.model.visual, record.state
         layers = state.config.encoder_layers
-        for i in layers:
-            record.swap(visual.blocks[i], IllavaQwenVisionBlock, layer=i)
         record.hook(visual, StartRun(state), "pre")
         record.hook(visual.merger, ScatterMerged(state), "post")
         if layers:

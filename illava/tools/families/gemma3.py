@@ -3,7 +3,7 @@ image processor, stock inputs, pictures of 4x4 blocks, FLOPs dimensions."""
 
 from __future__ import annotations
 
-from ...adapters.gemma3 import _geometry
+from ...adapters.gemma3 import geometry
 from .base import FamilyTools, FlopsDims, LayerDims, Panel, check_markers, placeholder, unnormalise
 
 GEMMA_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -55,7 +55,7 @@ class Gemma3Tools(FamilyTools):
     def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
         import numpy as np
 
-        side, kernel = _geometry(model.config)
+        side, kernel = geometry(model.config)
         blocks = side // kernel
         mean, std = mean_std or GEMMA_MEAN_STD
         grid = np.arange(blocks * blocks).reshape(blocks, blocks)
@@ -68,7 +68,7 @@ class Gemma3Tools(FamilyTools):
 
     def flops_dims(self, config) -> FlopsDims:
         vc, tc = config.vision_config, config.text_config
-        _, kernel = _geometry(config)
+        _, kernel = geometry(config)
         return FlopsDims(
             encoder=LayerDims.of_vit(vc),
             encoder_depth=vc.num_hidden_layers,

@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ...adapters.internvl import _side
+from ...adapters.internvl import patch_side
 from .base import FamilyTools, FlopsDims, LayerDims, Panel, check_markers, placeholder, unnormalise
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -35,7 +35,7 @@ class InternVLTools(FamilyTools):
         return GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std, **options)
 
     def tokens_per_tile(self, config) -> int:
-        return int(_side(config) ** 2 * config.downsample_ratio**2)
+        return int(patch_side(config) ** 2 * config.downsample_ratio**2)
 
     def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
         """InternVL batch: an ``<image>`` marker becomes ``<img>`` + placeholders for every tile +
@@ -73,7 +73,7 @@ class InternVLTools(FamilyTools):
         import numpy as np
 
         config = model.config
-        side, ps = _side(config), config.vision_config.patch_size[0]
+        side, ps = patch_side(config), config.vision_config.patch_size[0]
         mean, std = mean_std or IMAGENET
         blocks = (side // 2) ** 2
         ids = inputs["input_ids"]

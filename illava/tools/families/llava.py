@@ -3,7 +3,7 @@ the image processor, stock inputs, pictures of patches, FLOPs dimensions."""
 
 from __future__ import annotations
 
-from ...adapters.llava import _cls_rows, _side
+from ...adapters.llava import cls_rows, patch_side
 from .base import FamilyTools, FlopsDims, Panel, check_markers, placeholder, unnormalise
 from .shared import CLIP_L_336, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, VICUNA, clip_flops_dims
 
@@ -31,7 +31,7 @@ class LlavaTools(FamilyTools):
         )
 
     def tokens_per_image(self, config) -> int:
-        return _side(config) ** 2 + _cls_rows(config)
+        return patch_side(config) ** 2 + cls_rows(config)
 
     def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
         """LLaVA batch: every ``<image>`` marker becomes the stock number of placeholders (576 for
@@ -52,7 +52,7 @@ class LlavaTools(FamilyTools):
     def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
         import numpy as np
 
-        side, ps = _side(model.config), model.config.vision_config.patch_size
+        side, ps = patch_side(model.config), model.config.vision_config.patch_size
         mean, std = mean_std or OPENAI_CLIP
         grid = np.arange(side * side).reshape(side, side)
         pixels = inputs["pixel_values"]
