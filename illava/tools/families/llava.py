@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from ...adapters.llava import cls_rows, patch_side
 from .base import FamilyTools, FlopsDims, Panel, check_markers, placeholder, unnormalise
-from .shared import CLIP_L_336, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, VICUNA, clip_flops_dims
+from .shared import (
+    OPENAI_CLIP,
+    VICUNA,
+    clip_flops_dims,
+    clip_vicuna,
+    tiny_clip_llama,
+)
 
 
 class LlavaTools(FamilyTools):
@@ -72,18 +78,7 @@ def llava_config(size: str = "7b"):
 
     if size not in VICUNA:
         raise ValueError(f"unknown LLaVA-1.5 size {size!r}; choose one of {sorted(VICUNA)}")
-    text = {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "tie_word_embeddings": False, "pad_token_id": 32001, **VICUNA[size]}  # fmt: skip
-    return LlavaConfig(
-        vision_config=dict(CLIP_L_336),
-        text_config=text,
-        image_token_id=32000,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
+    return clip_vicuna(LlavaConfig, size)
 
 
 def tiny_llava_config(vocab_size: int = 256, **vision):
@@ -92,15 +87,4 @@ def tiny_llava_config(vocab_size: int = 256, **vision):
     grouped-query attention. Token ids match ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1)."""
     from transformers import LlavaConfig
 
-    vision_config = {**TINY_CLIP, **vision}
-    text_config = {**TINY_LLAMA, "vocab_size": vocab_size}
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=1,
-        image_seq_length=64,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=True,
-    )
+    return tiny_clip_llama(LlavaConfig, vocab_size, vision)

@@ -7,7 +7,13 @@ import torch
 from transformers.models.llava_next import modeling_llava_next as mln
 
 from .base import FamilyTools, FlopsDims, Panel, check_markers, placeholder, unnormalise
-from .shared import CLIP_L_336, OPENAI_CLIP, TINY_CLIP, TINY_LLAMA, VICUNA, anyres_panels, clip_flops_dims
+from .shared import (
+    OPENAI_CLIP,
+    anyres_panels,
+    clip_flops_dims,
+    clip_vicuna,
+    tiny_clip_llama,
+)
 
 
 class LlavaNextTools(FamilyTools):
@@ -102,20 +108,7 @@ def llava_next_config(name: str = "vicuna-7b"):
     sizes = {"vicuna-7b": "7b"}
     if name not in sizes:
         raise ValueError(f"unknown LLaVA-1.6 model {name!r}; choose one of {sorted(sizes)}")
-    text = {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "tie_word_embeddings": False, "pad_token_id": 32001,
-            **VICUNA[sizes[name]]}  # fmt: skip
-    return LlavaNextConfig(
-        vision_config=dict(CLIP_L_336),
-        text_config=text,
-        image_token_id=32000,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=[list(p) for p in _PINPOINTS_336],
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
+    return clip_vicuna(LlavaNextConfig, sizes[name], image_grid_pinpoints=[list(p) for p in _PINPOINTS_336])
 
 
 def tiny_llava_next_config(vocab_size: int = 256, **vision):
@@ -125,16 +118,5 @@ def tiny_llava_next_config(vocab_size: int = 256, **vision):
     Token ids match ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1)."""
     from transformers import LlavaNextConfig
 
-    vision_config = {**TINY_CLIP, **vision}
-    text_config = {**TINY_LLAMA, "vocab_size": vocab_size}
-    return LlavaNextConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=1,
-        image_seq_length=64,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[h * 64 // 336, w * 64 // 336] for h, w in _PINPOINTS_336],
-        projector_hidden_act="gelu",
-        tie_word_embeddings=True,
-    )
+    pinpoints = [[h * 64 // 336, w * 64 // 336] for h, w in _PINPOINTS_336]
+    return tiny_clip_llama(LlavaNextConfig, vocab_size, vision, image_grid_pinpoints=pinpoints)

@@ -56,6 +56,41 @@ TINY_LLAMA = {
 }
 
 
+def clip_vicuna(config_class, size: str, **extra):
+    """A LLaVA-style configuration (``config_class``) with the published dimensions of LLaVA-1.5 /
+    LLaVA-1.6: CLIP ViT-L/14-336 read at layer -2 without its CLS token (576 tokens per view), an
+    mlp2x_gelu projector, Vicuna v1.5 ``size`` (vocabulary 32064 as in the llava-hf releases)."""
+    text = {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": False, "pad_token_id": 32001, **VICUNA[size]}  # fmt: skip
+    return config_class(
+        vision_config=dict(CLIP_L_336),
+        text_config=text,
+        image_token_id=32000,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def tiny_clip_llama(config_class, vocab_size: int, vision: dict, **extra):
+    """A LLaVA-style configuration (``config_class``) small enough for CPU tests: ``TINY_CLIP``
+    (overridden by ``vision``) read at layer -2 without its CLS token, ``TINY_LLAMA``; ``<image>`` 1."""
+    return config_class(
+        vision_config={**TINY_CLIP, **vision},
+        text_config={**TINY_LLAMA, "vocab_size": vocab_size},
+        image_token_id=1,
+        image_seq_length=64,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+        **extra,
+    )
+
+
 def clip_flops_dims(config) -> FlopsDims:
     """CLIP (or any plain ViT) read at ``vision_feature_layer`` + a 2-layer MLP projector on every
     feature row that leaves the encoder + a Llama-style decoder (LLaVA-1.5, LLaVA-NeXT)."""
