@@ -8,7 +8,7 @@ models fit a 24 GB CPU machine in fp32. With --narrow, every width (hidden, MLP,
 few dozen while depths, patch and image sizes, tiling and presets stay: where counts depend on
 nothing else (checked: InternVL2.5-8B, Qwen2-VL-7B and Qwen2.5-VL-7B give the counts of their
 full-width runs) InternVL2.5-26B takes seconds instead of hours. Where survivors cut away by AnyRes
-unpadding or row-end tokens follow the weights (LLaVA-OneVision, LLaVA-NeXT: the adapter's
+unpadding or row-end tokens follow the weights (LLaVA-OneVision, LLaVA-NeXT: the family tooling's
 ``counts_depend_on_weights``), --narrow is refused.
 
     python benchmarks/token_counts.py --arch llava-onevision-qwen2-0.5b --frames 32
@@ -28,8 +28,8 @@ from PIL import Image
 from skimage import data
 
 import illava
-from illava.adapters import adapter_for_config
 from illava.tools.architectures import architectures, build_architecture
+from illava.tools.families import tools_for
 from illava.tools.inputs import placeholder_inputs
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     cases = {name: case for name, case in cases.items() if any(w in name for w in wanted)}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     meta = build_architecture(args.arch, device="meta")
-    if args.narrow and adapter_for_config(meta.config).counts_depend_on_weights:
+    if args.narrow and tools_for(meta.config).counts_depend_on_weights:
         parser.error(
             f"--narrow: {meta.config.model_type}'s token counts depend on the weights; "
             "run at full width (with --truncate where it applies)"

@@ -2,23 +2,34 @@
 
 - ``encoder_call``: the context of one ``get_image_features`` / ``get_video_features`` call; the
   merge layers and the layout of survivors of that call meet in its ``EncoderCall``.
-- ``merge_units``: one merge step of a batch of crops (frames, tiles): score, remove, recycle with
-  the configuration's policy, and keep track of which original unit every survivor is.
+- ``merge_units``: ``illava.plan.encoder.merge_units`` for the call in progress: one merge step of a
+  batch of crops (frames, tiles) and the call's ``CropTrace``.
 - ``stock_count_features``: survivors written into the stock number of feature rows, the rows of
   removed tokens set to NaN. Everything downstream of the encoder (placeholder checks, the
   feature expansion of beam search and ``num_return_sequences``, feature reuse across the
   forwards of ``generate``) then runs unchanged, and the decoder input drops the NaN rows.
 - layout helpers: ``pool_survivors``, ``rows_with_newlines``.
+- the pieces every family's patch is made of: ``IllavaViTLayer`` (a CLIP / SigLIP layer with the
+  encoder stage; the adapter's ``unit`` / ``keep_first`` say the geometry), ``merge_layer`` (block
+  order at the first merge layer, then ``merge_units``), ``FeatureCalls`` (the model mixin running
+  the feature calls in encoder calls and recording the placeholders).
+
+The decision of a merge step is ``illava.plan.encoder``'s (no transformers, no state); this module
+runs it inside Hugging Face transformers' modules.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import torch
 
-from .config import keep_count, removal_units
-from .merge import attention_with_received_scores, compose_assign
+from .config import keep_count
+from .merge import attention_with_received_scores
+from .plan import encoder as plan
+from .plan.encoder import CropTrace, block_order, merged_sizes, size_bias  # noqa: F401 - the backend's names
 from .state import EncoderCall, IllavaState, UnitTrace
 
 
@@ -164,45 +175,19 @@ def proportional_bias(state: IllavaState, n: int, unit: int = 1, keep_first: int
     policy asks for proportional attention (ToMe) and earlier merges made tokens of several units."""
     if not state.policy.proportional_attention:
         return None
+    trace = crop_trace(state)
+    return size_bias(trace.sizes if trace is not None else None, n, unit, keep_first)
+
+
+def crop_trace(state: IllavaState) -> CropTrace | None:
+    """The ``CropTrace`` of the encoder call in progress (``None`` before its first merge)."""
     call = current_call(state)
-    trace = call.work.get("crops") if call is not None else None
-    if trace is None or trace.sizes is None:
-        return None
-    sizes = trace.sizes.repeat_interleave(unit, dim=1)
-    sizes = torch.cat([sizes.new_ones(sizes.shape[0], keep_first), sizes], dim=1)
-    return sizes.log()[:, None, None, :n]
+    return call.work.get("crops") if call is not None else None
 
 
-class CropTrace:
-    """Which original unit every current unit of a batch of crops is (``work["crops"]``)."""
-
-    def __init__(self, crops: int, units: int, device):
-        index = torch.arange(units, device=device).expand(crops, units)
-        self.positions = index  # (crops, n) original unit of each current unit
-        self.assign = index  # (crops, U) current unit representing each original unit, -1: dropped
-        self.sizes: torch.Tensor | None = None  # (crops, n) original units each current unit stands for
-        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    def step(self, layer: int, res, received: torch.Tensor, record: bool) -> None:
-        before = self.positions
-        self.positions = before.gather(1, res.kept)
-        self.sizes = merged_sizes(self.sizes, res, before.shape[1])
-        self.assign = compose_assign(self.assign, res.assign)
-        if record:
-            crops, units = self.assign.shape
-            owner = torch.where(self.assign >= 0, self.positions.gather(1, self.assign.clamp(min=0)), -1)
-            scores = torch.full((crops, units), float("nan"), device=received.device)
-            self.records.append((layer, owner.cpu(), scores.scatter(1, before, received.float()).cpu()))
-
-    def unit_trace(self, grids: list[tuple[int, int]], feature: torch.Tensor) -> UnitTrace:
-        """One format for every family: owners over the units of the whole call."""
-        units = self.assign.shape[1]
-        offset = (torch.arange(self.assign.shape[0]) * units)[:, None]
-        layers = [
-            (layer, torch.where(owner >= 0, owner + offset, -1).flatten(), scores.flatten())
-            for layer, owner, scores in self.records
-        ]
-        return UnitTrace(grids=grids, layers=layers, feature=feature)
+def unit_trace(trace: CropTrace, grids: list[tuple[int, int]], feature: torch.Tensor) -> UnitTrace:
+    """One format for every family: owners over the units of the whole call."""
+    return UnitTrace(grids=grids, layers=trace.call_layers(), feature=feature)
 
 
 def merge_units(
@@ -214,51 +199,110 @@ def merge_units(
     keep_first: int = 0,
     keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Remove and recycle the configured number of units of every crop at encoder ``layer``.
-
-    ``hidden`` ``(B, N, D)``: ``keep_first`` tokens that are never removed (a CLS token), then
-    units of ``unit`` consecutive tokens (a 2x2 block is 4 tokens); ``received`` ``(B, N)`` the
-    attention every token receives; ``keys`` ``(B, N, K)`` the layer's keys (heads averaged), the
-    similarity metric of policies that match tokens. A unit's score is the mean of its tokens';
-    recycling treats a unit's tokens position by position (one vector of ``unit * D``).
-    """
-    cfg = state.config
-    b, n, d = hidden.shape
-    head, body = hidden[:, :keep_first], hidden[:, keep_first:]
-    units = body.shape[1] // unit
-    attention = received[:, keep_first:].reshape(b, units, unit).float().mean(-1)
-    scores = state.policy.scores("encoder", attention)
-    r = removal_units(units, cfg.removal_at(layer), unit)
-    if r >= units:
-        raise ValueError(
-            f"illava: encoder layer {layer} would remove {r} of the {units} units of a crop; lower encoder_removal"
-        )
+    """``illava.plan.encoder.merge_units`` at encoder ``layer`` of the call in progress: its
+    ``CropTrace`` (``work["crops"]``) goes in and out, the step's token counts go to its statistics."""
     call = current_call(state)
     trace = call.work.get("crops") if call is not None else None
-    side = round(units**0.5)
-    context = {
-        "metric": None if keys is None else keys[:, keep_first:].reshape(b, units, -1),
-        "sizes": trace.sizes if trace is not None else None,
-        # the unit grid of the crop, while every unit is still there in raster order
-        "grid": (side, side) if trace is None and side * side == units else None,
-    }
-    res = state.policy.reduce("encoder", body.reshape(b, units, unit * d), scores, r, cfg, **context)
-    kept = res.tokens.shape[1]
+    out, trace = plan.merge_units(
+        state.config, state.policy, layer, hidden, received, unit, keep_first, keys, trace, recording(state)
+    )
     if call is not None:
-        if trace is None:
-            trace = call.work["crops"] = CropTrace(b, units, hidden.device)
-        trace.step(layer, res, attention, recording(state))
-        call.layers.append((layer, b * n, b * (keep_first + kept * unit)))
-    return torch.cat([head, res.tokens.reshape(b, kept * unit, d)], dim=1)
+        call.work["crops"] = trace
+        call.layers.append((layer, hidden.shape[0] * hidden.shape[1], out.shape[0] * out.shape[1]))
+    return out
 
 
-def merged_sizes(sizes: torch.Tensor | None, res, n: int) -> torch.Tensor:
-    """Original units every output token stands for, after a merge (``res.assign``)."""
-    b = res.assign.shape[0]
-    sizes = torch.ones(b, n, device=res.assign.device) if sizes is None else sizes
-    out = torch.zeros(b, res.kept.shape[1] + 1, device=sizes.device)
-    slot = torch.where(res.assign >= 0, res.assign, res.kept.shape[1])
-    return out.scatter_add_(1, slot, sizes.float())[:, :-1]
+def merge_layer(state: IllavaState, layer: int, hidden: torch.Tensor, received: torch.Tensor, keys: torch.Tensor):
+    """The merge of a ViT layer of the adapter's geometry (``adapter.unit`` tokens per unit after
+    ``adapter.keep_first`` kept tokens): at the first merge layer, units of ``k x k`` patches
+    (``unit = k * k > 1``) are made consecutive (block order; attention does not depend on token
+    order, positions were added at the embeddings), then ``merge_units``."""
+    unit, keep_first = state.adapter.unit, state.adapter.keep_first
+    if unit > 1 and layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
+        side = round((hidden.shape[1] - keep_first) ** 0.5)
+        patches = block_order(side, round(unit**0.5), hidden.device) + keep_first
+        order = torch.cat([torch.arange(keep_first, device=hidden.device), patches])
+        hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
+    return merge_units(state, layer, hidden, received, unit, keep_first, keys)
+
+
+class IllavaViTLayer:
+    """A pre-norm ViT layer (CLIP, SigLIP: ``layer_norm1``, ``self_attn`` with ``q/k/v/out_proj``,
+    ``layer_norm2``, ``mlp``) with the encoder stage, for every family: the geometry of units is the
+    adapter's data (``unit``, ``keep_first``).
+
+    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
+    token receives, whatever ``attn_implementation`` says; after the attention residual and before
+    the MLP, ``merge_layer`` removes and recycles units. Disabled: stock forward.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        state = self._illava.state
+        if not state.config.encoder_active:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        unit, keep_first = state.adapter.unit, state.adapter.keep_first
+        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit, keep_first)
+        hidden = merge_layer(state, self._illava.layer, hidden, received, keys)
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class FeatureCalls:
+    """Model mixin of every family: each stock ``get_<kind>_features`` runs inside an encoder call of
+    that kind and its output goes through ``features_done``; ``get_placeholder_mask`` records where
+    stock puts the features of every kind.
+
+    The overrides are made for the stock class at the swap (``__init_subclass__`` of the swapped
+    class), with the stock signature (``generate`` picks their arguments from it). Family
+    differences are hooks: ``_illava_encode`` (the call itself, default stock) and
+    ``_illava_finish`` (after ``features_done``). Disabled: stock.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_illava_original")
+        if original is None:
+            return
+        for kind in ("image", "video"):
+            stock = getattr(original, f"get_{kind}_features", None)
+            if stock is not None:
+                setattr(cls, f"get_{kind}_features", _feature_call(kind, stock))
+
+    def _illava_encode(self, kind: str, call: EncoderCall | None, stock, args: tuple, kwargs: dict):
+        """The feature output of ``kind`` inside its encoder call (``stock``: the stock method)."""
+        return stock(self, *args, **kwargs)
+
+    def _illava_finish(self, kind: str, output):
+        return output
+
+    def get_placeholder_mask(self, *args, **kwargs):
+        masks = super().get_placeholder_mask(*args, **kwargs)
+        state = self._illava.state
+        if not isinstance(masks, tuple):  # one kind: images
+            record_placeholders(state, "image", masks)
+            return masks
+        given = dict(zip(("input_ids", "inputs_embeds", "image_features", "video_features"), args), **kwargs)
+        for kind, mask in zip(("image", "video"), masks):
+            if given.get(f"{kind}_features") is not None:
+                record_placeholders(state, kind, mask)
+        return masks
+
+
+def _feature_call(kind: str, stock):
+    @functools.wraps(stock)
+    def get_features(self, *args, **kwargs):
+        state = self._illava.state
+        with encoder_call(state, kind) as call:
+            out = self._illava_encode(kind, call, stock, args, kwargs)
+        return self._illava_finish(kind, features_done(state, call, out, kind))
+
+    return get_features
+
+
+def stock_argument(stock, args: tuple, kwargs: dict, name: str):
+    """The value of argument ``name`` of a call of ``stock`` (unbound) with ``args`` / ``kwargs``."""
+    bound = inspect.signature(stock).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments[name]
 
 
 def stock_count_features(survivors: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:

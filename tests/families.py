@@ -1,6 +1,6 @@
 """Tiny random-weight models of every supported family, and their inputs, for the shared tests.
 
-The families come from the adapters (``adapter.tiny``): a new family is tested by the shared test
+The families come from their tooling (``illava.tools.families``: ``tiny``): a new family is tested by the shared test
 modules as soon as it is registered. Every family gives a model factory, an input builder (prompts
 with ``<image>`` / ``<video>`` markers, PIL images, videos as lists of frames), and a configuration
 that exercises both stages.

@@ -11,10 +11,10 @@ from illava.tools.cli import app
 
 @pytest.fixture
 def tiny_folder(tmp_path, model, config):
-    from illava.adapters import adapter_for_config
+    from illava.tools.families import tools_for
 
     model.save_pretrained(tmp_path / "tiny")
-    adapter_for_config(config).image_processor(config).save_pretrained(tmp_path / "tiny")
+    tools_for(config).image_processor(config).save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
 
 

@@ -57,11 +57,11 @@ def one_error_line(result, *words):
 
 
 def test_bad_arguments_end_in_one_line(tmp_path, model, config):
-    from illava.adapters import adapter_for_config
+    from illava.tools.families import tools_for
 
     folder = tmp_path / "tiny"
     model.save_pretrained(folder)
-    adapter_for_config(config).image_processor(config).save_pretrained(folder)
+    tools_for(config).image_processor(config).save_pretrained(folder)
     empty, corrupt, text_only = tmp_path / "empty.png", tmp_path / "corrupt.jpg", tmp_path / "text"
     empty.write_bytes(b"")
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

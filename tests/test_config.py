@@ -4,7 +4,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import illava
 from illava import IllavaConfig
 from illava._compat import check_transformers_version
-from illava.adapters.llava_onevision import llava_onevision_config
+from illava.tools.families.llava_onevision import llava_onevision_config
 
 
 @pytest.mark.parametrize(

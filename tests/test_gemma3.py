@@ -45,7 +45,7 @@ def greedy(model, inputs, n=5):
 
 
 def test_block_order_lists_every_block_in_raster_order():
-    from illava.adapters.gemma3 import block_order
+    from illava.plan.encoder import block_order
 
     order = block_order(8, 4)
     assert sorted(order.tolist()) == list(range(64))
@@ -138,7 +138,7 @@ def test_encoder_stage_equals_stock_with_the_survivors_in_a_shorter_prompt(photo
     """With a window longer than the prompt, the encoder stage is stock Gemma 3 run on a prompt
     holding only the surviving image tokens (positions renumbered), each image's survivors still
     one bidirectional block (given by ``token_type_ids``)."""
-    from illava.adapters.gemma3 import tiny_gemma3_config
+    from illava.tools.families.gemma3 import tiny_gemma3_config
 
     model = make(config=tiny_gemma3_config(sliding_window=4096))
     model.set_attn_implementation("sdpa")
@@ -282,7 +282,7 @@ def test_generation_decodes_over_the_reduced_cache_with_stock_windows(photos):
 def test_presets_for_published_sizes():
     from transformers import Gemma3ForConditionalGeneration
 
-    from illava.adapters.gemma3 import gemma3_config
+    from illava.tools.families.gemma3 import gemma3_config
 
     for size, depth, llm in (("4b", 34, (12,)), ("27b", 62, (24,))):
         config = gemma3_config(size)
@@ -304,7 +304,7 @@ def test_tiny_preset_scores_at_a_global_layer_and_other_poolings_are_refused(pho
     model = FAM.make()
     cfg = illava.configure(model, "image")
     assert cfg.llm_layers == (2,) and cfg.encoder_layers == (1, 2, 3) and cfg.encoder_removal == 32
-    from illava.adapters.gemma3 import tiny_gemma3_config
+    from illava.tools.families.gemma3 import tiny_gemma3_config
 
     config = tiny_gemma3_config()
     config.mm_tokens_per_image = 64  # 2x2 pooling
@@ -317,7 +317,7 @@ def test_tiny_preset_scores_at_a_global_layer_and_other_poolings_are_refused(pho
 
 
 def test_inputs_have_the_stock_layout(photos):
-    from illava.adapters.gemma3 import gemma3_config
+    from illava.tools.families.gemma3 import gemma3_config
     from illava.tools.inputs import placeholder_inputs
 
     inputs = placeholder_inputs(gemma3_config("4b"), [photos["coffee"].resize((1280, 720))])

@@ -103,7 +103,7 @@ def test_video_frames_are_tiles(frames):
 def test_presets_for_published_sizes():
     from transformers import InternVLForConditionalGeneration
 
-    from illava.adapters.internvl import internvl_config
+    from illava.tools.families.internvl import internvl_config
 
     # InternViT-6B has 45 layers and InternLM2.5-20B 48: layers scale with depth
     for size, encoder, llm in (("8b", (5, 6, 7, 8), (9,)), ("26b", (9, 11, 13, 15), (14,))):

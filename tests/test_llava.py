@@ -178,7 +178,7 @@ def test_batch_equals_singles_with_several_images_per_sample(photos, llm_layers)
 def test_presets_for_published_sizes():
     from transformers import LlavaForConditionalGeneration
 
-    from illava.adapters.llava import llava_config
+    from illava.tools.families.llava import llava_config
 
     # CLIP-L has 24 layers in both; Vicuna-13B has 40 layers: the LLM layer scales to 11
     for size, llm in (("7b", (9,)), ("13b", (11,))):
@@ -209,7 +209,7 @@ def test_merges_after_the_feature_layer_are_refused():
 def test_other_vision_towers_refuse_the_encoder_stage(photos):
     from transformers import LlavaForConditionalGeneration
 
-    from illava.adapters.llava import tiny_llava_config
+    from illava.tools.families.llava import tiny_llava_config
 
     config = tiny_llava_config(model_type="siglip_vision_model", vision_use_head=False)
     model = LlavaForConditionalGeneration(config).eval()
@@ -219,7 +219,7 @@ def test_other_vision_towers_refuse_the_encoder_stage(photos):
 
 
 def test_inputs_have_the_stock_layout(photos):
-    from illava.adapters.llava import llava_config
+    from illava.tools.families.llava import llava_config
     from illava.tools.inputs import placeholder_inputs
 
     inputs = placeholder_inputs(llava_config("7b"), [photos["coffee"].resize((1280, 720))])

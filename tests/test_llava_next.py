@@ -180,7 +180,7 @@ def test_batch_equals_singles_mixed_sizes_and_text_only(photos, shapes, llm_laye
 def test_presets_and_stock_layout_for_the_published_model(photos):
     from transformers import LlavaNextForConditionalGeneration
 
-    from illava.adapters.llava_next import image_token_count, llava_next_config
+    from illava.tools.families.llava_next import image_token_count, llava_next_config
     from illava.tools.inputs import placeholder_inputs
 
     config = llava_next_config("vicuna-7b")
@@ -207,7 +207,7 @@ def test_presets_and_stock_layout_for_the_published_model(photos):
 def test_encoder_stage_refusals():
     from transformers import LlavaNextForConditionalGeneration
 
-    from illava.adapters.llava_next import tiny_llava_next_config
+    from illava.tools.families.llava_next import tiny_llava_next_config
 
     model = FAM.make()
     with pytest.raises(ValueError, match=r"comes after the layer the model reads its visual features from \(4\)"):

@@ -50,8 +50,8 @@ def test_models_registered_through_entry_points():
 def folders(tmp_path_factory):
     from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from illava.adapters import adapter_for_config
     from illava.tools.architectures import tiny_config
+    from illava.tools.families import tools_for
     from illava.tools.inputs import word_tokenizer
 
     root = tmp_path_factory.mktemp("lmms")
@@ -60,12 +60,12 @@ def folders(tmp_path_factory):
     cfg.text_config.initializer_range = cfg.vision_config.initializer_range = 0.2
     torch.manual_seed(0)
     LlavaOnevisionForConditionalGeneration(cfg).save_pretrained(root / "llava")
-    adapter_for_config(cfg).image_processor(cfg).save_pretrained(root / "llava")
+    tools_for(cfg).image_processor(cfg).save_pretrained(root / "llava")
     tokenizer.save_pretrained(root / "llava")
     qcfg = tiny_config("tiny-qwen2-vl")
     torch.manual_seed(0)
     Qwen2VLForConditionalGeneration(qcfg).save_pretrained(root / "qwen")
-    adapter_for_config(qcfg).image_processor(qcfg).save_pretrained(root / "qwen")
+    tools_for(qcfg).image_processor(qcfg).save_pretrained(root / "qwen")
     tokenizer.save_pretrained(root / "qwen")
     return root, write_yes_no_task(root / "task")
 

@@ -12,8 +12,8 @@ from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForCondition
 
 import illava
 from illava import IllavaConfig
-from illava.adapters.qwen3_vl import qwen3_vl_config, tiny_qwen3_vl_config
 from illava.config import removal_units
+from illava.tools.families.qwen3_vl import qwen3_vl_config, tiny_qwen3_vl_config
 from illava.tools.inputs import build
 
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")

@@ -85,7 +85,7 @@ def test_disabled_and_removed_give_stock_logits(make_qwen, qbuild, photos, frame
 
 
 def test_presets_follow_the_authors_settings(make_qwen, version):
-    from illava.adapters.qwen_vl import qwen2_5_vl_config, qwen2_vl_config
+    from illava.tools.families.qwen_vl import qwen2_5_vl_config, qwen2_vl_config
 
     cls = CLASSES[version]
     for size, llm in (("7b", (6, 7, 8)), ("2b" if version == "2" else "3b", ())):

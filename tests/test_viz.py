@@ -13,6 +13,7 @@ from illava import IllavaConfig, Policy
 from illava.adapters import adapter_for
 from illava.tools import viz
 from illava.tools.cli import app
+from illava.tools.families import tools_for
 
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")
 VIDEO_Q = chat("<video>\nwhat happens?")
@@ -197,7 +198,7 @@ def test_pictures_are_the_photos_the_processor_made(fam, photos):
     assert panel.units.shape == (h // panel.cell, w // panel.cell)
     photo, expected = photos["cat"], [photos["cat"]]
     if h == w:  # or padded to a square with the mean colour first (LLaVA-1.5)
-        mean = adapter_for(model).image_processor(model.config).image_mean
+        mean = tools_for(model).image_processor(model.config).image_mean
         square = Image.new("RGB", (max(photo.size),) * 2, tuple(int(255 * m) for m in mean))
         square.paste(photo, ((square.width - photo.width) // 2, (square.height - photo.height) // 2))
         expected.append(square)
@@ -207,10 +208,10 @@ def test_pictures_are_the_photos_the_processor_made(fam, photos):
 
 @pytest.fixture
 def tiny_folder(tmp_path, fam):
-    from illava.adapters import adapter_for_config
+    from illava.tools.families import tools_for
 
     fam.make().save_pretrained(tmp_path / "tiny")
-    adapter_for_config(fam.config).image_processor(fam.config).save_pretrained(tmp_path / "tiny")
+    tools_for(fam.config).image_processor(fam.config).save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
 
 

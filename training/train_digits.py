@@ -253,9 +253,9 @@ def pretrain_vision(model, processor, pool, rng, steps: int, lr: float, batch: i
 
 
 def video_pixels(frames, processor) -> torch.Tensor:
-    from illava.adapters.llava_onevision import _video_pixels
+    from illava.tools.families.llava_onevision import video_pixels
 
-    return _video_pixels(frames, processor, np)
+    return video_pixels(frames, processor, np)
 
 
 def attention_guide(attentions, rows, layers=(1, 2, 3), head: int = 0) -> torch.Tensor:

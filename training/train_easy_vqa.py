@@ -177,7 +177,7 @@ def main() -> None:
         by_image.setdefault(image_id, []).append((q, a))
 
     # token ids of each question: prompt with the image placeholders expanded, answer, end token
-    from illava.adapters.llava_onevision import image_token_count
+    from illava.tools.families.llava_onevision import image_token_count
 
     visual = image_token_count(config, [64, 64])
     eos = tokenizer.eos_token_id

@@ -1,9 +1,10 @@
 """The adapter interface: everything illava knows about one model family, in one place.
 
-Adding a family = one adapter file (a subclass of ``Adapter``), its tests, and one line in the
-registry (``illava/adapters/__init__.py``). Nothing outside the adapters asks which family a model
-is; the runtime (``illava.encoder``, ``illava.llm``) and the tools (``illava.tools``) only call what
-is declared here.
+Adding a family = one adapter file (a subclass of ``Adapter``), its tooling file
+(``illava/tools/families/<family>.py``), its tests, and one line in each registry
+(``illava/adapters/__init__.py``, ``illava/tools/families/__init__.py``). Nothing outside the
+adapters asks which family a model is; the runtime (``illava.encoder``, ``illava.llm``,
+``illava.api``, ``illava.methods``) only calls what is declared here.
 
 An adapter says:
 
@@ -13,9 +14,10 @@ An adapter says:
 3. **its dimensions and presets** (``dimensions``; ``presets``: the authors' settings or our own
    choice by the same principle, with the reference dimensions they were chosen for);
 4. **its unit of removal** (``unit``: 1 for a patch, 4 for a 2x2 block that a patch merger or a
-   pixel shuffle folds into one LLM token) and how the encoder stage runs (``patch``: the merge
-   layers and the layout of survivors, producing features at the stock count with NaN rows for
-   removed tokens, ``illava.encoder.stock_count_features``);
+   pixel shuffle folds into one LLM token, 16 for a 4x4 block a pooling folds; ``keep_first``:
+   encoder tokens before the units that are never removed, a CLS token) and how the encoder
+   stage runs (``patch``: the merge layers and the layout of survivors, producing features at the
+   stock count with NaN rows for removed tokens, ``illava.encoder.stock_count_features``);
 5. **how survivors are positioned for the LLM** (``renumber_positions``: as if the prompt had fewer
    placeholders, or the survivors' own positions, e.g. M-RoPE) and how the features split into
    images / videos (``item_lengths``);
@@ -23,15 +25,15 @@ An adapter says:
 7. **extra decoder inputs** that must be gathered with the kept tokens (``gather_decoder_inputs``,
    e.g. Qwen3-VL's deepstack features; default: none), and the decoder's padding mask and
    bidirectional blocks when the model prepares the masks itself (``decoder_masks``, Gemma 3);
-8. **for the tools**: published architectures (``architectures``) and tiny test configurations
-   (``tiny``), how to build stock inputs without the combined processor (``build_inputs``), how to
-   turn pixel values back into pictures of its units (``pictures``), and its FLOPs dimensions
-   (``flops_dims``).
+
+What only the tools need (bundled and tiny configurations, image processors, stock inputs without
+the combined processor, pictures of units, FLOPs dimensions) is not here: it is the family's
+``illava.tools.families`` module (``illava.tools.families.base.FamilyTools``). The runtime
+imports no tools (the deprecated ``build_inputs`` delegate below imports them only when called).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,58 +60,15 @@ class Dimensions:
         return vars(self).copy()
 
 
-@dataclass
-class LayerDims:
-    """One transformer layer for the FLOPs model (``illava.tools.flops``)."""
-
-    d: int
-    m: int
-    heads: int
-    kv_heads: int
-    gated: bool
-
-    @classmethod
-    def of_decoder(cls, tc) -> LayerDims:
-        """A gated (SwiGLU / GeGLU) decoder layer from a transformers text configuration."""
-        return cls(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, True)
-
-
-@dataclass
-class FlopsDims:
-    encoder: LayerDims
-    encoder_depth: int
-    projector_macs_per_token: float  # per token leaving the encoder (after merges)
-    text: LayerDims
-    text_depth: int
-    vocab: int
-    window: int | None = None  # tokens a window layer attends over (Qwen2.5-VL), None: whole crop
-    full_layers: tuple[int, ...] = ()  # layers attending over the whole crop when ``window`` is set
-    projector_on_stock: bool = False  # the projector runs on the stock token count (removed rows included)
-
-
-@dataclass
-class Panel:
-    """A picture the units of one item are drawn on (``illava.tools.viz``)."""
-
-    name: str
-    image: object  # (H, W, 3) float numpy array in [0, 1], H = rows * cell, W = cols * cell
-    units: object  # (rows, cols) numpy array: unit (numbered over the encoder call) of every cell, -1: none
-    cell: int  # pixels per cell
-
-
 class Adapter:
     """Base of every family adapter; the defaults fit Llama-style decoders."""
 
     model_classes: tuple[str, ...] = ()
     config_types: tuple[str, ...] = ()
     unit = 1
+    keep_first = 0  # encoder tokens of a crop before its units, never removed (a CLS token: 1)
     renumber_positions = True
-    # token counts after the encoder stage depend on the weights (e.g. survivors cut away by AnyRes
-    # unpadding): tools must not measure them on models of other widths (token_counts --narrow)
-    counts_depend_on_weights = False
     presets: dict[str, dict] = {}  # config type -> {"reference": dims, "image": settings, "video": settings}
-    architectures: dict[str, Callable] = {}  # name -> config with the published dimensions
-    tiny: dict[str, Callable] = {}  # name -> small config for CPU tests (word_tokenizer ids)
 
     # ------------------------------------------------------------------ parts and dimensions
     def family(self, model) -> str:
@@ -157,9 +116,24 @@ class Adapter:
         """Raise ``ValueError`` for a configuration this family cannot run."""
 
     # ------------------------------------------------------------------ the stages
+    model_mixin: type | None = None  # mixin of the inner model (``illava.encoder.FeatureCalls`` and the layout)
+    layer_mixin: type | None = None  # mixin of the encoder's merge layers (``illava.encoder.IllavaViTLayer``)
+
+    def encoder_layers(self, model) -> torch.nn.ModuleList:
+        """The vision encoder's layers (the merge layers are among them)."""
+        return self.parts(model).vision.encoder.layers
+
     def patch(self, model, record) -> None:
-        """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``)."""
-        raise NotImplementedError
+        """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``):
+        ``model_mixin`` on the inner model, ``layer_mixin`` on every merge layer, then ``patch_more``."""
+        record.swap(self.parts(model).inner, self.model_mixin)
+        layers = self.encoder_layers(model)
+        for i in record.state.config.encoder_layers:
+            record.swap(layers[i], self.layer_mixin, layer=i)
+        self.patch_more(model, record)
+
+    def patch_more(self, model, record) -> None:
+        """Hooks and swaps of the family beyond ``patch``'s (default: none)."""
 
     def item_lengths(self, kind: str, output) -> list[int] | None:
         """Feature rows of every image / video in an encoder output (``pooler_output`` a list per
@@ -188,29 +162,14 @@ class Adapter:
         """Gather decoder inputs aligned with the sequence (other than embeddings and positions)
         with the kept tokens ``index`` ``(B, L')`` at the decoder input."""
 
-    # ------------------------------------------------------------------ for the tools
-    def build_inputs(self, config, tokenizer, prompts, images=(), videos=()):
-        """Stock inputs for ``prompts`` whose ``<image>`` / ``<video>`` markers are filled in order
-        from PIL ``images`` and ``videos`` (lists of frames), without the combined processor."""
-        raise NotImplementedError
-
-    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
-        """Panels of every item of an encoder call, from the pixel values the model received
-        (``mean_std``: the normalisation to undo, default the family's image processor's)."""
-        raise NotImplementedError
-
-    def flops_dims(self, config) -> FlopsDims:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ transitional
 
 
-def placeholder(tokenizer, token_id: int, default: str) -> str:
-    """The tokenizer's spelling of a placeholder id (``<|image_pad|>`` for Qwen's, ``<image>`` ...)."""
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    token = convert(token_id) if convert is not None and token_id is not None else None
-    return token if isinstance(token, str) else default
-
-
-def unnormalise(pixels: torch.Tensor, mean, std):
-    """``(3, H, W)`` normalised pixel values -> ``(H, W, 3)`` numpy array in [0, 1]."""
-    x = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+def require_strategy(model, config: IllavaConfig, wanted: str, stage: str, why: str) -> None:
+    """``ValueError`` when the encoder stage is on and the model's ``vision_feature_select_strategy``
+    is not ``wanted``; ``stage`` names the encoder stage, ``why`` says what ``wanted`` means."""
+    strategy = model.config.vision_feature_select_strategy
+    if config.encoder_layers and strategy != wanted:
+        raise ValueError(
+            f"illava: {stage} needs vision_feature_select_strategy={wanted!r} ({why}); this model uses {strategy!r}"
+        )

@@ -2,7 +2,8 @@
 pooling + a linear projector + the Gemma 3 decoder).
 
 What is patched (``illava.remove`` undoes all of it):
-- the SigLIP layers listed in ``encoder_layers`` get ``IllavaGemma3SiglipLayer`` (the encoder stage);
+- the SigLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder
+  stage, ``unit = 16``);
 - the inner ``Gemma3Model`` gets ``IllavaGemma3Model`` (layout of survivors, feature calls,
   placeholder bookkeeping, and what the decoder side needs to rebuild Gemma's masks);
 - the decoder-side hooks of ``illava.llm``.
@@ -51,8 +52,8 @@ transformers): ``<video>`` markers are refused and the ``video`` preset is the `
 LLaVA-1.5).
 
 Pan-and-scan crops need nothing special in the model: every crop is its own 256-token image
-(own ``<start_of_image>`` span, own bidirectional block), reduced like an image. ``build_inputs``
-does not make them (the processor's default, ``do_pan_and_scan=False``).
+(own ``<start_of_image>`` span, own bidirectional block), reduced like an image. The tooling's
+``build_inputs`` does not make them (the processor's default, ``do_pan_and_scan=False``).
 """
 
 from __future__ import annotations
@@ -61,68 +62,34 @@ import torch
 
 from ..encoder import (
     CropTrace,
-    encoder_call,
-    features_done,
-    merge_units,
-    record_placeholders,
+    FeatureCalls,
+    IllavaViTLayer,
     recording,
+    stock_argument,
     stock_count_features,
-    vit_attention_half,
+    unit_trace,
 )
-from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+from .base import Adapter, Dimensions
 
-GEMMA_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 KERNEL = 4  # the pooling of every released Gemma 3: 64x64 patches -> 16x16 tokens
 UNIT = KERNEL * KERNEL
 
 
-def _geometry(config) -> tuple[int, int]:
+def geometry(config) -> tuple[int, int]:
     """(patches per side, pooling kernel) of an image."""
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
     return side, side // int(config.mm_tokens_per_image**0.5)
 
 
-def block_order(side: int, kernel: int, device=None) -> torch.Tensor:
-    """Raster index of the patch at every position of the block order: block after block (raster
-    order of the block grid), each block's ``kernel x kernel`` patches in raster order."""
-    blocks = side // kernel
-    r = torch.arange(side, device=device)[:, None]
-    c = torch.arange(side, device=device)[None]
-    key = ((r // kernel) * blocks + c // kernel) * kernel * kernel + (r % kernel) * kernel + c % kernel
-    return torch.argsort(key.flatten())
-
-
-class IllavaGemma3SiglipLayer:
-    """SigLIP encoder layer of Gemma 3 with the encoder stage.
-
-    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
-    token receives, whatever ``attn_implementation`` says; after the attention residual and before
-    the MLP, the tokens are put in block order (first merge layer only) and
-    ``illava.encoder.merge_units`` removes and recycles whole 4x4 blocks. Disabled: stock forward.
-    """
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = self._illava.state
-        if not state.config.encoder_active:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit=UNIT)
-        if self._illava.layer == min(state.config.encoder_layers):  # raster -> block order
-            side = round(hidden.shape[1] ** 0.5)
-            order = block_order(side, KERNEL, hidden.device)
-            hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
-        hidden = merge_units(state, self._illava.layer, hidden, received, unit=UNIT, keys=keys)
-        return hidden + self.mlp(self.layer_norm2(hidden))
-
-
-class IllavaGemma3Model:
+class IllavaGemma3Model(FeatureCalls):
     """Gemma 3 model with iLLaVA's layout of survivors.
 
     Modifications: ``forward`` remembers the 2D attention mask and ``token_type_ids`` it received
     (the decoder side rebuilds Gemma's masks from them); ``get_image_features`` runs inside an
-    encoder call and, with the encoder stage, pools and projects the surviving blocks into their
-    own rows of the stock 256 (NaN rows for removed blocks, module docstring);
-    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+    encoder call (``FeatureCalls``) and, with the encoder stage, pools and projects the surviving
+    blocks into their own rows of the stock 256 (NaN rows for removed blocks, module docstring).
+    Disabled: stock.
     """
 
     _NAMES = ("input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "token_type_ids")
@@ -139,55 +106,53 @@ class IllavaGemma3Model:
             scope.model_inputs = {k: given.get(k) for k in ("attention_mask", "token_type_ids")}
             return super().forward(*args, **kwargs)
 
-    def get_image_features(self, pixel_values, **kwargs):
+    def _illava_encode(self, kind, call, stock, args, kwargs):
         state = self._illava.state
-        with encoder_call(state, "image") as call:
-            side, kernel = _geometry(self.config)
-            blocks = (side // kernel) ** 2
-            images = pixel_values.shape[0]
-            if call is not None:
-                call.crops, call.tokens, call.item_crops = images, images * side * side, [1] * images
-            if call is None or not state.config.encoder_active:
-                out = super().get_image_features(pixel_values, **kwargs)
-                trace = None
-            else:
-                kwargs.pop("return_dict", None)
-                out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
-                hidden = out.last_hidden_state  # (images, survivors * 16, D) in block order
-                proj = self.multi_modal_projector
-                pooled = hidden.view(images, -1, kernel * kernel, hidden.shape[-1]).mean(2)  # = AvgPool2d of a block
-                features = torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(hidden)
-                trace = call.work.get("crops")
-                slots = trace.positions if trace is not None else torch.arange(blocks).expand(images, -1)
-                out.pooler_output = torch.stack(
-                    [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]
-                )
-            if call is not None and recording(state):
-                _unit_trace(call, trace, images, side // kernel, pixel_values.device)
-        return features_done(state, call, out, "image")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        record_placeholders(self._illava.state, "image", mask)
-        return mask
+        pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
+        side, kernel = geometry(self.config)
+        blocks = (side // kernel) ** 2
+        images = pixel_values.shape[0]
+        if call is not None:
+            call.crops, call.tokens, call.item_crops = images, images * side * side, [1] * images
+        if call is None or not state.config.encoder_active:
+            out = stock(self, *args, **kwargs)
+            trace = None
+        else:
+            extra = stock_argument(stock, args, kwargs, "kwargs")
+            extra.pop("return_dict", None)
+            out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **extra)
+            hidden = out.last_hidden_state  # (images, survivors * 16, D) in block order
+            proj = self.multi_modal_projector
+            pooled = hidden.view(images, -1, kernel * kernel, hidden.shape[-1]).mean(2)  # = AvgPool2d of a block
+            features = torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(hidden)
+            trace = call.work.get("crops")
+            slots = trace.positions if trace is not None else torch.arange(blocks).expand(images, -1)
+            out.pooler_output = torch.stack(
+                [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]
+            )
+        if call is not None and recording(state):
+            _unit_trace(call, trace, images, side // kernel, pixel_values.device)
+        return out
 
 
 def _unit_trace(call, trace, images: int, blocks_side: int, device) -> None:
     """``illava.tools.viz``: units are the 4x4 blocks of every image in raster order of the block
     grid; the feature row of a block is its image's first row + the block of its survivor."""
     units = blocks_side * blocks_side
-    trace = trace or CropTrace(images, units, device)
+    trace = trace or CropTrace.start(images, units, device)
     first = (torch.arange(images) * units)[:, None]
     assign, positions = trace.assign.cpu(), trace.positions.cpu()
     owner = positions.gather(1, assign.clamp(min=0))
     feature = torch.where(assign >= 0, owner + first, -1)
-    call.trace = trace.unit_trace([(blocks_side, blocks_side)] * images, feature.flatten())
+    call.trace = unit_trace(trace, [(blocks_side, blocks_side)] * images, feature.flatten())
 
 
 class Gemma3Adapter(Adapter):
     model_classes = ("Gemma3ForConditionalGeneration",)
     config_types = ("gemma3",)
     unit = UNIT
+    model_mixin = IllavaGemma3Model
+    layer_mixin = IllavaViTLayer
     renumber_positions = True
     # reference: Gemma-3-4B (SigLIP 27 layers at 896 px, 4096 patches; 34 decoder layers). No "video"
     # entry: Gemma 3 takes no video, the "video" preset is the "image" one.
@@ -205,7 +170,7 @@ class Gemma3Adapter(Adapter):
 
     def dimensions(self, model) -> Dimensions:
         vc, tc = model.config.vision_config, model.config.text_config
-        side, _ = _geometry(model.config)
+        side, _ = geometry(model.config)
         return Dimensions(vc.num_hidden_layers, side * side, tc.num_hidden_layers, vc.num_hidden_layers - 1, unit=UNIT)
 
     def adjust_preset(self, model, config):
@@ -232,19 +197,16 @@ class Gemma3Adapter(Adapter):
                 "illava: the Gemma 3 encoder stage needs a SigLIP vision tower; this model's is "
                 f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
             )
-        side, kernel = _geometry(model.config)
+        side, kernel = geometry(model.config)
         if kernel != KERNEL or side % kernel:
             raise ValueError(
                 f"illava: the Gemma 3 encoder stage removes 4x4 blocks (the pooling of every released Gemma 3); "
                 f"this model pools {side}x{side} patches with a {kernel}x{kernel} kernel (the LLM stage still works)"
             )
 
-    def patch(self, model, record) -> None:
-        record.swap(model.model, IllavaGemma3Model)
+    def encoder_layers(self, model):
         tower = model.model.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaGemma3SiglipLayer, layer=i)
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     def decoder_masks(self, scope, kwargs: dict) -> tuple:
         mask = kwargs.get("attention_mask")
@@ -256,158 +218,3 @@ class Gemma3Adapter(Adapter):
         types = given.get("token_type_ids")
         blocks = get_block_sequence_ids_for_mask(types) if types is not None else None
         return given.get("attention_mask"), blocks
-
-    # ------------------------------------------------------------------------------ tools
-    architectures = {
-        "gemma-3-4b": lambda: gemma3_config("4b"),
-        "gemma-3-27b": lambda: gemma3_config("27b"),
-    }
-    tiny = {"tiny-gemma3": lambda: tiny_gemma3_config()}
-
-    def image_processor(self, config):
-        """Gemma 3's preprocessing: resize to the tower's square (bilinear), scale to [-1, 1]; no
-        pan-and-scan."""
-        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-        size = config.vision_config.image_size
-        mean, std = GEMMA_MEAN_STD
-        return Gemma3ImageProcessorPil(
-            size={"height": size, "width": size}, image_mean=mean, image_std=std, do_pan_and_scan=False
-        )
-
-    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
-        """Gemma 3 batch as its processor makes it: every ``<image>`` marker becomes
-        ``\\n\\n<start_of_image>`` + 256 image tokens + ``<end_of_image>\\n\\n``; ``token_type_ids``
-        mark the image tokens (the bidirectional blocks)."""
-        from transformers import BatchFeature
-
-        if videos or any("<video>" in p for p in prompts):
-            raise ValueError("Gemma 3 (Gemma3ForConditionalGeneration) takes no video")
-        if sum(p.count("<image>") for p in prompts) != len(images):
-            raise ValueError("the number of <image> markers must match the images given")
-        token = placeholder(tokenizer, config.image_token_id, "<image>")
-        boi = placeholder(tokenizer, config.boi_token_id, "<|vision_start|>")
-        eoi = placeholder(tokenizer, config.eoi_token_id, "<|vision_end|>")
-        span = f"\n\n{boi}{token * config.mm_tokens_per_image}{eoi}\n\n"
-        texts = [p.replace("<image>", span) for p in prompts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        ids = enc["input_ids"]
-        data = {
-            "input_ids": ids,
-            "attention_mask": enc["attention_mask"],
-            "token_type_ids": (ids == config.image_token_id).long(),
-        }
-        if images:
-            processor = image_processor or self.image_processor(config)
-            data["pixel_values"] = processor(list(images), return_tensors="pt")["pixel_values"]
-        return BatchFeature(data)
-
-    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
-        import numpy as np
-
-        side, kernel = _geometry(model.config)
-        blocks = side // kernel
-        mean, std = mean_std or GEMMA_MEAN_STD
-        grid = np.arange(blocks * blocks).reshape(blocks, blocks)
-        cell = kernel * model.config.vision_config.patch_size
-        pixels = inputs["pixel_values"]
-        return [
-            [Panel("image", unnormalise(pixels[n], mean, std), grid + n * blocks * blocks, cell)]
-            for n in range(len(call.item_crops))
-        ]
-
-    def flops_dims(self, config) -> FlopsDims:
-        vc, tc = config.vision_config, config.text_config
-        _, kernel = _geometry(config)
-        return FlopsDims(
-            encoder=LayerDims(
-                vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False
-            ),
-            encoder_depth=vc.num_hidden_layers,
-            # one linear map per pooled token (a 4x4 block of encoder tokens)
-            projector_macs_per_token=vc.hidden_size * tc.hidden_size / (kernel * kernel),
-            text=LayerDims.of_decoder(tc),
-            text_depth=tc.num_hidden_layers,
-            vocab=tc.vocab_size,
-        )
-
-
-# SigLIP-So400m/14 at 896 px, the vision tower of every Gemma 3 with vision (4B, 12B, 27B)
-_SIGLIP_896 = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "image_size": 896,
-    "patch_size": 14,
-    "layer_norm_eps": 1e-6,
-    "vision_use_head": False,
-}
-_GEMMA3_TEXT = {
-    "4b": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
-           "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256},
-    "27b": {"hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
-            "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168},
-}  # fmt: skip
-_ROPE = {
-    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-}
-
-
-def gemma3_config(size: str = "4b"):
-    """Gemma 3 ``4b`` or ``27b`` (google/gemma-3-*-it) with the published dimensions: SigLIP-So400m
-    at 896 px (4096 patches) pooled 4x4 to 256 tokens per image; sliding window 1024 on 5 of every 6
-    decoder layers; RoPE 10k local, 1M global with linear scaling 8."""
-    from transformers import Gemma3Config
-
-    if size not in _GEMMA3_TEXT:
-        raise ValueError(f"unknown Gemma 3 size {size!r}; choose one of {sorted(_GEMMA3_TEXT)}")
-    text = {"model_type": "gemma3_text", "vocab_size": 262_208, "max_position_embeddings": 131_072,
-            "rms_norm_eps": 1e-6, "sliding_window": 1024, "hidden_activation": "gelu_pytorch_tanh",
-            "rope_parameters": {k: dict(v) for k, v in _ROPE.items()}, **_GEMMA3_TEXT[size]}  # fmt: skip
-    return Gemma3Config(
-        vision_config=dict(_SIGLIP_896),
-        text_config=text,
-        mm_tokens_per_image=256,
-        boi_token_index=255_999,
-        eoi_token_index=256_000,
-        image_token_index=262_144,
-    )
-
-
-def tiny_gemma3_config(vocab_size: int = 256, sliding_window: int = 8):
-    """A Gemma 3 small enough for CPU tests: 64 px images of 4 px patches (16x16 patches pooled 4x4
-    to 16 tokens, the released kernel), a 4-layer SigLIP, a 4-layer decoder with layer types
-    sliding, global, sliding, global and a window of ``sliding_window`` tokens (shorter than any
-    prompt with an image). Token ids match ``illava.tools.inputs.word_tokenizer``: image 1,
-    ``<start_of_image>`` 6 (``<|vision_start|>``), ``<end_of_image>`` 7 (``<|vision_end|>``)."""
-    from transformers import Gemma3Config
-
-    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 4,
-              "vision_use_head": False}  # fmt: skip
-    text = {
-        "model_type": "gemma3_text",
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "query_pre_attn_scalar": 16,
-        "sliding_window": sliding_window,
-        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        "max_position_embeddings": 4096,
-        "rope_parameters": {k: dict(v) for k, v in _ROPE.items()},
-    }
-    return Gemma3Config(
-        vision_config=vision,
-        text_config=text,
-        mm_tokens_per_image=16,
-        boi_token_index=6,
-        eoi_token_index=7,
-        image_token_index=1,
-    )

@@ -4,7 +4,7 @@ InternVL tiles an image into 448 px crops plus a thumbnail (dynamic tiling by th
 video is one tile per frame). InternViT encodes every tile as a CLS token and 32x32 patches; a
 pixel shuffle folds every 2x2 block of patches into one LLM token (256 per tile). So:
 - unit of removal: a 2x2 block, aligned as the pixel shuffle aligns them; the CLS token is never
-  removed (``merge_units(..., unit=4, keep_first=1)``). At the first merge layer the patch tokens
+  removed (``unit = 4``, ``keep_first = 1``). At the first merge layer the patch tokens
   are reordered so that every block is 4 consecutive tokens (attention does not depend on token
   order; positions were added at the embeddings);
 - scoring per tile: the attention a token receives from its own tile (the CLS token's included);
@@ -28,28 +28,25 @@ to every decoder from 0.5B to 72B.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..encoder import (
     CropTrace,
+    FeatureCalls,
     attention_and_scores,
     current_call,
-    encoder_call,
-    features_done,
-    merge_units,
+    merge_layer,
     proportional_bias,
-    record_placeholders,
     recording,
+    stock_argument,
+    unit_trace,
 )
 from ..patch import Hook
-from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+from ..plan import encoder as plan
+from .base import Adapter, Dimensions, require_strategy
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-
-def _side(config) -> int:
+def patch_side(config) -> int:
     vc = config.vision_config
     return vc.image_size[0] // vc.patch_size[0]
 
@@ -57,12 +54,7 @@ def _side(config) -> int:
 def block_order(side: int, device=None) -> torch.Tensor:
     """``(side // 2)**2`` blocks x 4: the raster patch index of every patch of every block (blocks in
     raster order, the pixel shuffle's output order)."""
-    half = side // 2
-    br, bc = torch.meshgrid(torch.arange(half, device=device), torch.arange(half, device=device), indexing="ij")
-    dr, dc = torch.meshgrid(torch.arange(2, device=device), torch.arange(2, device=device), indexing="ij")
-    rows = 2 * br.reshape(-1, 1) + dr.reshape(1, -1)
-    cols = 2 * bc.reshape(-1, 1) + dc.reshape(1, -1)
-    return rows * side + cols
+    return plan.block_order(side, 2, device).view(-1, 4)
 
 
 class IllavaInternVisionLayer:
@@ -85,17 +77,11 @@ class IllavaInternVisionLayer:
         q, k = attn.q_norm(attn.q_proj(hidden)), attn.k_norm(attn.k_proj(hidden))
         v = attn.v_proj(hidden)
         q, k, v = (t.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        bias = proportional_bias(state, n, unit=4, keep_first=1)
+        bias = proportional_bias(state, n, state.adapter.unit, state.adapter.keep_first)
         out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
         if not projected:
             out = attn.projection_dropout(attn.projection_layer(out.reshape(b, n, -1)))
-        hidden = hidden_states + self.lambda_1 * out
-        keys = k.mean(1)
-        if patch.layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
-            patches = block_order(round((n - 1) ** 0.5), hidden.device).flatten() + 1
-            order = torch.cat([patches.new_zeros(1), patches])  # the CLS token first
-            hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
-        hidden = merge_units(state, patch.layer, hidden, received, unit=4, keep_first=1, keys=keys)
+        hidden = merge_layer(state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1))
         layer_output = self.dropout(self.mlp(self.layernorm_after(hidden)))
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output
@@ -127,59 +113,46 @@ class RasterSurvivors(Hook):
         return output
 
 
-class IllavaInternVLModel:
-    """InternVL model: feature calls and placeholder bookkeeping.
-
-    Modifications: ``get_image_features`` runs inside an encoder call (crops and source tracking
-    per tile); ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
+class IllavaInternVLModel(FeatureCalls):
+    """InternVL model: the feature call (``FeatureCalls``) counts crops per tile, sets the features
+    of removed blocks to NaN and records the source tracking. Disabled: stock.
     """
 
-    # generate() picks the arguments from the signature: keep the stock one
-    def get_image_features(
-        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            if call is not None:
-                side = _side(self.config)
-                call.crops, call.tokens = pixel_values.shape[0], pixel_values.shape[0] * (1 + side * side)
-            out = super().get_image_features(
-                pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                **kwargs,
-            )
-            kept = call.work.get("kept_blocks") if call is not None else None
-            if kept is not None:  # the features of removed blocks: NaN rows, dropped at the decoder input
-                features = out.pooler_output
-                removed = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-                removed.scatter_(1, kept.to(features.device), False)
-                out.pooler_output = features.masked_fill(removed[..., None], float("nan"))
-            if call is not None and recording(state):
-                _unit_trace(call, pixel_values.shape[0], side, pixel_values.device)
-        return features_done(state, call, out, "image")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-        record_placeholders(self._illava.state, "image", mask)
-        return mask
+    def _illava_encode(self, kind, call, stock, args, kwargs):
+        pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
+        side = patch_side(self.config)
+        if call is not None:
+            call.crops, call.tokens = pixel_values.shape[0], pixel_values.shape[0] * (1 + side * side)
+        out = stock(self, *args, **kwargs)
+        kept = call.work.get("kept_blocks") if call is not None else None
+        if kept is not None:  # the features of removed blocks: NaN rows, dropped at the decoder input
+            features = out.pooler_output
+            removed = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+            removed.scatter_(1, kept.to(features.device), False)
+            out.pooler_output = features.masked_fill(removed[..., None], float("nan"))
+        if call is not None and recording(self._illava.state):
+            _unit_trace(call, pixel_values.shape[0], side, pixel_values.device)
+        return out
 
 
 def _unit_trace(call, tiles: int, side: int, device) -> None:
     """``illava.tools.viz``: units are the blocks of every tile in raster order; the feature row of a
     block is its tile's first row + the block's raster index (the pixel shuffle's order)."""
     blocks = (side // 2) ** 2
-    trace = call.work.get("crops") or CropTrace(tiles, blocks, device)
+    trace = call.work.get("crops") or CropTrace.start(tiles, blocks, device)
     rows = torch.arange(tiles)[:, None] * blocks
     assign = trace.assign.cpu()
     feature = torch.where(assign >= 0, trace.positions.cpu().gather(1, assign.clamp(min=0)) + rows, -1)
-    call.trace = trace.unit_trace([(side // 2, side // 2)] * tiles, feature.flatten())
+    call.trace = unit_trace(trace, [(side // 2, side // 2)] * tiles, feature.flatten())
 
 
 class InternVLAdapter(Adapter):
     model_classes = ("InternVLForConditionalGeneration",)
     config_types = ("internvl",)
     unit = 4
+    keep_first = 1  # InternViT's CLS token
+    model_mixin = IllavaInternVLModel
+    layer_mixin = IllavaInternVisionLayer
     renumber_positions = True
     # reference: InternVL2.5-8B (InternViT-300M, 24 layers, 1024 patches per tile; 32 decoder layers)
     presets = {
@@ -197,7 +170,7 @@ class InternVLAdapter(Adapter):
         depth = vc.num_hidden_layers
         # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l
         feature_layer = model.config.vision_feature_layer % (depth + 1) - 1
-        return Dimensions(depth, _side(model.config) ** 2, tc.num_hidden_layers, feature_layer, unit=self.unit)
+        return Dimensions(depth, patch_side(model.config) ** 2, tc.num_hidden_layers, feature_layer, unit=self.unit)
 
     def check(self, model, config) -> None:
         if config.encoder_layers and model.config.vision_feature_layer != -1:
@@ -205,178 +178,16 @@ class InternVLAdapter(Adapter):
                 "illava: the InternVL encoder stage needs vision_feature_layer=-1 (hidden states of earlier layers "
                 f"are in block order and shortened); this model reads layer {model.config.vision_feature_layer}"
             )
-        if config.encoder_layers and model.config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "illava: the InternVL encoder stage needs vision_feature_select_strategy='default' (the CLS token "
-                f"dropped before the pixel shuffle); this model uses {model.config.vision_feature_select_strategy!r}"
-            )
+        why = "the CLS token dropped before the pixel shuffle"
+        require_strategy(model, config, "default", "the InternVL encoder stage", why)
 
-    def patch(self, model, record) -> None:
-        state = record.state
-        record.swap(model.model, IllavaInternVLModel)
-        layers = model.model.vision_tower.encoder.layer
-        for i in state.config.encoder_layers:
-            record.swap(layers[i], IllavaInternVisionLayer, layer=i)
-        if state.config.encoder_layers:
-            record.hook(model.model.vision_tower.encoder, RasterSurvivors(state, _side(model.config)), "post")
+    def encoder_layers(self, model):
+        return model.model.vision_tower.encoder.layer
+
+    def patch_more(self, model, record) -> None:
+        if record.state.config.encoder_layers:
+            survivors = RasterSurvivors(record.state, patch_side(model.config))
+            record.hook(model.model.vision_tower.encoder, survivors, "post")
 
     def item_lengths(self, kind: str, output) -> list[int] | None:
         return None  # features are per tile: an image is a run of placeholders
-
-    # ------------------------------------------------------------------------------ tools
-    architectures = {
-        "internvl2.5-8b": lambda: internvl_config("8b"),
-        "internvl2.5-26b": lambda: internvl_config("26b"),
-    }
-    tiny = {"tiny-internvl": lambda: tiny_internvl_config()}
-
-    def image_processor(self, config):
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-        size = config.vision_config.image_size[0]
-        options = {
-            "crop_to_patches": True,
-            "min_patches": 1,
-            "max_patches": 12,
-            **getattr(config, "illava_processor", {}),
-        }
-        mean, std = IMAGENET
-        return GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std, **options)
-
-    def tokens_per_tile(self, config) -> int:
-        return int(_side(config) ** 2 * config.downsample_ratio**2)
-
-    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
-        """InternVL batch: an ``<image>`` marker becomes ``<img>`` + placeholders for every tile +
-        ``</img>``; a ``<video>`` marker one ``Frame{i}: <img>...</img>`` per frame (a tile each),
-        as the stock processor writes them. Tiles are ordered as their markers."""
-        from transformers import BatchFeature
-
-        processor = image_processor or self.image_processor(config)
-        if sum(p.count("<image>") for p in prompts) != len(images) or sum(p.count("<video>") for p in prompts) != len(
-            videos
-        ):
-            raise ValueError("the number of <image>/<video> markers must match the images/videos given")
-        token = placeholder(tokenizer, config.image_token_id, "<image>")
-        per_tile = self.tokens_per_tile(config)
-        images, videos = iter(images), iter(videos)
-        texts, tiles = [], []
-        for prompt in prompts:
-            pieces, out = prompt.replace("<video>", "\0v\0").replace("<image>", "\0i\0").split("\0"), ""
-            for piece in pieces:
-                if piece == "i":
-                    pix = processor([next(images)], return_tensors="pt")
-                    tiles.append(pix["pixel_values"])
-                    out += "<img>" + "\1" * (per_tile * int(pix["num_patches"][0])) + "</img>"
-                elif piece == "v":
-                    frames = next(videos)
-                    tiles.append(processor(list(frames), crop_to_patches=False, return_tensors="pt")["pixel_values"])
-                    out += "".join(f"Frame{i + 1}: <img>" + "\1" * per_tile + "</img>\n" for i in range(len(frames)))
-                else:
-                    out += piece
-            texts.append(out.replace("\1", token))
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        data = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if tiles:
-            data["pixel_values"] = torch.cat(tiles)
-        return BatchFeature(data)
-
-    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
-        import numpy as np
-
-        config = model.config
-        side, ps = _side(config), config.vision_config.patch_size[0]
-        mean, std = mean_std or IMAGENET
-        blocks = (side // 2) ** 2
-        ids = inputs["input_ids"]
-        where = (ids == config.image_token_id).nonzero()
-        new = torch.ones(where.shape[0], dtype=torch.bool)
-        new[1:] = (where[1:, 0] != where[:-1, 0]) | (where[1:, 1] != where[:-1, 1] + 1)
-        starts = new.nonzero().flatten().tolist() + [where.shape[0]]
-        per_tile = self.tokens_per_tile(config)
-        grid = np.arange(blocks).reshape(side // 2, side // 2)
-        items, tile = [], 0
-        for a, b in zip(starts[:-1], starts[1:]):
-            count = (b - a) // per_tile
-            panels = [
-                Panel(
-                    f"tile {t}",
-                    unnormalise(inputs["pixel_values"][tile + t], mean, std),
-                    grid + (tile + t) * blocks,
-                    2 * ps,
-                )
-                for t in range(count)
-            ]
-            if count > 1:  # the processor puts the thumbnail (the whole image) last: draw it first
-                panels = [dataclasses.replace(panels[-1], name="thumbnail"), *panels[:-1]]
-            items.append(panels)
-            tile += count
-        return items
-
-    def flops_dims(self, config) -> FlopsDims:
-        vc, tc = config.vision_config, config.text_config
-        folded = int(vc.hidden_size / config.downsample_ratio**2)
-        return FlopsDims(
-            encoder=LayerDims(
-                vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False
-            ),
-            encoder_depth=vc.num_hidden_layers,
-            # pixel shuffle + projector (LayerNorm, 4d -> text width -> text width) per LLM token, i.e.
-            # per 4 encoder tokens; it runs on every block, removed ones included
-            projector_macs_per_token=(folded * tc.hidden_size + tc.hidden_size * tc.hidden_size)
-            * config.downsample_ratio**2,
-            text=LayerDims.of_decoder(tc),
-            text_depth=tc.num_hidden_layers,
-            vocab=tc.vocab_size,
-            projector_on_stock=True,
-        )
-
-
-# InternViT-300M-448px (InternVL2.5 1B-8B, InternVL3 1B-14B) and InternViT-6B-448px-V2.5 (26B-78B)
-_INTERNVIT = {
-    "300m": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-             "norm_type": "layer_norm", "use_qk_norm": False},
-    "6b": {"hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 45, "num_attention_heads": 25,
-           "norm_type": "rms_norm", "use_qk_norm": True},
-}  # fmt: skip
-# InternLM2.5-7B / -20B, Llama-style (gated MLP, grouped-query attention): modelled as ``llama``,
-# which has the same compute at the same dimensions
-_INTERNLM2_5 = {
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 92553},
-    "26b": {"hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 48, "num_attention_heads": 48,
-            "num_key_value_heads": 8, "vocab_size": 92553},
-}  # fmt: skip
-
-
-def internvl_config(size: str = "8b"):
-    """InternVL2.5 ``8b`` (InternViT-300M + InternLM2.5-7B) or ``26b`` (InternViT-6B + InternLM2.5-20B)
-    with the published dimensions, 448 px tiles, pixel shuffle 0.5 (256 LLM tokens per tile)."""
-    from transformers import InternVLConfig
-
-    if size not in _INTERNLM2_5:
-        raise ValueError(f"unknown InternVL2.5 size {size!r}; choose one of {sorted(_INTERNLM2_5)}")
-    vision = {"image_size": 448, "patch_size": 14, "layer_scale_init_value": 0.1, "use_mean_pooling": True,
-              **_INTERNVIT["300m" if size == "8b" else "6b"]}  # fmt: skip
-    text = {"model_type": "llama", "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False, **_INTERNLM2_5[size]}  # fmt: skip
-    return InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=92546, image_seq_length=256, tie_word_embeddings=False
-    )
-
-
-def tiny_internvl_config(vocab_size: int = 256):
-    """An InternVL small enough for CPU tests: 64 px tiles of 8x8 patches (16 blocks, 16 LLM tokens
-    per tile, at most 4 tiles + thumbnail), a 4-layer InternViT with q/k norms and a 4-layer Qwen2.
-    Token ids match ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1)."""
-    from transformers import InternVLConfig
-
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8, "use_qk_norm": True, "norm_type": "rms_norm",
-              "layer_scale_init_value": 1.0}  # fmt: skip
-    text = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab_size,
-            "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True}  # fmt: skip
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=1, image_seq_length=16)
-    config.illava_processor = {"max_patches": 4}
-    return config

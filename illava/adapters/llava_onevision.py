@@ -1,7 +1,7 @@
 """iLLaVA for ``LlavaOnevisionForConditionalGeneration`` (SigLIP encoder + Qwen2 decoder).
 
 What is patched (``illava.remove`` undoes all of it):
-- the SigLIP layers listed in ``encoder_layers`` get ``IllavaSiglipLayer`` (the encoder stage);
+- the SigLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors,
   feature calls, placeholder bookkeeping);
 - the decoder-side hooks of ``illava.llm``.
@@ -27,214 +27,37 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
 from ..encoder import (
     CropTrace,
+    FeatureCalls,
+    IllavaViTLayer,
     current_call,
-    encoder_call,
-    features_done,
-    merge_units,
     pool_survivors,
-    record_placeholders,
     recording,
-    rows_with_newlines,
-    stock_count_features,
-    vit_attention_half,
+    stock_argument,
+    unit_trace,
 )
-from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+from .base import Adapter, Dimensions, require_strategy
+from .llava_family import AnyResLayout, vit_dimensions
 
 
-class IllavaSiglipLayer:
-    """SigLIP encoder layer with the encoder stage.
-
-    Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
-    token receives, whatever ``attn_implementation`` says; after the attention residual and before
-    the MLP, ``illava.encoder.merge_units`` removes and recycles tokens. Disabled: stock forward.
-    """
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = self._illava.state
-        if not state.config.encoder_active:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask)
-        hidden = merge_units(state, self._illava.layer, hidden, received, keys=keys)
-        return hidden + self.mlp(self.layer_norm2(hidden))
-
-
-class AnyResLayout:
-    """Layout of the survivors of AnyRes images (a base view + crops on a grid), shared by the
-    LLaVA-OneVision and LLaVA-NeXT model mixins (their stock ``pack_image_features`` differ only in
-    signature and in OneVision's ``anyres_max_N`` budget; ``get_anyres_image_grid_shape`` and
-    ``unpad_image`` are the same code in both modules). Survivors are placed on the full crop grid,
-    those in the padding stock ``unpad_image`` cuts away are dropped, and a newline follows every
-    row of the unpadded grid (module docstring).
-    """
-
-    _encoder_head = 0  # encoder tokens of a crop that are not patches (CLIP's CLS token: 1)
-
-    def _side(self) -> int:
-        return self.config.vision_config.image_size // self.config.vision_config.patch_size
-
-    def _pack_anyres(self, stock, image_features, image_sizes, image_newline, aspect):
-        """``pack_image_features`` with the survivors laid out (class docstring); ``stock(features,
-        newline)`` is the stock ``pack_image_features`` of the model with its other arguments bound."""
-        call = current_call(self._illava.state)
-        if call is None:
-            return stock(image_features, image_newline)
-        side = self._side()
-        crops = [f.shape[0] for f in image_features]
-        per_crop = self._encoder_head + side**2
-        call.crops, call.tokens, call.item_crops = sum(crops), sum(crops) * per_crop, crops
-        trace = call.work.get("crops")
-        # stock counts from stock code run on one-channel zeros (cheap, and always in sync)
-        dummy = [f.new_zeros(f.shape[0], side**2, 1) for f in image_features]
-        newline = image_newline[:1] if image_newline is not None else None
-        _, stock_lens = stock(dummy, newline)
-        if trace is None:  # no encoder stage: stock features
-            packed, lens = stock(image_features, image_newline)
-            if recording(self._illava.state):
-                trace = CropTrace(sum(crops), side**2, image_features[0].device)
-        else:
-            packed, lens = [], stock_lens
-            positions = torch.split(trace.positions, crops, dim=0)
-            for f, p, size, n in zip(image_features, positions, image_sizes, stock_lens.tolist()):
-                tokens, _ = self._pack_survivors(f, p, size, image_newline, aspect, n)
-                slots = torch.arange(n - tokens.shape[0], n, device=tokens.device)  # survivors last: the prompt's
-                packed.append(stock_count_features(tokens, slots, n))  # last token stays a real one
-        if recording(self._illava.state):
-            self._image_feature_rows(call, trace, image_sizes, stock_lens, image_newline, aspect)
-        return packed, lens
-
-    def _pack_survivors(self, feature, positions, image_size, newline, aspect, stock: int):
-        """Survivors laid out by their source positions, and the token of every survivor of every
-        crop ``(crops, K)`` (-1: cut by the unpadding); at most ``stock`` tokens."""
-        side = self._side()
-        base = feature[0]
-        crops, k, dim = feature.shape
-        slots = torch.full((crops, k), -1, dtype=torch.long, device=feature.device)
-        slots[0] = torch.arange(k, device=feature.device)
-        if crops == 1:
-            return (torch.cat([base, newline[None].to(base)]) if newline is not None else base), slots
-        grid_h, grid_w = mlo.get_anyres_image_grid_shape(
-            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
-        )
-        crops -= 1
-        crop = torch.arange(crops, device=feature.device)[:, None].expand(crops, k)
-        rows = (crop // grid_w) * side + positions[1:] // side
-        cols = (crop % grid_w) * side + positions[1:] % side
-        # the window stock unpad_image keeps, found by running it on a grid of row/col indices
-        height, width = grid_h * side, grid_w * side
-        index = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"))
-        window = mlo.unpad_image(index, image_size)
-        unpad_h, unpad_w = window.shape[1:]
-        top = int(window[0, 0, 0]) if unpad_h and unpad_w else 0
-        left = int(window[1, 0, 0]) if unpad_h and unpad_w else 0
-        rows, cols = rows.flatten() - top, cols.flatten() - left
-        inside = (rows >= 0) & (rows < unpad_h) & (cols >= 0) & (cols < unpad_w)
-        tokens, rows, cols = feature[1:].reshape(-1, dim)[inside], rows[inside], cols[inside]
-        slot = torch.arange(tokens.shape[0], device=feature.device)  # output token of each survivor inside
-        budget = int(aspect.removeprefix("anyres_max_")) * side**2 if aspect else None  # None: no budget
-        newlines = newline is not None
-        too_many = k + tokens.shape[0] + (unpad_h if newlines else 0) > stock
-        if (budget is not None and math.sqrt(tokens.shape[0] / budget) > 1.1) or too_many:
-            ratio = math.sqrt(unpad_h * unpad_w / budget) if budget is not None else 1.0
-            cells = (
-                (max(1, int(unpad_h // ratio)), max(1, int(unpad_w // ratio))) if ratio > 1.1 else (unpad_h, unpad_w)
-            )
-            tokens, rows, cols, slot = pool_survivors(tokens, rows, cols, (unpad_h, unpad_w), cells)
-            num_rows = cells[0]
-        else:
-            order = torch.argsort(rows * unpad_w + cols)
-            tokens, rows, cols = tokens[order], rows[order], cols[order]
-            slot[order] = torch.arange(order.numel(), device=order.device)
-            num_rows = unpad_h
-        if newlines:
-            tokens, where = rows_with_newlines(tokens, rows, cols, num_rows, newline)
-            slot = where[slot]
-        crop_slots = torch.full((crops * k,), -1, dtype=torch.long, device=feature.device)
-        crop_slots[inside] = slot + k
-        slots[1:] = crop_slots.view(crops, k)
-        return torch.cat([base, tokens]), slots
-
-    def _image_feature_rows(self, call, trace, image_sizes, stock_lens, newline, aspect) -> None:
-        """``illava.tools.viz``: the feature row holding every patch of every crop of the call."""
-        side = self._side()
-        newline = newline[:1] if newline is not None else None
-        rows, start, offset = [], 0, 0
-        for crops, size, n in zip(call.item_crops, image_sizes, stock_lens.tolist()):
-            positions = trace.positions[start : start + crops].cpu()
-            dummy = torch.zeros(crops, positions.shape[1], 1)
-            packed, slots = self._pack_survivors(dummy, positions, size.cpu(), newline, aspect, n)
-            if call.work.get("crops") is None and packed.shape[0] != n:
-                slots = torch.full_like(slots, -1)  # stock pooled by interpolation: no exact mapping
-            slots = torch.where(slots >= 0, slots + offset + n - packed.shape[0], -1)
-            assign = trace.assign[start : start + crops].cpu()
-            rows.append(torch.where(assign >= 0, slots.gather(1, assign.clamp(min=0)), -1))
-            start, offset = start + crops, offset + n
-        grids = [(side, side)] * trace.assign.shape[0]
-        call.trace = trace.unit_trace(grids, torch.cat(rows).flatten())
-
-
-class IllavaLlavaOnevisionModel(AnyResLayout):
+class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
     """LLaVA-OneVision model with iLLaVA's layout of survivors.
 
-    Modifications: ``get_image_features`` / ``get_video_features`` run inside an encoder call;
-    ``pack_image_features`` and ``apply_pooling`` lay the survivors out by their source positions
-    (module docstring) at the stock feature count; ``get_placeholder_mask`` records where stock
-    puts the features. Disabled: stock.
+    Modifications: the feature calls (``FeatureCalls``); ``pack_image_features`` and
+    ``apply_pooling`` lay the survivors out by their source positions (module docstring) at the
+    stock feature count. Disabled: stock.
     """
 
-    # generate() picks the arguments of these from their signatures: keep the stock ones
-    def get_image_features(
-        self,
-        pixel_values,
-        image_sizes,
-        vision_feature_layer=None,
-        vision_feature_select_strategy=None,
-        vision_aspect_ratio=None,
-        batch_num_images=None,
-        **kwargs,
-    ):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            out = super().get_image_features(
-                pixel_values,
-                image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                vision_aspect_ratio=vision_aspect_ratio,
-                batch_num_images=batch_num_images,
-                **kwargs,
-            )
-        return features_done(state, call, out, "image")
-
-    def get_video_features(
-        self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ):
-        state = self._illava.state
-        with encoder_call(state, "video") as call:
-            out = super().get_video_features(
-                pixel_values_videos,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                **kwargs,
-            )
-            if call is not None:
-                batch, frames = pixel_values_videos.shape[:2]
-                call.item_crops = [frames] * batch
-                if recording(state) and "video_slots" in call.work:
-                    self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
-        return features_done(state, call, out, "video")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-        state = self._illava.state
-        if image_features is not None:
-            record_placeholders(state, "image", image_mask)
-        if video_features is not None:
-            record_placeholders(state, "video", video_mask)
-        return image_mask, video_mask
+    def _illava_encode(self, kind, call, stock, args, kwargs):
+        out = stock(self, *args, **kwargs)
+        if kind == "video" and call is not None:
+            batch, frames = stock_argument(stock, args, kwargs, "pixel_values_videos").shape[:2]
+            call.item_crops = [frames] * batch
+            if recording(self._illava.state) and "video_slots" in call.work:
+                self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
+        return out
 
     # ---------------------------------------------------------------------------- images
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
@@ -256,7 +79,7 @@ class IllavaLlavaOnevisionModel(AnyResLayout):
         stock_cells = math.ceil(side / 2) ** 2
         if trace is None:
             if call is not None and recording(self._illava.state):
-                trace = CropTrace(frames, side**2, image_features.device)
+                trace = CropTrace.start(frames, side**2, image_features.device)
                 cells = math.ceil(side / 2)
                 slots = [
                     pool_survivors(p[:, None].float(), p // side, p % side, (side, side), (cells, cells))[3]
@@ -283,38 +106,16 @@ class IllavaLlavaOnevisionModel(AnyResLayout):
         row = (frame // frames) * per_video + (frame % frames) * cells
         assign = trace.assign.cpu()
         feature = torch.where(assign >= 0, slots.cpu().gather(1, assign.clamp(min=0)) + row[:, None], -1)
-        call.trace = trace.unit_trace([(side, side)] * (batch * frames), feature.flatten())
-
-
-def anyres_panels(config, images, image_size, unit: int) -> list[Panel]:
-    """Pictures of one AnyRes image (LLaVA-OneVision, LLaVA-NeXT): the base view, and the crops in
-    place on the canvas the processor tiled; ``images`` are the views as arrays, ``unit`` the index
-    of the image's first unit."""
-    import numpy as np
-
-    vc = config.vision_config
-    side, ps = vc.image_size // vc.patch_size, vc.patch_size
-    span = side * ps
-    grid = np.arange(side * side).reshape(side, side)
-    panels = [Panel("base view", images[0], grid + unit, ps)]
-    if len(images) > 1:
-        gh, gw = mlo.get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, vc.image_size)
-        canvas = np.zeros((gh * span, gw * span, 3))
-        units = np.zeros((gh * side, gw * side), dtype=np.int64)
-        for c, im in enumerate(images[1:]):
-            r, q = divmod(c, gw)
-            canvas[r * span : (r + 1) * span, q * span : (q + 1) * span] = im
-            units[r * side : (r + 1) * side, q * side : (q + 1) * side] = grid + unit + (c + 1) * side**2
-        panels.append(Panel(f"{len(images) - 1} crops in place", canvas, units, ps))
-    return panels
+        call.trace = unit_trace(trace, [(side, side)] * (batch * frames), feature.flatten())
 
 
 class LlavaOnevisionAdapter(Adapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     config_types = ("llava_onevision",)
+    model_mixin = IllavaLlavaOnevisionModel
+    layer_mixin = IllavaViTLayer
     unit = 1
     renumber_positions = True
-    counts_depend_on_weights = True  # row-end tokens and unpadding follow where survivors lie
     # the authors' settings for LLaVA-OneVision-7B (docs/method.md)
     presets = {
         "llava_onevision": {
@@ -325,243 +126,7 @@ class LlavaOnevisionAdapter(Adapter):
     }
 
     def dimensions(self, model) -> Dimensions:
-        vc, tc = model.config.vision_config, model.config.text_config
-        depth = vc.num_hidden_layers
-        layers = model.config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l, and
-        # every selected hidden state must see the same tokens
-        feature_layer = min(layer % (depth + 1) for layer in layers) - 1
-        return Dimensions(depth, (vc.image_size // vc.patch_size) ** 2, tc.num_hidden_layers, feature_layer)
+        return vit_dimensions(model)
 
     def check(self, model, config) -> None:
-        if config.encoder_layers and model.config.vision_feature_select_strategy != "full":
-            raise ValueError(
-                "illava: the encoder stage needs vision_feature_select_strategy='full' (every encoder token is a "
-                f"patch); this model uses {model.config.vision_feature_select_strategy!r}"
-            )
-
-    def patch(self, model, record) -> None:
-        record.swap(model.model, IllavaLlavaOnevisionModel)
-        layers = model.model.vision_tower.encoder.layers
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], IllavaSiglipLayer, layer=i)
-
-    # ------------------------------------------------------------------------------ tools
-    architectures = {
-        "llava-onevision-qwen2-0.5b": lambda: llava_onevision_config("0.5b"),
-        "llava-onevision-qwen2-7b": lambda: llava_onevision_config("7b"),
-        "llava-onevision-qwen2-72b": lambda: llava_onevision_config("72b"),
-    }
-
-    def image_processor(self, config):
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
-
-        size = config.vision_config.image_size
-        return LlavaOnevisionImageProcessorPil(
-            size={"height": size, "width": size}, image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints]
-        )
-
-    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
-        import numpy as np
-        from transformers import BatchFeature
-
-        processor = image_processor or self.image_processor(config)
-        per_sample = [p.count("<image>") for p in prompts]
-        if sum(per_sample) != len(images) or sum(p.count("<video>") for p in prompts) != len(videos):
-            raise ValueError("the number of <image>/<video> markers must match the images/videos given")
-        data, texts = {}, list(prompts)
-        if images:
-            pix = processor(list(images), return_tensors="pt")
-            data["pixel_values"], data["image_sizes"] = pix["pixel_values"], pix["image_sizes"]
-            data["batch_num_images"] = torch.tensor([n for n in per_sample if n > 0])
-            sizes = iter(pix["image_sizes"].tolist())
-            token = placeholder(tokenizer, config.image_token_id, "<image>")
-            texts = []
-            for prompt, n in zip(prompts, per_sample):
-                for _ in range(n):
-                    count = image_token_count(config, next(sizes), single_crop=n > 1)
-                    prompt = prompt.replace("<image>", "\0" * count, 1)
-                texts.append(prompt.replace("\0", token))
-        if videos:
-            lengths = {len(v) for v in videos}
-            if len(lengths) != 1:
-                raise ValueError("all videos of a batch need the same number of frames")
-            data["pixel_values_videos"] = torch.stack([_video_pixels(v, processor, np) for v in videos])
-            side = config.vision_config.image_size // config.vision_config.patch_size
-            count = lengths.pop() * math.ceil(side / 2) ** 2 + 1
-            token = placeholder(tokenizer, config.video_token_id, "<video>")
-            texts = [t.replace("<video>", token * count) for t in texts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        data.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        return BatchFeature(data)
-
-    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
-        import numpy as np
-
-        vc = model.config.vision_config
-        side, ps = vc.image_size // vc.patch_size, vc.patch_size
-        span = side * ps
-        processor = self.image_processor(model.config)
-        mean, std = mean_std or (processor.image_mean, processor.image_std)
-        pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
-        crops = [c for item in pixels for c in item] if kind == "video" else None
-        grid = np.arange(side * side).reshape(side, side)
-        items, unit = [], 0
-        sizes = inputs.get("image_sizes")
-        for n, count in enumerate(call.item_crops):
-            views = crops[unit // side**2 : unit // side**2 + count] if kind == "video" else pixels[n][:count]
-            images = [unnormalise(v, mean, std)[:span, :span] for v in views]
-            if kind == "video":
-                items.append([Panel(f"frame {f}", im, grid + unit + f * side**2, ps) for f, im in enumerate(images)])
-            else:
-                items.append(anyres_panels(model.config, images, sizes[n].tolist(), unit))
-            unit += count * side**2
-        return items
-
-    def flops_dims(self, config) -> FlopsDims:
-        vc, tc = config.vision_config, config.text_config
-        return FlopsDims(
-            encoder=LayerDims(
-                vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False
-            ),
-            encoder_depth=vc.num_hidden_layers,
-            projector_macs_per_token=vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size,
-            text=LayerDims.of_decoder(tc),
-            text_depth=tc.num_hidden_layers,
-            vocab=tc.vocab_size,
-        )
-
-    tiny = {"tiny-llava-onevision": lambda: tiny_llava_onevision_config()}
-
-
-def image_token_count(config, image_size, single_crop: bool = False) -> int:
-    """Placeholders stock transformers uses for one image of ``(height, width)`` pixels, computed
-    by the stock ``pack_image_features`` on one-channel zeros (follows the installed transformers)."""
-    vc = config.vision_config
-    side = vc.image_size // vc.patch_size
-    crops = (
-        1
-        if single_crop
-        else mlo.image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
-    )
-    stub = type("Stub", (), {"config": config})()
-    _, lens = mlo.LlavaOnevisionModel.pack_image_features(
-        stub,
-        [torch.zeros(crops, side * side, 1)],
-        torch.tensor([list(image_size)]),
-        torch.zeros(1),
-        config.vision_aspect_ratio,
-    )
-    return int(lens[0])
-
-
-def _video_pixels(frames, processor, np) -> torch.Tensor:
-    """``(frames, 3, H, W)`` as the LLaVA-OneVision video processor makes them: resized, normalised."""
-    from PIL import Image
-
-    size = processor.size
-    mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
-    out = []
-    for frame in frames:
-        img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
-        img = img.convert("RGB").resize((size["width"], size["height"]), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        out.append((arr - mean) / std)
-    return torch.from_numpy(np.stack(out))
-
-
-# SigLIP-so400m as used by LLaVA-OneVision (last layer removed: 26 layers), 384 px, patch 14.
-_SIGLIP_SO400M = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "vision_use_head": False,
-}
-_QWEN2 = {
-    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 152000, "tie_word_embeddings": True},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152128, "tie_word_embeddings": False},
-    "72b": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
-            "num_key_value_heads": 8, "vocab_size": 152128, "tie_word_embeddings": False},
-}  # fmt: skip
-
-
-def _pinpoints(base: int, max_tiles: int = 6) -> list[list[int]]:
-    return [[base * i, base * j] for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1)]
-
-
-def llava_onevision_config(size: str = "0.5b"):
-    """LLaVA-OneVision-Qwen2 ``0.5b``, ``7b`` or ``72b`` with the published dimensions."""
-    from transformers import LlavaOnevisionConfig
-
-    if size not in _QWEN2:
-        raise ValueError(f"unknown LLaVA-OneVision size {size!r}; choose one of {sorted(_QWEN2)}")
-    text = {
-        "model_type": "qwen2",
-        "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        **_QWEN2[size],
-    }
-    return LlavaOnevisionConfig(
-        vision_config=dict(_SIGLIP_SO400M),
-        text_config=text,
-        image_token_id=151646,
-        video_token_id=151647,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-        image_grid_pinpoints=_pinpoints(384),
-        tie_word_embeddings=_QWEN2[size]["tie_word_embeddings"],
-    )
-
-
-def tiny_llava_onevision_config(vocab_size: int = 256, **vision):
-    """A LLaVA-OneVision small enough for CPU tests: 64 px crops of 8x8 patches (64 tokens each),
-    a 6-layer SigLIP and a 4-layer Qwen2 with grouped-query attention. Token ids match
-    ``illava.tools.inputs.word_tokenizer`` (``<image>`` 1, ``<video>`` 2)."""
-    from transformers import LlavaOnevisionConfig
-
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 4,
-        "image_size": 64,
-        "patch_size": 8,
-        "vision_use_head": False,
-        **vision,
-    }
-    text_config = {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-    }
-    return LlavaOnevisionConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=1,
-        video_token_id=2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-        image_grid_pinpoints=_pinpoints(vision_config["image_size"], 3),
-        tie_word_embeddings=True,
-    )
+        require_strategy(model, config, "full", "the encoder stage", "every encoder token is a patch")

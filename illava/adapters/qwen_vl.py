@@ -23,25 +23,23 @@ contiguous, and empty windows vanish.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from ..config import removal_units
 from ..encoder import (
+    FeatureCalls,
     collecting_attentions,
     current_call,
-    encoder_call,
-    features_done,
-    merged_sizes,
-    record_placeholders,
     recording,
     stock_count_features,
 )
 from ..merge import attention_with_received_scores, compose_assign
 from ..patch import Hook
+from ..plan import encoder as plan
 from ..state import UnitTrace
-from .base import Adapter, Dimensions, FlopsDims, LayerDims, Panel, placeholder, unnormalise
+from .base import Adapter, Dimensions
 
 
 def rope_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -148,7 +146,7 @@ class IllavaQwenVisionBlock:
         bounds = cu.tolist()
         bias = None
         if state.policy.proportional_attention and blocks.sizes is not None:  # ToMe: log(size) of every token
-            bias = blocks.sizes.to(hidden.device).repeat_interleave(run.unit).log()
+            bias = plan.size_bias(blocks.sizes[None].to(hidden.device), n, run.unit)[0, 0, 0]
         outputs, received = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
             frame_bias = bias[a:b][None, None, None] if bias is not None else None
@@ -166,91 +164,89 @@ class IllavaQwenVisionBlock:
         return hidden + self.mlp(self.norm2(hidden))
 
 
+class _Frame(NamedTuple):
+    """One frame after a merge step."""
+
+    kept: torch.Tensor  # its surviving blocks (indices into the blocks before the step)
+    tokens: torch.Tensor  # (kept * unit, D) hidden states
+    assign: torch.Tensor  # output block of every block before the step, -1: dropped
+    sizes: torch.Tensor  # original blocks every survivor stands for
+    scores: torch.Tensor  # the blocks' scores before the step
+
+
 def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, received, position_embeddings, keys):
-    """Remove and recycle whole 2x2 blocks, frame by frame (frames of one size and grid together)."""
-    cfg, unit, device = state.config, run.unit, hidden.device
-    dim = hidden.shape[-1]
-    flat = hidden.view(-1, unit * dim)
-    metric = keys.reshape(flat.shape[0], -1)
-    attention = received.view(-1, unit).float().mean(-1)
-    scores = state.policy.scores("encoder", attention)
-    starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1].tolist()
-    removal = cfg.removal_at(layer)
-    raster = blocks is run.initial and run.window_index is None
-    by_size: dict[tuple, list[int]] = {}
-    for f, size in enumerate(blocks.frame_blocks):
-        by_size.setdefault((size, run.grids[f] if raster else None), []).append(f)
-    sizes = blocks.sizes if blocks.sizes is not None else torch.ones(flat.shape[0])
-    # companions (Qwen3-VL deepstack) follow this merge: an identity probe appended to every block
-    # gives the weights the policy combines blocks with (policies act on every column alike, and a
-    # one-hot probe adds nothing to the dot products of distinct blocks)
+    """Remove and recycle whole 2x2 blocks, frame by frame: frames of one size and grid go through
+    ``illava.plan.encoder.reduce_units`` together (a crop per frame); the packed-sequence metadata
+    of the survivors is kept for the later blocks (``run.after``)."""
+    unit, device = run.unit, hidden.device
+    starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1]
+    sizes = blocks.sizes if blocks.sizes is not None else torch.ones(sum(blocks.frame_blocks))
+    # companions (Qwen3-VL deepstack) follow this merge with the weights the policy combined blocks with
     probe = layer in run.probed or (layer not in run.after and bool(run.companions))
-    groups = []
-    kept_per_frame, tokens_per_frame, assign_per_frame, sizes_per_frame = {}, {}, {}, {}
-    for (size, grid), frames in by_size.items():
-        r = removal_units(size, removal, unit)
-        if isinstance(removal, float):
-            r = min(r, size - 1)  # a fraction never removes the last block of a frame
-        if r >= size:
-            raise ValueError(
-                f"illava: encoder_removal={removal} removes {r * unit} tokens at vision block {layer} but a frame "
-                f"has only {size * unit} left; lower encoder_removal (counts are per frame)"
-            )
-        index = torch.tensor([starts[f] for f in frames], device=device)[:, None] + torch.arange(size, device=device)
-        context = {"metric": metric[index], "sizes": sizes.to(device)[index], "grid": grid}
-        x = flat[index]
+    frames: dict[int, _Frame] = {}
+    groups = []  # (frames, their blocks before, weights)
+    for (size, grid), group in _frame_groups(run, blocks).items():
+        index = starts[group].to(device)[:, None] + torch.arange(size, device=device)  # (frames, blocks)
+        tokens = (index[..., None] * unit + torch.arange(unit, device=device)).flatten(1)
+        step = plan.reduce_units(
+            state.config, state.policy, layer, hidden[tokens], received[tokens], unit, 0, keys[tokens],
+            sizes=sizes.to(device)[index], grid=grid, with_weights=probe,
+        )  # fmt: skip
+        merged = plan.merged_sizes(sizes.to(device)[index], step.result, size)
+        kept = index.gather(1, step.result.kept)
+        for i, f in enumerate(group):
+            frames[f] = _Frame(kept[i], step.hidden[i], step.result.assign[i], merged[i], step.scores[i])
         if probe:
-            x = torch.cat([x, torch.eye(size, dtype=x.dtype, device=device).expand(len(frames), size, size)], -1)
-        res = state.policy.reduce("encoder", x, scores[index], r, cfg, **context)
-        if probe:
-            groups.append((frames, index, res.tokens[..., flat.shape[1] :].detach()))
-            res.tokens = res.tokens[..., : flat.shape[1]]
-        kept = index.gather(1, res.kept)
-        merged = merged_sizes(context["sizes"], res, size)
-        for i, f in enumerate(frames):
-            kept_per_frame[f], tokens_per_frame[f], assign_per_frame[f] = kept[i], res.tokens[i], res.assign[i]
-            sizes_per_frame[f] = merged[i]
-    frames = range(len(blocks.frame_blocks))
-    kept_blocks = torch.cat([kept_per_frame[f] for f in frames])
-    tokens = torch.cat([tokens_per_frame[f] for f in frames]).reshape(-1, dim)
+            groups.append((group, index, step.weights))
+    ordered = [frames[f] for f in range(len(blocks.frame_blocks))]
+    out = torch.cat([frame.tokens for frame in ordered])
     if layer in run.after:  # run again (gradient checkpointing): same decisions, nothing to record
-        return tokens
+        return out
+    kept_blocks = torch.cat([frame.kept for frame in ordered])
     token_index = (kept_blocks[:, None] * unit + torch.arange(unit, device=device)).flatten()
     kept_cpu = kept_blocks.cpu()
-    window = blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None
-    new_counts = [kept_per_frame[f].numel() for f in frames]
+    new_counts = [frame.kept.numel() for frame in ordered]
     run.after[layer] = Blocks(
         new_counts,
         blocks.block_ids[kept_cpu],
-        window,
+        blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None,
         tuple(t[token_index] for t in position_embeddings),
-        torch.cat([sizes_per_frame[f] for f in frames]).cpu(),
+        torch.cat([frame.sizes for frame in ordered]).cpu(),
     )
+    starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1]
     if probe:
         run.probed.add(layer)
-        starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1]
         steps = []
-        for group_frames, index, weights in groups:
-            rows = starts_new[group_frames].to(device)[:, None] + torch.arange(weights.shape[1], device=device)
+        for group, index, weights in groups:
+            rows = starts_new[group].to(device)[:, None] + torch.arange(weights.shape[1], device=device)
             steps.append((index, rows, weights))
         run.steps.append((sum(new_counts), steps))
     call = current_call(state)
     if call is not None:
-        call.layers.append((layer, sum(blocks.frame_blocks) * unit, tokens.shape[0]))
+        call.layers.append((layer, sum(blocks.frame_blocks) * unit, out.shape[0]))
         if recording(state):
-            starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1].tolist()
-            step = torch.cat(
-                [
-                    torch.where(assign_per_frame[f].cpu() >= 0, assign_per_frame[f].cpu() + starts_new[f], -1)
-                    for f in frames
-                ]
-            )
-            before = torch.full((run.assign.shape[0],), float("nan"))
-            before[blocks.block_ids] = attention.cpu()
-            run.assign = compose_assign(run.assign[None], step[None])[0]
-            ids = run.after[layer].block_ids
-            run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))
-    return tokens
+            _record_step(run, layer, blocks, ordered, starts_new)
+    return out
+
+
+def _frame_groups(run: VisionRun, blocks: Blocks) -> dict[tuple, list[int]]:
+    """Frames of one block count (and one block grid while blocks are in raster order) merge together."""
+    raster = blocks is run.initial and run.window_index is None
+    groups: dict[tuple, list[int]] = {}
+    for f, size in enumerate(blocks.frame_blocks):
+        groups.setdefault((size, run.grids[f] if raster else None), []).append(f)
+    return groups
+
+
+def _record_step(run: VisionRun, layer: int, blocks: Blocks, frames: list[_Frame], starts_new) -> None:
+    """``illava.tools.viz``: the owner of every original block after ``layer`` and the scores before."""
+    assigns = [frame.assign.cpu() for frame in frames]
+    step = torch.cat([torch.where(a >= 0, a + start, -1) for a, start in zip(assigns, starts_new.tolist())])
+    before = torch.full((run.assign.shape[0],), float("nan"))
+    before[blocks.block_ids] = torch.cat([frame.scores for frame in frames]).cpu()
+    run.assign = compose_assign(run.assign[None], step[None])[0]
+    ids = run.after[layer].block_ids
+    run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))
 
 
 class Substitute(Hook):
@@ -330,34 +326,9 @@ def _unit_trace(call, run: VisionRun) -> None:
     call.trace = UnitTrace(grids=grids, layers=layers, feature=final)
 
 
-class IllavaQwenVLModel:
-    """Qwen2-VL / Qwen2.5-VL model: feature calls and placeholder bookkeeping.
-
-    Modifications: ``get_image_features`` / ``get_video_features`` run inside an encoder call;
-    ``get_placeholder_mask`` records where stock puts the features. Disabled: stock.
-    """
-
-    # generate() picks the arguments of these from their signatures: keep the stock ones
-    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
-        state = self._illava.state
-        with encoder_call(state, "image") as call:
-            out = super().get_image_features(pixel_values, image_grid_thw, **kwargs)
-        return features_done(state, call, out, "image")
-
-    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
-        state = self._illava.state
-        with encoder_call(state, "video") as call:
-            out = super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
-        return features_done(state, call, out, "video")
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        image_mask, video_mask = super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-        state = self._illava.state
-        if image_features is not None:
-            record_placeholders(state, "image", image_mask)
-        if video_features is not None:
-            record_placeholders(state, "video", video_mask)
-        return image_mask, video_mask
+class IllavaQwenVLModel(FeatureCalls):
+    """Qwen2-VL / Qwen2.5-VL model: the feature calls (``FeatureCalls``); the encoder stage itself
+    lives in the vision blocks and the hooks on the vision transformer. Disabled: stock."""
 
 
 class QwenVLAdapter(Adapter):
@@ -423,15 +394,14 @@ class QwenVLAdapter(Adapter):
                 )
 
     model_mixin = IllavaQwenVLModel
+    layer_mixin = IllavaQwenVisionBlock
 
-    def patch(self, model, record) -> None:
-        inner = model.model
-        visual = inner.visual
-        state = record.state
-        record.swap(inner, self.model_mixin)
+    def encoder_layers(self, model):
+        return model.model.visual.blocks
+
+    def patch_more(self, model, record) -> None:
+        visual, state = model.model.visual, record.state
         layers = state.config.encoder_layers
-        for i in layers:
-            record.swap(visual.blocks[i], IllavaQwenVisionBlock, layer=i)
         record.hook(visual, StartRun(state), "pre")
         record.hook(visual.merger, ScatterMerged(state), "post")
         if layers:
@@ -439,215 +409,3 @@ class QwenVLAdapter(Adapter):
             for i, block in enumerate(visual.blocks):
                 if i > min(layers) and i not in layers:
                     record.hook(block, Substitute(state, i, i in full), "pre")
-
-    # ------------------------------------------------------------------------------ tools
-    architectures = {
-        "qwen2-vl-2b": lambda: qwen2_vl_config("2b"),
-        "qwen2-vl-7b": lambda: qwen2_vl_config("7b"),
-        "qwen2.5-vl-3b": lambda: qwen2_5_vl_config("3b"),
-        "qwen2.5-vl-7b": lambda: qwen2_5_vl_config("7b"),
-    }
-    tiny = {"tiny-qwen2-vl": lambda: tiny_qwen_vl_config("2"), "tiny-qwen2.5-vl": lambda: tiny_qwen_vl_config("2.5")}
-
-    def image_processor(self, config):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        size = getattr(config, "illava_processor", {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
-        return Qwen2VLImageProcessorPil(size=dict(size))
-
-    def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
-        """Qwen2-VL / Qwen2.5-VL batch: ``<image>``/``<video>`` markers become ``<|vision_start|>``
-        + stock placeholders + ``<|vision_end|>``; ``mm_token_type_ids`` as the stock processor
-        returns them. Placeholders are spelled as the tokenizer spells the config's ids
-        (``<|image_pad|>`` / ``<|video_pad|>`` for the released tokenizers)."""
-        processor = image_processor or self.image_processor(config)
-        merge = config.vision_config.spatial_merge_size**2
-        data, texts = {}, list(prompts)
-        if sum(p.count("<image>") for p in prompts) != len(images) or sum(p.count("<video>") for p in prompts) != len(
-            videos
-        ):
-            raise ValueError("the number of <image>/<video> markers must match the images/videos given")
-        if images:
-            pix = processor(list(images), return_tensors="pt")
-            data.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
-            counts = iter((pix["image_grid_thw"].prod(-1) // merge).tolist())
-            token = placeholder(tokenizer, config.image_token_id, "<image>")
-            texts = [_expand(t, "<image>", counts, token) for t in texts]
-        if videos:
-            packed = [_video_pixels(v, processor) for v in videos]
-            data["pixel_values_videos"] = torch.cat([p for p, _ in packed])
-            data["video_grid_thw"] = torch.tensor([g for _, g in packed])
-            counts = iter((data["video_grid_thw"].prod(-1) // merge).tolist())
-            token = placeholder(tokenizer, config.video_token_id, "<video>")
-            texts = [_expand(t, "<video>", counts, token) for t in texts]
-        return _tokenized(tokenizer, texts, config, data)
-
-    def pictures(self, model, inputs: dict, kind: str, call, mean_std=None) -> list[list[Panel]]:
-        import numpy as np
-
-        vc = model.config.vision_config
-        ps, tps, m = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
-        processor = self.image_processor(model.config)
-        mean, std = mean_std or (processor.image_mean, processor.image_std)
-        pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
-        grids = inputs["image_grid_thw" if kind == "image" else "video_grid_thw"]
-        items, offset, unit = [], 0, 0
-        for gt, gh, gw in grids.tolist():
-            patches = gt * gh * gw
-            x = pixels[offset : offset + patches].float().cpu().reshape(gt, gh // m, gw // m, m, m, -1, tps, ps, ps)
-            # -> (gt, tps, C, gh//m, m, ps, gw//m, m, ps): the processor's patch flattening undone
-            x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(gt, tps, -1, gh * ps, gw * ps)
-            rows, cols = gh // m, gw // m
-            grid = np.arange(rows * cols).reshape(rows, cols)
-            name = "frame" if kind == "video" else "image"
-            items.append(
-                [
-                    Panel(
-                        f"{name} {f}" if gt > 1 else name,
-                        unnormalise(frame[0], mean, std),
-                        grid + unit + f * rows * cols,
-                        m * ps,
-                    )
-                    for f, frame in enumerate(x)
-                ]
-            )
-            offset += patches
-            unit += gt * rows * cols
-        return items
-
-    def flops_dims(self, config) -> FlopsDims:
-        vc, tc = config.vision_config, config.text_config
-        qwen2 = config.model_type == "qwen2_vl"
-        width = vc.embed_dim if qwen2 else vc.hidden_size
-        mlp = int(vc.embed_dim * vc.mlp_ratio) if qwen2 else vc.intermediate_size
-        out = vc.hidden_size if qwen2 else vc.out_hidden_size
-        unit = vc.spatial_merge_size**2
-        return FlopsDims(
-            encoder=LayerDims(width, mlp, vc.num_heads, vc.num_heads, not qwen2),
-            encoder_depth=vc.depth,
-            # the patch merger folds each surviving 2x2 block: an MLP on unit * width
-            projector_macs_per_token=(unit * width * unit * width + unit * width * out) / unit,
-            text=LayerDims.of_decoder(tc),
-            text_depth=tc.num_hidden_layers,
-            vocab=tc.vocab_size,
-            window=None if qwen2 else (vc.window_size // vc.patch_size) ** 2,
-            full_layers=() if qwen2 else tuple(vc.fullatt_block_indexes),
-        )
-
-
-def _tokenized(tokenizer, texts: list[str], config, data: dict):
-    """``data`` with the token ids, attention mask and ``mm_token_type_ids`` (1: image, 2: video) of
-    ``texts`` (placeholders already expanded), as the stock processor returns them."""
-    from transformers import BatchFeature
-
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    ids = enc["input_ids"]
-    types = torch.zeros_like(ids)
-    types[ids == config.image_token_id] = 1
-    types[ids == config.video_token_id] = 2
-    data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=types)
-    return BatchFeature(data)
-
-
-def _expand(text: str, marker: str, counts, token: str) -> str:
-    parts = text.split(marker)
-    out = parts[0]
-    for part in parts[1:]:
-        out += "<|vision_start|>" + "\0" * next(counts) + "<|vision_end|>" + part
-    return out.replace("\0", token)
-
-
-def _video_pixels(frames, processor) -> tuple[torch.Tensor, list[int]]:
-    """``pixel_values_videos`` and ``[t, h, w]`` as the Qwen2-VL video processor makes them: frames
-    resized like images, consecutive frame pairs packed into the temporal patch of 2."""
-    import numpy as np
-    from PIL import Image
-
-    frames = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
-    if len(frames) % 2:
-        frames = frames + frames[-1:]
-    out = processor(frames, return_tensors="pt")
-    grid = out["image_grid_thw"][0].tolist()
-    per_frame = out["pixel_values"].view(len(frames), grid[1] * grid[2], 3, 2, -1)[:, :, :, 0]  # drop the copy
-    pairs = per_frame.view(len(frames) // 2, 2, *per_frame.shape[1:]).permute(0, 2, 3, 1, 4)
-    return pairs.reshape(-1, 3 * 2 * per_frame.shape[-1]), [len(frames) // 2, grid[1], grid[2]]
-
-
-_QWEN2_TEXT = {
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
-    "2b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
-    "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
-}  # fmt: skip
-_QWEN_TOKENS = {
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-}
-
-
-def _qwen_text(size: str) -> dict:
-    return {
-        **_QWEN2_TEXT[size],
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-    }
-
-
-def qwen2_vl_config(size: str = "7b"):
-    """Qwen2-VL ``2b`` or ``7b`` with the published dimensions (675M-parameter ViT, 32 blocks)."""
-    from transformers import Qwen2VLConfig
-
-    if size not in ("2b", "7b"):
-        raise ValueError(f"unknown Qwen2-VL size {size!r}; choose 2b or 7b")
-    text = _qwen_text(size)
-    vision = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": text["hidden_size"],
-              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
-    return Qwen2VLConfig(
-        vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **_QWEN_TOKENS
-    )
-
-
-def qwen2_5_vl_config(size: str = "7b"):
-    """Qwen2.5-VL ``3b`` or ``7b`` with the published dimensions (windowed ViT, 32 blocks)."""
-    from transformers import Qwen2_5_VLConfig
-
-    if size not in ("3b", "7b"):
-        raise ValueError(f"unknown Qwen2.5-VL size {size!r}; choose 3b or 7b")
-    text = _qwen_text(size)
-    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-              "out_hidden_size": text["hidden_size"], "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
-              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 2}  # fmt: skip
-    return Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **_QWEN_TOKENS
-    )
-
-
-def tiny_qwen_vl_config(version: str = "2", vocab_size: int = 256):
-    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) small enough for CPU tests, with a
-    pixel budget of 112x168 for its image processor; token ids match
-    ``illava.tools.inputs.word_tokenizer`` (image 1, video 2, vision start 6, vision end 7)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    text = {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": vocab_size, "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    }  # fmt: skip
-    tokens = {"image_token_id": 1, "video_token_id": 2, "vision_start_token_id": 6, "vision_end_token_id": 7}
-    if version == "2":
-        vision = {"depth": 4, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 2, "hidden_size": 64, "patch_size": 14,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
-        config = Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)
-    else:
-        vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
-                  "window_size": 112, "fullatt_block_indexes": [1, 3], "patch_size": 14, "spatial_merge_size": 2,
-                  "temporal_patch_size": 2, "tokens_per_second": 2}  # fmt: skip
-        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **tokens)
-    config.illava_processor = {"shortest_edge": 56 * 56, "longest_edge": 112 * 168}
-    return config

@@ -1,4 +1,5 @@
-"""Bundled architectures (published dimensions) and tiny test configurations, from the adapters.
+"""Bundled architectures (published dimensions) and tiny test configurations, from the families'
+tooling (``illava.tools.families``).
 
 Random weights are enough for token counts, FLOPs and timing: compute does not depend on the weight
 values. Nothing here downloads anything.
@@ -8,20 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import ADAPTERS
+from .families import FAMILIES
 
 
 def architectures() -> dict:
     """name -> config factory of every bundled architecture (published dimensions)."""
-    return {name: factory for adapter in ADAPTERS for name, factory in adapter.architectures.items()}
+    return {name: factory for family in FAMILIES for name, factory in family.architectures.items()}
 
 
 def tiny_configs() -> dict:
-    return {name: factory for adapter in ADAPTERS for name, factory in adapter.tiny.items()}
+    return {name: factory for family in FAMILIES for name, factory in family.tiny.items()}
 
 
 def tiny_config(name: str):
-    """A small configuration of a family for CPU tests and demos (``adapter.tiny``)."""
+    """A small configuration of a family for CPU tests and demos (``FamilyTools.tiny``)."""
     configs = tiny_configs()
     if name not in configs:
         raise ValueError(f"unknown tiny configuration {name!r}; choose one of {sorted(configs)}")

@@ -11,15 +11,15 @@ An encoder merge layer runs its attention on the tokens before the merge and its
 survivors. Vision encoders attend per crop / frame (``c`` = tokens of that crop; Qwen2.5-VL's
 window blocks: ``c`` = tokens of a window, at most 256). The LLM runs the visual and text tokens
 of the prefill; layers from an LLM merge layer on run the reduced sequence. Also counted: the
-projector / patch merger (per token leaving the encoder, from the adapter), and the LM head on
+projector / patch merger (per token leaving the encoder, from the family's tooling), and the LM head on
 the last token. Not counted: norms,
 rotary embeddings, softmax, the scoring row of the LLM stage (one query, ``L*d`` MACs).
 """
 
 from __future__ import annotations
 
-from ..adapters import adapter_for
-from ..adapters.base import LayerDims
+from .families import tools_for
+from .families.base import LayerDims
 
 __all__ = ["LayerDims", "encoder_macs", "layer_macs", "llm_macs", "prefill_flops"]
 
@@ -73,10 +73,10 @@ def prefill_flops(model, stats, sequence: int, batch: int = 1) -> dict[str, floa
 
     ``stats`` is the ``illava.Stats`` of the prefill (with illava disabled it holds stock counts);
     ``sequence`` the LLM input length per sample as the stock model sees it (padding excluded).
-    The dimensions come from the family adapter (``flops_dims``). Returns ``encoder``,
+    The dimensions come from the family's tooling (``flops_dims``). Returns ``encoder``,
     ``projector``, ``llm``, ``lm_head`` and ``total``.
     """
-    dims = adapter_for(model).flops_dims(model.config)
+    dims = tools_for(model).flops_dims(model.config)
     full = set(dims.full_layers)
     encoder = sum(
         encoder_macs(dims.encoder_depth, call["tokens"], call["crops"], call["layers"], dims.encoder, dims.window, full)

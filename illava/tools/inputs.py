@@ -1,7 +1,7 @@
 """Inputs for any supported family without the combined processor (which needs torchvision).
 
 Users with torchvision keep using ``AutoProcessor``; these helpers produce the same tensors from the
-family's image processor (``adapter.build_inputs``) and a tokenizer. Prompts contain ``<image>`` /
+family's image processor (``illava.tools.families``: ``build_inputs``) and a tokenizer. Prompts contain ``<image>`` /
 ``<video>`` markers, expanded to the stock number of placeholder tokens as the stock processor
 expands them.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import adapter_for_config
+from .families import tools_for
 
 SPECIAL_TOKENS = [
     "<pad>",
@@ -40,7 +40,7 @@ CHAT_TEMPLATE = (
 def word_tokenizer(vocab_size: int = 256, padding_side: str = "left"):
     """A small word-level tokenizer (built offline) whose first ids are the special tokens:
     ``<image>`` 1, ``<video>`` 2, ``<|vision_start|>`` 6, ``<|vision_end|>`` 7, ``<img>`` 8,
-    ``</img>`` 9 (the ids of the tiny configurations of the adapters)."""
+    ``</img>`` 9 (the ids of the tiny configurations of ``illava.tools.families``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -91,8 +91,8 @@ class PlaceholderTokenizer:
 
 
 def build(config, tokenizer, prompts, images=(), videos=(), image_processor=None):
-    """Stock inputs of ``config``'s family (``adapter.build_inputs``)."""
-    return adapter_for_config(config).build_inputs(config, tokenizer, prompts, images, videos, image_processor)
+    """Stock inputs of ``config``'s family (``tools_for(config).build_inputs``)."""
+    return tools_for(config).build_inputs(config, tokenizer, prompts, images, videos, image_processor)
 
 
 def placeholder_inputs(config, images=(), videos=(), text_tokens: int = 32, image_processor=None):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .. import api
 from ..adapters import ADAPTERS, adapter_for
 from ..config import IllavaConfig
+from .inputs import build as build_inputs
 
 _TUPLE_FIELDS = {"encoder_layers", "llm_layers"}
 _CONFIG_FIELDS = {f.name for f in fields(IllavaConfig)} - {"preset", "policy"}
@@ -207,7 +208,7 @@ class IllavaLmms(lmms):
 
     def _fallback_inputs(self, prompts, images, videos):
         config = self.model.config
-        return self.adapter.build_inputs(config, self.tokenizer, prompts, images, videos, self.image_processor)
+        return build_inputs(config, self.tokenizer, prompts, images, videos, self.image_processor)
 
     # ---------------------------------------------------------------------------- lmms-eval API
     @property

@@ -21,7 +21,7 @@ Drawing. Pruned units are greyed out; recycled units are tinted with the colour 
 that absorbed them, and that survivor is outlined in the same colour; survivors that absorbed
 nothing get a thin white outline. Heat maps colour the units present at a layer by the rank of
 their score (bright: high), so that maps of heavy-tailed attention scores stay readable. The
-pictures come from the family adapter (``adapter.pictures``): AnyRes crops in place on the canvas
+pictures come from the family's tooling (``illava.tools.families``: ``pictures``): AnyRes crops in place on the canvas
 the processor tiled, video frames, 2x2-block cells for Qwen-VL, tiles for InternVL.
 """
 
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..adapters import adapter_for
-from ..adapters.base import Panel
 from ..api import is_applied
+from .families import tools_for
+from .families.base import Panel
 
 _MIN_CELL_PX = 12  # cells are drawn at least this large (tiny test models have small crops)
 
@@ -159,14 +159,14 @@ def trace(model: torch.nn.Module, inputs: dict):
 
 def item_sources(model, inputs: dict, forward, stats, mean_std=None) -> list[ItemSources]:
     """Stages of every unit of every item (image / video), in the order of ``stats.items``."""
-    adapter = adapter_for(model)
+    tools = tools_for(model)
     out: list[ItemSources] = []
     for kind in ("image", "video"):
         items = [i for i in stats.items if i.kind == kind]
         if not items:
             continue
         call = forward.calls[kind]
-        panels_per_item = adapter.pictures(model, inputs, kind, call, mean_std)
+        panels_per_item = tools.pictures(model, inputs, kind, call, mean_std)
         where = forward.placeholders[kind].nonzero()  # row-major: feature row -> input position
         unit_trace = call.trace
         feature = unit_trace.feature.cpu()

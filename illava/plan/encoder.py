@@ -1,0 +1,216 @@
+"""The encoder stage's decision for one merge step over a batch of crops, as tensors in and out.
+
+A *crop* is what one attention pass of the vision encoder sees (an image, a tile, a frame); a *unit*
+is what the stage removes: ``unit`` consecutive tokens (1: a patch; 4: a 2x2 block a patch merger
+or a pixel shuffle folds into one LLM token; 16: a 4x4 block a pooling folds), after ``keep_first``
+tokens that are never removed (a CLS token). A backend measures the attention every token receives
+and the layer's keys, asks ``merge_units`` (or ``reduce_units`` for its own bookkeeping), and runs
+the rest of the layer on the survivors.
+
+- ``reduce_units``: score the units (mean received attention of their tokens), remove and recycle
+  the configured number with the policy; optionally the weights every output unit combines the
+  input units with (``with_weights``: streams that must follow the merge, e.g. Qwen3-VL deepstack);
+- ``merge_units``: ``reduce_units`` plus the ``CropTrace`` bookkeeping (trace in, trace out);
+- ``CropTrace``: which original unit every current unit is, and how many each stands for;
+- ``merged_sizes`` / ``size_bias``: token sizes after a merge, and ToMe's ``log(size)`` bias;
+- ``removal_count``: the units one step removes from a crop (and the error when none would stay);
+- ``block_order``: raster -> block order of the patches of a square crop (units of ``k x k``).
+
+Nothing here imports transformers or the Hugging Face backend (``illava.state``, ``illava.patch``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import removal_units
+from ..merge import MergeResult, compose_assign
+
+
+def removal_count(units: int, removal: int | float, unit: int, layer: int) -> int:
+    """Units removed from a crop of ``units`` units at ``layer``: a count is given in tokens, a
+    fraction is of the units present (and never removes the last one). ``ValueError`` if no unit
+    would be left."""
+    r = removal_units(units, removal, unit)
+    if isinstance(removal, float):
+        r = min(r, units - 1)
+    if r >= units:
+        raise ValueError(
+            f"illava: encoder layer {layer} would remove {r} of the {units} units ({r * unit} of the {units * unit} "
+            "tokens) of a crop or frame; lower encoder_removal (counts are per crop / frame)"
+        )
+    return r
+
+
+def merged_sizes(sizes: torch.Tensor | None, res: MergeResult, n: int) -> torch.Tensor:
+    """Original units every output unit stands for after a merge (``res.assign``); ``sizes``
+    ``(B, n)`` before it (``None``: 1 each)."""
+    b = res.assign.shape[0]
+    sizes = torch.ones(b, n, device=res.assign.device) if sizes is None else sizes
+    out = torch.zeros(b, res.kept.shape[1] + 1, device=sizes.device)
+    slot = torch.where(res.assign >= 0, res.assign, res.kept.shape[1])
+    return out.scatter_add_(1, slot, sizes.float())[:, :-1]
+
+
+def size_bias(sizes: torch.Tensor | None, n: int, unit: int = 1, keep_first: int = 0) -> torch.Tensor | None:
+    """``log(size)`` of every token as an additive attention bias ``(B, 1, 1, n)`` (ToMe's
+    proportional attention): a unit's ``unit`` tokens share its size, ``keep_first`` tokens have
+    size 1; ``None`` while every unit is an original one (``sizes`` ``None``)."""
+    if sizes is None:
+        return None
+    sizes = sizes.repeat_interleave(unit, dim=1)
+    sizes = torch.cat([sizes.new_ones(sizes.shape[0], keep_first), sizes], dim=1)
+    return sizes.log()[:, None, None, :n]
+
+
+def block_order(side: int, kernel: int, device=None) -> torch.Tensor:
+    """Raster index of the patch at every position of the block order of a ``side x side`` crop:
+    block after block (raster order of the block grid), each block's ``kernel x kernel`` patches in
+    raster order. ``(side * side,)``."""
+    blocks = side // kernel
+    r = torch.arange(side, device=device)[:, None]
+    c = torch.arange(side, device=device)[None]
+    key = ((r // kernel) * blocks + c // kernel) * kernel * kernel + (r % kernel) * kernel + c % kernel
+    return torch.argsort(key.flatten())
+
+
+def square_grid(units: int) -> tuple[int, int] | None:
+    """The unit grid of a square crop of ``units`` units (``None`` if ``units`` is no square)."""
+    side = round(units**0.5)
+    return (side, side) if side * side == units else None
+
+
+@dataclass
+class CropTrace:
+    """Which original unit every current unit of a batch of crops is.
+
+    ``positions`` ``(B, n)``: original unit of each current unit; ``assign`` ``(B, U)``: current
+    unit representing each original unit (-1: dropped); ``sizes`` ``(B, n)``: original units each
+    current unit stands for (``None`` before any merge); ``records``: per merge step while
+    recording, ``(layer, owner (B, U), score of every original unit before the step (NaN: gone))``.
+    """
+
+    positions: torch.Tensor
+    assign: torch.Tensor
+    sizes: torch.Tensor | None = None
+    records: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, crops: int, units: int, device=None) -> CropTrace:
+        index = torch.arange(units, device=device).expand(crops, units)
+        return cls(index, index)
+
+    def step(self, layer: int, res: MergeResult, scores: torch.Tensor, record: bool = False) -> CropTrace:
+        """The trace after a merge ``res`` of the current units (``scores``: their scores before)."""
+        before = self.positions
+        positions = before.gather(1, res.kept)
+        assign = compose_assign(self.assign, res.assign)
+        records = list(self.records)
+        if record:
+            crops, units = assign.shape
+            owner = torch.where(assign >= 0, positions.gather(1, assign.clamp(min=0)), -1)
+            full = torch.full((crops, units), float("nan"), device=scores.device)
+            records.append((layer, owner.cpu(), full.scatter(1, before, scores.float()).cpu()))
+        return CropTrace(positions, assign, merged_sizes(self.sizes, res, before.shape[1]), records)
+
+    def call_layers(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``records`` with units numbered over the whole batch (crop after crop): ``(layer, owner
+        (B * U,), scores (B * U,))``."""
+        units = self.assign.shape[1]
+        offset = (torch.arange(self.assign.shape[0]) * units)[:, None]
+        return [
+            (layer, torch.where(owner >= 0, owner + offset, -1).flatten(), scores.flatten())
+            for layer, owner, scores in self.records
+        ]
+
+
+@dataclass
+class UnitStep:
+    """One merge step of a batch of crops (``reduce_units``)."""
+
+    hidden: torch.Tensor  # (B, keep_first + kept * unit, D) the layer's hidden states after the merge
+    result: MergeResult  # over units: kept (B, K) in source order, assign (B, units)
+    scores: torch.Tensor  # (B, units) attention every unit received (mean over its tokens), float32
+    weights: torch.Tensor | None = None  # (B, K, units) combination weights (``with_weights``), no gradient
+
+
+def reduce_units(
+    config,
+    policy,
+    layer: int,
+    hidden: torch.Tensor,
+    received: torch.Tensor,
+    unit: int = 1,
+    keep_first: int = 0,
+    keys: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    with_weights: bool = False,
+) -> UnitStep:
+    """Remove and recycle ``config.removal_at(layer)`` units of every crop with ``policy``.
+
+    ``hidden`` ``(B, N, D)``: ``keep_first`` tokens that stay as they are, then units of ``unit``
+    consecutive tokens; ``received`` ``(B, N)`` the attention every token receives; ``keys``
+    ``(B, N, K)`` the layer's keys (heads averaged; the similarity metric of matching policies);
+    ``sizes`` ``(B, units)`` original units every unit stands for; ``grid`` the unit grid of the
+    crops while the units are still all there in raster order (``None`` otherwise). A unit's score
+    is the mean of its tokens'; recycling treats a unit's tokens position by position (one vector of
+    ``unit * D``). ``with_weights``: also the weights of the combination, probed with an identity
+    appended to the units (policies treat every column alike; a one-hot probe adds nothing to the
+    dot products of distinct units).
+    """
+    b, _, d = hidden.shape
+    head, body = hidden[:, :keep_first], hidden[:, keep_first:]
+    units = body.shape[1] // unit
+    attention = received[:, keep_first:].reshape(b, units, unit).float().mean(-1)
+    r = removal_count(units, config.removal_at(layer), unit, layer)
+    metric = None if keys is None else keys[:, keep_first:].reshape(b, units, -1)
+    x = body.reshape(b, units, unit * d)
+    if with_weights:
+        x = torch.cat([x, torch.eye(units, dtype=x.dtype, device=x.device).expand(b, units, units)], -1)
+    res = policy.reduce(
+        "encoder", x, policy.scores("encoder", attention), r, config, metric=metric, sizes=sizes, grid=grid
+    )
+    weights = None
+    if with_weights:
+        weights = res.tokens[..., unit * d :].detach()
+        res.tokens = res.tokens[..., : unit * d]
+    kept = res.tokens.shape[1]
+    return UnitStep(torch.cat([head, res.tokens.reshape(b, kept * unit, d)], dim=1), res, attention, weights)
+
+
+def merge_units(
+    config,
+    policy,
+    layer: int,
+    hidden: torch.Tensor,
+    received: torch.Tensor,
+    unit: int = 1,
+    keep_first: int = 0,
+    keys: torch.Tensor | None = None,
+    trace: CropTrace | None = None,
+    record: bool = False,
+) -> tuple[torch.Tensor, CropTrace]:
+    """One merge step of a batch of crops (``reduce_units``) and the trace after it.
+
+    ``trace``: the crops' trace before the step (``None``: no merge yet, every unit there in raster
+    order of a square grid); ``record``: add the step to the trace's ``records``. Returns the hidden
+    states after the merge and the new trace.
+    """
+    units = (hidden.shape[1] - keep_first) // unit
+    step = reduce_units(
+        config,
+        policy,
+        layer,
+        hidden,
+        received,
+        unit,
+        keep_first,
+        keys,
+        sizes=trace.sizes if trace is not None else None,
+        grid=square_grid(units) if trace is None else None,
+    )
+    trace = trace if trace is not None else CropTrace.start(hidden.shape[0], units, hidden.device)
+    return step.hidden, trace.step(layer, step.result, step.scores, record)

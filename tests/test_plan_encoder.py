@@ -1,0 +1,128 @@
+"""The encoder plan (``illava.plan.encoder``) on small hand-computed tensors, without any model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from illava import IllavaConfig
+from illava.plan.encoder import (
+    CropTrace,
+    block_order,
+    merge_units,
+    merged_sizes,
+    reduce_units,
+    removal_count,
+    size_bias,
+)
+from illava.policy import Policy, Pruning, ToMe
+
+
+def config(removal, layer=3, recycle="prune"):
+    return IllavaConfig(encoder_layers=(layer,), encoder_removal=removal, llm_layers=(), recycle=recycle)
+
+
+def test_plan_imports_no_backend():
+    import subprocess
+
+    # illava/__init__ itself imports the HF backend: load the plan module on its own
+    code = (
+        "import os, sys, types;"
+        "pkg = types.ModuleType('illava'); pkg.__path__ = [os.path.abspath('illava')]; sys.modules['illava'] = pkg;"
+        "import illava.plan.encoder;"
+        "print([m for m in ('transformers', 'illava.state', 'illava.patch', 'illava.encoder') if m in sys.modules])"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
+
+
+def test_prune_keeps_the_best_units_and_the_cls_token():
+    # CLS + 4 patches; received: CLS 9 (never scored), patches 0.4 0.1 0.3 0.2 -> remove 2: patches 1 and 3
+    hidden = torch.arange(10, dtype=torch.float32).view(1, 5, 2)
+    received = torch.tensor([[9.0, 0.4, 0.1, 0.3, 0.2]])
+    out, trace = merge_units(config(2), Policy(), 3, hidden, received, keep_first=1)
+    torch.testing.assert_close(out, hidden[:, [0, 1, 3]])
+    assert trace.positions.tolist() == [[0, 2]]
+    assert trace.assign.tolist() == [[0, -1, 1, -1]]
+    assert trace.sizes.tolist() == [[1.0, 1.0]]  # pruned units stand for nothing
+
+
+def test_units_of_four_score_by_their_mean_and_move_whole():
+    # 3 units of 4 tokens, D=1; unit means 0.25, 0.5, 0.1 -> remove 1 unit (4 tokens): unit 2
+    hidden = torch.arange(12, dtype=torch.float32).view(1, 12, 1)
+    received = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1]])
+    step = reduce_units(config(4), Policy(), 3, hidden, received, unit=4)
+    torch.testing.assert_close(step.scores, torch.tensor([[0.25, 0.5, 0.1]]))
+    assert step.result.kept.tolist() == [[0, 1]]
+    torch.testing.assert_close(step.hidden, hidden[:, :8])
+
+
+def test_rank_recycling_by_unit_and_sizes_and_trace_across_two_steps():
+    # 4 units of 1 token, D=2; scores 0.5 0.1 0.3 0.2, "rank" removes 1 and 3 into unit 2 (weights 3, 2, 1)
+    x = torch.tensor([[[10.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, 4.0]]])
+    received = torch.tensor([[0.5, 0.1, 0.3, 0.2]])
+    out, trace = merge_units(config(2, recycle="rank"), Policy(), 3, x, received)
+    merged = (3 * x[0, 1] + 2 * x[0, 3] + 1 * x[0, 2]) / 6
+    torch.testing.assert_close(out[0], torch.stack([x[0, 0], merged]))
+    assert trace.assign.tolist() == [[0, 1, 1, 1]] and trace.positions.tolist() == [[0, 2]]
+    assert trace.sizes.tolist() == [[1.0, 3.0]]
+    # second step: remove 1 of the 2 survivors (unit 0 scores lower) by pruning
+    out2, trace2 = merge_units(config(1), Policy(), 3, out, torch.tensor([[0.1, 0.9]]), trace=trace, record=True)
+    torch.testing.assert_close(out2, out[:, [1]])
+    assert trace2.positions.tolist() == [[2]]
+    assert trace2.assign.tolist() == [[-1, 0, 0, 0]]
+    assert trace2.sizes.tolist() == [[3.0]]
+    layer, owner, scores = trace2.records[0]
+    assert layer == 3 and owner.tolist() == [[-1, 2, 2, 2]]
+    assert scores[0, [0, 2]].tolist() == pytest.approx([0.1, 0.9]) and scores[0, [1, 3]].isnan().all()
+    assert trace.records == []  # the trace that went in is unchanged
+
+
+def test_batch_of_crops_decides_per_crop():
+    hidden = torch.arange(8, dtype=torch.float32).view(2, 4, 1)
+    received = torch.tensor([[0.4, 0.1, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4]])
+    out, trace = merge_units(config(0.5), Pruning(), 3, hidden, received)
+    assert trace.positions.tolist() == [[0, 2], [2, 3]]
+    torch.testing.assert_close(out, torch.tensor([[[0.0], [2.0]], [[6.0], [7.0]]]))
+    assert trace.call_layers() == []
+
+
+def test_removing_every_unit_fails_clearly():
+    hidden, received = torch.zeros(1, 5, 2), torch.ones(1, 5)
+    with pytest.raises(ValueError, match="lower encoder_removal"):
+        merge_units(config(4), Policy(), 3, hidden, received, keep_first=1)  # 4 of 4 patches
+    assert removal_count(4, 0.9, 1, 3) == 3  # a fraction never removes the last unit
+    assert removal_count(10, 8, 4, 3) == 2  # a count is in tokens: 8 tokens = 2 units of 4
+
+
+def test_weights_reproduce_the_merge():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3)
+    step = reduce_units(config(2, recycle="rank"), Policy(), 3, x, torch.rand(2, 6), with_weights=True)
+    torch.testing.assert_close(step.weights @ x, step.hidden)
+    assert step.weights.shape == (2, 4, 6)
+
+
+def test_merged_sizes_and_size_bias_by_hand():
+    res = type("R", (), {"assign": torch.tensor([[0, 0, -1, 1]]), "kept": torch.tensor([[0, 3]])})()
+    sizes = merged_sizes(torch.tensor([[2.0, 1.0, 5.0, 1.0]]), res, 4)
+    assert sizes.tolist() == [[3.0, 1.0]]
+    bias = size_bias(sizes, 1 + 2 * 4, unit=4, keep_first=1)
+    expected = torch.tensor([1.0, 3, 3, 3, 3, 1, 1, 1, 1]).log()
+    torch.testing.assert_close(bias[0, 0, 0], expected)
+    assert size_bias(None, 9) is None
+
+
+def test_tome_uses_sizes_and_keys():
+    x = torch.tensor([[[1.0], [1.0], [5.0], [1.1]]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]])
+    trace = CropTrace.start(1, 4)
+    out, trace = merge_units(config(1), ToMe(), 3, x, torch.ones(1, 4), keys=keys, trace=trace)
+    assert out.shape == (1, 3, 1) and trace.sizes.sum().item() == 4.0
+
+
+def test_block_order_of_2x2_blocks():
+    order = block_order(4, 2)
+    assert order.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
