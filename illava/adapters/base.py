@@ -29,7 +29,7 @@ An adapter says:
 What only the tools need (bundled and tiny configurations, image processors, stock inputs without
 the combined processor, pictures of units, FLOPs dimensions) is not here: it is the family's
 ``illava.tools.families`` module (``illava.tools.families.base.FamilyTools``). The runtime
-imports no tools (the deprecated ``build_inputs`` delegate below imports them only when called).
+imports no tools.
 """
 
 from __future__ import annotations
