@@ -74,6 +74,14 @@ class IllavaConfig:
     def features_active(self) -> bool:
         return self.enabled and self.feature_keep is not None
 
+    @property
+    def reduces(self) -> bool:
+        """Whether some stage may remove tokens (a forward that cannot run inside ``torch.compile``);
+        ``False``: off, or enabled with nothing to remove (stock compute)."""
+        encoder = self.encoder_active and any(self.removal_at(layer) for layer in self.encoder_layers)
+        llm = self.llm_active and any(self.keep_ratio_at(k) < 1 for k in self.llm_layers)
+        return encoder or llm or (self.features_active and self.feature_keep < 1)
+
     def replace(self, **changes) -> IllavaConfig:
         return dataclasses.replace(self, **changes)
 

@@ -5,11 +5,19 @@ Two kinds of change, both ToMe-style (no transformers code is copied):
 - class swaps: a module gets a subclass of its own class with an illava mixin first in the MRO;
 - hooks: forward (pre-)hooks that are ``Hook`` objects, not closures, so that ``copy.deepcopy`` of
   a patched model copies them with the model and the copy's hooks use the copy's state.
+
+Inside ``torch.compile`` (Dynamo tracing) nothing of illava's bookkeeping can be traced. Every hook
+then behaves as stock, and so does every swapped method of a call that removes nothing (text-only
+prompts, a configuration without reductions, ``off``), so such forwards compile fully. A call that
+removes tokens runs its swapped method (the inner model's forward: the whole call) eagerly instead,
+``torch.compiler.disable``d: a graph break that gives the eager result, or with ``fullgraph=True``
+Dynamo's error carrying illava's reason; never a silently stock or half-reduced result.
 """
 
 from __future__ import annotations
 
 import copyreg
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -29,11 +37,61 @@ def swapped_class(mixin: type, original: type) -> type:
     key = (mixin, original)
     if key not in _SWAPPED:
         name = f"{mixin.__name__}_{original.__name__}"
-        _SWAPPED[key] = Swapped(name, (mixin, original), {"_illava_original": original})
+        cls = Swapped(name, (mixin, original), {"_illava_original": original})
+        for attr in _overridden(cls, original):
+            setattr(cls, attr, _stock_when_compiled(attr, getattr(cls, attr), getattr(original, attr)))
+        _SWAPPED[key] = cls
     return _SWAPPED[key]
 
 
 copyreg.pickle(Swapped, lambda cls: (swapped_class, (cls.__bases__[0], cls._illava_original)))
+
+
+def _overridden(cls: type, original: type) -> list[str]:
+    """The methods of ``original`` that the swapped class ``cls`` replaces."""
+    names = []
+    for klass in cls.__mro__[: cls.__mro__.index(original)]:
+        for attr, value in vars(klass).items():
+            stock = original.__dict__.get(attr, None) or getattr(original, attr, None)
+            plain = isinstance(value, types.FunctionType) and isinstance(stock, types.FunctionType)
+            if plain and attr not in names and (not attr.startswith("__") or attr == "__call__"):
+                names.append(attr)
+    return names
+
+
+EAGER = (
+    "illava removes tokens in this forward, which torch.compile cannot trace: it runs eagerly (a graph "
+    "break; under fullgraph=True this error). Forwards that remove nothing (text-only prompts, a "
+    "configuration without reductions, illava.set_enabled(model, False)) compile as stock"
+)
+
+
+@torch.compiler.disable(reason=EAGER)
+def run_eagerly(method, module, *args, **kwargs):
+    """``method`` outside ``torch.compile``, in a call scope of its own (the scope-opening hook ran
+    traced, as stock)."""
+    state = module._illava.state
+    with state.scope() as scope:
+        scope.adopt(kwargs)
+        return method(module, *args, **kwargs)
+
+
+def _stock_when_compiled(name: str, ours, stock):
+    """Inside ``torch.compile``: stock where this call removes nothing, else ``ours`` run eagerly.
+    (It reports the stock signature, which ``generate`` reads.)"""
+
+    @functools.wraps(stock)
+    def method(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return ours(self, *args, **kwargs)
+        state = self._illava.state
+        # the inner model's forward knows whether the call holds visual inputs; the other methods
+        # (feature calls, encoder layers, layouts) run only when it does
+        if state.reduces(kwargs if name == "forward" and self._illava.layer is None else None):
+            return run_eagerly(ours, self, *args, **kwargs)
+        return stock(self, *args, **kwargs)
+
+    return method
 
 
 @dataclass
@@ -45,17 +103,33 @@ class ModulePatch:
 
 
 class Hook:
-    """Base of illava's hooks: holds the shared state; called like the function torch expects."""
+    """Base of illava's hooks: holds the shared state; called like the function torch expects.
+    ``compiled`` runs instead while Dynamo traces (default: nothing, as stock)."""
 
     def __init__(self, state):
         self.state = state
+
+    def compiled(self, *args, **kwargs):
+        return None
+
+
+class Guard:
+    """What torch calls: the hook, or inside ``torch.compile`` its ``compiled`` side."""
+
+    def __init__(self, hook: Hook):
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.hook.compiled(*args, **kwargs)
+        return self.hook(*args, **kwargs)
 
 
 @dataclass
 class PatchRecord:
     state: object
     swapped: list[torch.nn.Module] = field(default_factory=list)
-    hooks: list[tuple[torch.nn.Module, Hook, str]] = field(default_factory=list)
+    hooks: list[tuple[torch.nn.Module, Guard, str]] = field(default_factory=list)
 
     def swap(self, module: torch.nn.Module, mixin: type, layer: int | None = None) -> None:
         """Give ``module`` the class ``mixin + type(module)``.
@@ -73,11 +147,12 @@ class PatchRecord:
         """Register ``hook`` on ``module``: ``pre`` (forward pre-hook) or ``post`` (forward hook),
         both with keyword arguments; ``always``: a forward hook that also runs when the forward
         raises (it ends per-call state)."""
+        guard = Guard(hook)
         if kind == "pre":
-            module.register_forward_pre_hook(hook, with_kwargs=True)
+            module.register_forward_pre_hook(guard, with_kwargs=True)
         else:
-            module.register_forward_hook(hook, with_kwargs=True, always_call=always)
-        self.hooks.append((module, hook, kind))
+            module.register_forward_hook(guard, with_kwargs=True, always_call=always)
+        self.hooks.append((module, guard, kind))
 
     def undo(self) -> None:
         for module, hook, kind in reversed(self.hooks):
@@ -92,7 +167,7 @@ class PatchRecord:
         self.swapped.clear()
 
 
-def _remove_hook(module: torch.nn.Module, hook: Hook, kind: str) -> None:
+def _remove_hook(module: torch.nn.Module, hook: Guard, kind: str) -> None:
     """Remove ``hook`` from ``module`` by identity (handles do not survive ``deepcopy``)."""
     if kind == "pre":
         main, extra = module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)

@@ -160,6 +160,11 @@ class CallScope:
     owner: object | None = None  # the hook that opened it
     model_inputs: dict = field(default_factory=dict)  # inner-model inputs an adapter needs later (``decoder_masks``)
 
+    def adopt(self, inputs: dict) -> None:
+        """The encoder outputs the inner model was given (``mm_encoder_outputs``, reused by ``generate``)."""
+        outputs = inputs.get("mm_encoder_outputs") or {}
+        self.encoder_outputs.update({kind: out for kind, out in outputs.items() if out is not None})
+
 
 class TensorKeyed:
     """A mapping from live tensors (by identity) to values; an entry goes when its tensor does."""
@@ -194,6 +199,19 @@ class IllavaState:
     @property
     def policy(self) -> Policy:
         return policy_of(self.config)
+
+    def reduces(self, inputs: dict | None = None) -> bool:
+        """Whether a call may remove tokens, so that it cannot run traced by ``torch.compile``: it
+        continues a cache that illava reduced, or it holds visual inputs (``pixel_values*`` of the
+        inner model's ``inputs``; ``None``: a call that handles visual tokens) under a
+        configuration that removes tokens."""
+        if inputs is None:
+            return self.config.reduces
+        cache = inputs.get("past_key_values", inputs.get("cache"))
+        if getattr(cache, "illava", None) is not None:
+            return True
+        visual = any(value is not None for name, value in inputs.items() if name.startswith("pixel_values"))
+        return visual and self.config.reduces
 
     def current(self) -> CallScope | None:
         return getattr(self._local, "scope", None)

@@ -9,3 +9,23 @@
 They need the ``tools`` extra (``pip install "illava[tools]"``); ``import illava`` never imports
 them.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_trained(path: str | Path | None, default: Path, task: str, script: str):
+    """(model, tokenizer, image processor) of a task model folder (``default``: the shipped one);
+    ``FileNotFoundError`` naming the training command when the folder holds no model."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    path = Path(path) if path is not None else default
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no {task} model in {path}; train one with: python training/{script} --out {path}, or pass --model FOLDER"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model.set_attn_implementation("sdpa")
+    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)

@@ -45,6 +45,7 @@ from PIL import Image
 
 from illava import api
 from illava.config import IllavaConfig
+from illava_tasks import load_trained
 
 MODEL_DIR = Path(__file__).parent / "models" / "digits"
 CANVAS, CELL, CROP, PATCH = 384, 128, 192, 16
@@ -255,18 +256,8 @@ def prompt(question: str, video: bool = False) -> str:
 
 
 def load(path: str | Path | None = None):
-    """(model, tokenizer, image processor) of the shipped digits model, from Hugging Face files."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-    path = Path(path) if path is not None else MODEL_DIR
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no digits model in {path}; train one with: python training/train_digits.py --out {path}, "
-            "or pass --model FOLDER"
-        )
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    model.set_attn_implementation("sdpa")
-    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    """(model, tokenizer, image processor) of the shipped digits model (or of ``path``), from Hugging Face files."""
+    return load_trained(path, MODEL_DIR, "digits", "train_digits.py")
 
 
 # ------------------------------------------------------------------------------------- test set

@@ -30,6 +30,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from illava import api
 from illava.config import IllavaConfig
 from illava.testing import InvertedScores
+from illava_tasks import load_trained
 
 MODEL_DIR = Path(__file__).parent / "models" / "easy-vqa"
 
@@ -119,18 +120,8 @@ def prompt(question: str) -> str:
 
 
 def load(path: str | Path | None = None):
-    """(model, tokenizer, image processor) of the shipped model, from Hugging Face files."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-    path = Path(path) if path is not None else MODEL_DIR
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no easy-VQA model in {path}; train one with: "
-            f"python training/train_easy_vqa.py --out {path}, or pass --model FOLDER"
-        )
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    model.set_attn_implementation("sdpa")
-    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    """(model, tokenizer, image processor) of the shipped model (or of ``path``), from Hugging Face files."""
+    return load_trained(path, MODEL_DIR, "easy-VQA", "train_easy_vqa.py")
 
 
 def question_kind(question: str, answer: str) -> str:

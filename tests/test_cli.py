@@ -105,3 +105,24 @@ def test_output_paths_are_checked_before_the_work(tmp_path, model, config, monke
     )
     one_error_line(result, "--json")
     assert calls == []
+
+
+def test_every_subcommand_that_loads_a_model_fails_in_one_line(tmp_path, model):
+    """demo and eval easy-vqa / digits keep the promise bench and viz keep: a folder that holds no
+    loadable VLM is one line naming the problem, exit code 2 (was a 40-130 line traceback)."""
+    text_only, broken, no_tokenizer = tmp_path / "text", tmp_path / "broken", tmp_path / "vlm"
+    text_only.mkdir()
+    (text_only / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 8}')
+    broken.mkdir()
+    (broken / "config.json").write_text("{this is not json")
+    model.save_pretrained(no_tokenizer)  # a VLM folder without tokenizer files
+    runner = CliRunner()
+    commands = (
+        ["demo", "--repeats", "1", "--model"],
+        ["eval", "easy-vqa", "--limit", "10", "--model"],
+        ["eval", "digits", "--per-kind", "5", "--model"],
+    )
+    for command in commands:
+        for folder in (text_only, broken, no_tokenizer):
+            result = runner.invoke(app, [*command, str(folder)], env={"COLUMNS": "80"})
+            one_error_line(result, "cannot use model", folder.name)

@@ -31,7 +31,7 @@ def test_plan_imports_no_backend():
         "import os, sys, types;"
         "pkg = types.ModuleType('illava'); pkg.__path__ = [os.path.abspath('illava')]; sys.modules['illava'] = pkg;"
         "import illava.plan.encoder;"
-        "print([m for m in ('transformers', 'illava.state', 'illava.patch', 'illava.encoder') if m in sys.modules])"
+        "print([m for m in ('transformers', 'illava.state', 'illava.patch', 'illava.hf.encoder') if m in sys.modules])"
     )
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)

@@ -3,7 +3,7 @@
 Adding a family = one adapter file (a subclass of ``Adapter``), its tooling file
 (``illava/tools/families/<family>.py``), its tests, and one line in each registry
 (``illava/adapters/__init__.py``, ``illava/tools/families/__init__.py``). Nothing outside the
-adapters asks which family a model is; the runtime (``illava.encoder``, ``illava.llm``,
+adapters asks which family a model is; the runtime (``illava.hf.encoder``, ``illava.llm``,
 ``illava.api``, ``illava.methods``) only calls what is declared here.
 
 An adapter says:
@@ -17,7 +17,7 @@ An adapter says:
    pixel shuffle folds into one LLM token, 16 for a 4x4 block a pooling folds; ``keep_first``:
    encoder tokens before the units that are never removed, a CLS token) and how the encoder
    stage runs (``patch``: the merge layers and the layout of survivors, producing features at the
-   stock count with NaN rows for removed tokens, ``illava.encoder.stock_count_features``);
+   stock count with NaN rows for removed tokens, ``illava.hf.encoder.stock_count_features``);
 5. **how survivors are positioned for the LLM** (``renumber_positions``: as if the prompt had fewer
    placeholders, or the survivors' own positions, e.g. M-RoPE) and how the features split into
    images / videos (``item_lengths``);
@@ -116,8 +116,8 @@ class Adapter:
         """Raise ``ValueError`` for a configuration this family cannot run."""
 
     # ------------------------------------------------------------------ the stages
-    model_mixin: type | None = None  # mixin of the inner model (``illava.encoder.FeatureCalls`` and the layout)
-    layer_mixin: type | None = None  # mixin of the encoder's merge layers (``illava.encoder.IllavaViTLayer``)
+    model_mixin: type | None = None  # mixin of the inner model (``illava.hf.encoder.FeatureCalls`` and the layout)
+    layer_mixin: type | None = None  # mixin of the encoder's merge layers (``illava.hf.encoder.IllavaViTLayer``)
 
     def encoder_layers(self, model) -> torch.nn.ModuleList:
         """The vision encoder's layers (the merge layers are among them)."""

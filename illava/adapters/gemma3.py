@@ -2,7 +2,7 @@
 pooling + a linear projector + the Gemma 3 decoder).
 
 What is patched (``illava.remove`` undoes all of it):
-- the SigLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder
+- the SigLIP layers listed in ``encoder_layers`` get ``illava.hf.encoder.IllavaViTLayer`` (the encoder
   stage, ``unit = 16``);
 - the inner ``Gemma3Model`` gets ``IllavaGemma3Model`` (layout of survivors, feature calls,
   placeholder bookkeeping, and what the decoder side needs to rebuild Gemma's masks);
@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from ..encoder import (
+from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
     IllavaViTLayer,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..encoder import (
+from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
     attention_and_scores,

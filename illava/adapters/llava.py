@@ -1,7 +1,7 @@
 """iLLaVA for ``LlavaForConditionalGeneration`` (LLaVA-1.5: CLIP ViT-L/14-336 + MLP projector + Vicuna).
 
 What is patched (``illava.remove`` undoes all of it):
-- the CLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage);
+- the CLIP layers listed in ``encoder_layers`` get ``illava.hf.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaModel`` gets ``IllavaLlavaModel`` (layout of survivors, feature calls,
   placeholder bookkeeping);
 - the decoder-side hooks of ``illava.llm``.
@@ -41,8 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..encoder import (
-    CropTrace,
+from ..hf.encoder import (
     FeatureCalls,
     IllavaViTLayer,
     recording,
@@ -50,6 +49,7 @@ from ..encoder import (
     stock_count_features,
     unit_trace,
 )
+from ..plan.encoder import CropTrace
 from .base import Adapter, Dimensions
 from .llava_family import require_clip, vit_dimensions
 

@@ -9,7 +9,7 @@ import math
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
-from ..encoder import (
+from ..hf.encoder import (
     CropTrace,
     current_call,
     pool_survivors,

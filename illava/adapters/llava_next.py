@@ -2,7 +2,7 @@
 Vicuna / Mistral / Nous-Hermes, AnyRes images).
 
 What is patched (``illava.remove`` undoes all of it):
-- the CLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage,
+- the CLIP layers listed in ``encoder_layers`` get ``illava.hf.encoder.IllavaViTLayer`` (the encoder stage,
   shared with LLaVA-1.5: the CLS token is never removed, scores come from all tokens);
 - the inner ``LlavaNextModel`` gets ``IllavaLlavaNextModel`` (layout of survivors, feature calls,
   placeholder bookkeeping);
@@ -38,7 +38,7 @@ LLaVA-NeXT (this class) takes no video: ``video`` is the ``image`` preset.
 
 from __future__ import annotations
 
-from ..encoder import FeatureCalls, IllavaViTLayer
+from ..hf.encoder import FeatureCalls, IllavaViTLayer
 from .base import Adapter, Dimensions, require_strategy
 from .llava_family import AnyResLayout, require_clip, vit_dimensions
 

@@ -1,7 +1,7 @@
 """iLLaVA for ``LlavaOnevisionForConditionalGeneration`` (SigLIP encoder + Qwen2 decoder).
 
 What is patched (``illava.remove`` undoes all of it):
-- the SigLIP layers listed in ``encoder_layers`` get ``illava.encoder.IllavaViTLayer`` (the encoder stage);
+- the SigLIP layers listed in ``encoder_layers`` get ``illava.hf.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors,
   feature calls, placeholder bookkeeping);
 - the decoder-side hooks of ``illava.llm``.
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..encoder import (
+from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
     IllavaViTLayer,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ..encoder import current_call, stock_argument, stock_count_features
+from ..hf.encoder import current_call, stock_argument, stock_count_features
 from ..hf.llm import merged_sequence
 from ..patch import Hook
 from ..plan.llm import gather_seq

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from ..encoder import (
+from ..hf.encoder import (
     FeatureCalls,
     collecting_attentions,
     current_call,

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..encoder import call_of
 from ..merge import query_scores
 from ..patch import Hook, PatchRecord
 from ..peers import received_from_all
@@ -36,6 +35,7 @@ from ..plan import llm as plan
 from ..plan.llm import Sequence, gather_seq
 from ..state import ForwardTrace, IllavaState, LLMLayerStats, VisualItem
 from .cache import IllavaDynamicCache, Session, open_session
+from .encoder import call_of
 from .masks import attention_mask, layer_kwargs, window
 
 
@@ -103,9 +103,7 @@ class OpenScope(Hook):
     def __call__(self, module, args, kwargs):
         if not self.state.config.enabled or self.state.current() is not None:
             return None
-        scope = self.state.open_scope(owner=self)
-        outputs = kwargs.get("mm_encoder_outputs") or {}
-        scope.encoder_outputs.update({kind: out for kind, out in outputs.items() if out is not None})
+        self.state.open_scope(owner=self).adopt(kwargs)
         return None
 
 
@@ -144,6 +142,10 @@ class DecoderInput(Hook):
         super().__init__(state)
         self.adapter = adapter
 
+    def compiled(self, module, args, kwargs):
+        _refuse_reduced_cache(kwargs)
+        return None
+
     def __call__(self, module, args, kwargs):
         state = self.state
         cache = _cache_of(kwargs)
@@ -163,7 +165,7 @@ class DecoderInput(Hook):
         if not read.two_d:
             raise ValueError(
                 "illava needs a 2D attention mask (or none) while tokens are reduced; precomputed 4D masks and "
-                "static/compiled caches are not supported"
+                "static caches are not supported"
             )
         chunk = self._chunk(module, kwargs, cache, session, read, reduce_at)
         if read.prepared:
@@ -451,6 +453,14 @@ def _cache_key(kwargs: dict) -> str:
 def _cache_of(kwargs: dict):
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _refuse_reduced_cache(kwargs: dict) -> None:
+    cache = _cache_of(kwargs)
+    if isinstance(cache, IllavaDynamicCache) and cache.illava is not None:
+        raise ValueError(
+            "illava: a cache that illava reduced cannot be continued inside torch.compile; decode it eagerly"
+        )
 
 
 def _wants_cache(kwargs: dict, config) -> bool:

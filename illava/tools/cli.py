@@ -8,6 +8,7 @@ in one line naming the problem and exit code 2; output paths are checked before 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -56,11 +57,11 @@ def demo(
 
     _check_preset(preset)
     picture = _open_image(image) if image is not None else None
+    from illava_tasks import easy_vqa
+
     with console.status("loading the shipped easy-VQA model and running baseline vs iLLaVA..."):
-        try:
-            result = run_demo(picture, question, preset, repeats=repeats, model_path=model)
-        except FileNotFoundError as error:
-            _fail(str(error))
+        loaded = _load_task(easy_vqa, model)
+        result = run_demo(picture, question, preset, repeats=repeats, loaded=loaded)
     console.print(f"[bold]Question:[/bold] {result.question}")
     if result.reference is not None:
         console.print(f"[bold]Reference answer (easy-VQA test split):[/bold] {result.reference}")
@@ -89,6 +90,29 @@ def demo(
         f"(median of {repeats}, CPU threads: {torch.get_num_threads()})"
     )
     console.print("[bold]iLLaVA tokens per stage:[/bold]\n" + result.runs["illava"].stats)
+
+
+@contextmanager
+def _loading(what):
+    """Loading a model for a subcommand: any failure (no model there, not a VLM, a broken config or
+    tokenizer, an unsupported family) is one line naming the problem, exit code 2."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        _fail(str(error))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        lines = str(error).strip().splitlines()
+        _fail(f"cannot use model {what}: {lines[0] if lines else type(error).__name__}")
+
+
+def _load_task(task, path):
+    """A trained task model (``illava_tasks``: easy-VQA, digits), checked to be a supported family."""
+    from ..adapters import adapter_for
+
+    with _loading(path if path is not None else task.MODEL_DIR):
+        loaded = task.load(path)
+        adapter_for(loaded[0])
+    return loaded
 
 
 def _fail(message: str) -> None:
@@ -390,12 +414,9 @@ def _load(model, arch, dtype: str, device: str, attn: str | None = None):
         _fail(f"unknown --arch {arch!r}; choose one of {', '.join(sorted(architectures()))}")
     if model is not None and arch is None and not Path(model).exists() and model.count("/") != 1:
         _fail(f"model {model!r} is neither a folder nor a hub id (owner/name)")
-    try:
+    with _loading(model or arch):
         net, name = b.load_model(model, arch, torch_dtype, device)
         adapter_for(net)
-    except (TypeError, ValueError, OSError, KeyError) as error:
-        lines = str(error).strip().splitlines()
-        _fail(f"cannot use model {model or arch}: {lines[0] if lines else type(error).__name__}")
     if attn is not None:
         try:
             net.set_attn_implementation(attn)
@@ -621,10 +642,7 @@ def eval_easy_vqa(
         _fail(f"--budgets are shares of stock prefill FLOPs in (0, 1], got {budgets!r}")
     _writable(json_path, "--json")
     _writable(plot, "--plot")
-    try:
-        net, tokenizer, processor = easy_vqa.load(model_path)
-    except FileNotFoundError as err:
-        _fail(str(err))
+    net, tokenizer, processor = _load_task(easy_vqa, model_path)
     if names:
         _compare_methods(net, tokenizer, processor, names, shares, limit, json_path, plot)
         return
@@ -757,10 +775,7 @@ def eval_digits(
         _fail("--methods solves budgets on an image question: include at least one image kind in --kinds")
     _writable(json_path, "--json")
     _writable(plot, "--plot")
-    try:
-        net, tokenizer, processor = digits.load(model_path)
-    except FileNotFoundError as err:
-        _fail(str(err))
+    net, tokenizer, processor = _load_task(digits, model_path)
     data = digits.test_set(per_kind, kinds=chosen_kinds)
     if names:
         with Progress(console=console, transient=True) as bar:

@@ -71,9 +71,11 @@ def run_demo(
     preset: str = "image",
     repeats: int = 20,
     model_path: str | Path | None = None,
+    loaded: tuple | None = None,
 ) -> DemoResult:
     """Answer ``question`` about ``image`` (default: an easy-VQA test example) with the stock model
-    and with iLLaVA; time the prefill of both in alternation (median of ``repeats``)."""
+    and with iLLaVA; time the prefill of both in alternation (median of ``repeats``). The model:
+    ``loaded`` (model, tokenizer, image processor), else the easy-VQA model of ``model_path``."""
     from .flops import prefill_flops
     from .inputs import build
 
@@ -83,7 +85,7 @@ def run_demo(
         if question in (None, default_question):
             question, reference = default_question, default_answer
     question = question or "what shape is in the image?"
-    model, tokenizer, processor = easy_vqa.load(model_path)
+    model, tokenizer, processor = loaded if loaded is not None else easy_vqa.load(model_path)
     inputs = build(model.config, tokenizer, [easy_vqa.prompt(question)], [image], image_processor=processor)
     api.apply(model, preset)
     times: dict[str, list[float]] = {"baseline": [], "illava": []}

@@ -26,11 +26,11 @@ from contextlib import contextmanager
 
 import torch
 
-from .config import keep_count
-from .merge import attention_with_received_scores
-from .plan import encoder as plan
-from .plan.encoder import CropTrace, block_order, merged_sizes, size_bias  # noqa: F401 - the backend's names
-from .state import EncoderCall, IllavaState, UnitTrace
+from ..config import keep_count
+from ..merge import attention_with_received_scores
+from ..plan import encoder as plan
+from ..plan.encoder import CropTrace, block_order, size_bias
+from ..state import EncoderCall, IllavaState, UnitTrace
 
 
 @contextmanager
@@ -266,6 +266,11 @@ class FeatureCalls:
             stock = getattr(original, f"get_{kind}_features", None)
             if stock is not None:
                 setattr(cls, f"get_{kind}_features", _feature_call(kind, stock))
+
+    def forward(self, *args, **kwargs):
+        """Stock; the swap wraps it (``illava.patch``): inside ``torch.compile`` a call that removes
+        tokens runs eagerly as a whole."""
+        return super().forward(*args, **kwargs)
 
     def _illava_encode(self, kind: str, call: EncoderCall | None, stock, args: tuple, kwargs: dict):
         """The feature output of ``kind`` inside its encoder call (``stock``: the stock method)."""
