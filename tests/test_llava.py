@@ -218,6 +218,35 @@ def test_other_vision_towers_refuse_the_encoder_stage(photos):
     illava.apply(model, IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5))  # the LLM stage still works
 
 
+def test_a_dinov2_tower_takes_off_and_the_llm_stage_and_refuses_the_encoder_stage(photos):
+    """A LLaVA whose vision tower is DINOv2 (``encoder.layer``, not ``encoder.layers``): ``off`` is
+    stock, the LLM stage reduces and equals batch vs singles, the encoder stage is a clear error (it
+    used to be an AttributeError for every configuration)."""
+    from transformers import Dinov2Config, LlavaForConditionalGeneration
+
+    config = FAM.config.__class__.from_dict(FAM.config.to_dict())
+    config.vision_config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=8
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    prompts, images = [IMAGE_Q, TEXT_Q, IMAGE_Q], [photos["cat"], photos["rocket"]]
+    inputs = FAM.build(prompts, images)
+    stock = logits(model, inputs)
+    illava.apply(model, "off")
+    assert torch.equal(logits(model, inputs), stock)
+    illava.apply(model, IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5))
+    batch = logits(model, inputs)
+    tokens = illava.stats(model).visual_tokens()
+    assert tokens["after_llm"] < tokens["after_encoder"] == tokens["stock"]
+    for i, (prompt, image) in enumerate(zip([IMAGE_Q, IMAGE_Q], images)):
+        row = 2 * i
+        single = logits(model, FAM.build([prompt], [image]))
+        torch.testing.assert_close(batch[row, -single.shape[1] :], single[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs a CLIP vision tower"):
+        illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4))
+
+
 def test_inputs_have_the_stock_layout(photos):
     from illava.tools.families.llava import llava_config
     from illava.tools.inputs import placeholder_inputs

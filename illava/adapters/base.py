@@ -127,9 +127,11 @@ class Adapter:
         """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``):
         ``model_mixin`` on the inner model, ``layer_mixin`` on every merge layer, then ``patch_more``."""
         record.swap(self.parts(model).inner, self.model_mixin)
-        layers = self.encoder_layers(model)
-        for i in record.state.config.encoder_layers:
-            record.swap(layers[i], self.layer_mixin, layer=i)
+        merge_layers = record.state.config.encoder_layers
+        if merge_layers:  # without an encoder stage, any vision tower will do (LLaVA with DINOv2, ...)
+            layers = self.encoder_layers(model)
+            for i in merge_layers:
+                record.swap(layers[i], self.layer_mixin, layer=i)
         self.patch_more(model, record)
 
     def patch_more(self, model, record) -> None:
