@@ -24,11 +24,12 @@ ADAPTERS: tuple[Adapter, ...] = (
 
 
 def adapter_for(model) -> Adapter:
-    """The adapter serving ``model``'s class (or a parent class); ``TypeError`` if none does."""
+    """The adapter serving ``model``'s class (or a parent class), fitted to the model
+    (``Adapter.for_model``); ``TypeError`` if none does."""
     names = [c.__name__ for c in type(model).__mro__]
     for adapter in ADAPTERS:
         if any(name in adapter.model_classes for name in names):
-            return adapter
+            return adapter.for_model(model)
     supported = sorted(n for a in ADAPTERS for n in a.model_classes)
     raise TypeError(f"illava does not support {type(model).__name__}; supported model classes: {', '.join(supported)}")
 

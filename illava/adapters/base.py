@@ -71,6 +71,12 @@ class Adapter:
     presets: dict[str, dict] = {}  # config type -> {"reference": dims, "image": settings, "video": settings}
 
     # ------------------------------------------------------------------ parts and dimensions
+    def for_model(self, model) -> Adapter:
+        """The adapter of ``model`` itself (``illava.adapters.adapter_for`` asks): this one, or a
+        copy whose data fit the model where a family's models differ (LLaVA's vision towers: the
+        layer mixin and ``keep_first``)."""
+        return self
+
     def family(self, model) -> str:
         return model.config.model_type
 

@@ -25,8 +25,12 @@ and maps every patch to one LLM token with a 2-layer MLP: 576 tokens per image. 
   placeholders (as for LLaVA-OneVision). With ``vision_feature_select_strategy="full"`` the CLS
   feature is kept and stays in the first row (577 rows per image).
 
-The encoder stage needs a CLIP vision tower (the LLaVA-1.5 releases); other towers the ``llava``
-model type allows (SigLIP, Pixtral) are refused for the encoder stage, the LLM stage works on all.
+The encoder stage needs a CLIP vision tower (the LLaVA-1.5 releases) or a DINOv2 one (``Dinov2Model``,
+``Dinov2WithRegistersModel``: ``illava.hf.encoder.IllavaDinov2Layer``, layer scales as stock; the CLS
+token and the register tokens are never removed, ``keep_first = 1 + registers``, and with the
+``default`` strategy the registers stay features before the patches, as stock reads them); other
+towers the ``llava`` model type allows (SigLIP, Pixtral) are refused for the encoder stage, the LLM
+stage works on all.
 
 Presets (our choice, by the principle of docs/method.md, to be checked by the fidelity harness):
 as for LLaVA-OneVision-7B (SigLIP, 26 layers: 92 of 729 patches removed at each of layers 5-8, about
@@ -51,7 +55,7 @@ from ..hf.encoder import (
 )
 from ..plan.encoder import CropTrace
 from .base import Adapter, Dimensions
-from .llava_family import require_clip, vit_dimensions
+from .llava_family import VIT_TOWERS, fit_to_tower, registers, require_tower, vit_dimensions
 
 
 def patch_side(config) -> int:
@@ -62,6 +66,12 @@ def patch_side(config) -> int:
 def cls_rows(config, strategy: str | None = None) -> int:
     """Feature rows of the CLS token per image: 1 for ``full``, 0 for ``default`` (dropped)."""
     return 1 if (strategy or config.vision_feature_select_strategy) == "full" else 0
+
+
+def head_rows(config, strategy: str | None = None) -> int:
+    """Feature rows per image before the patches: the CLS token's (``cls_rows``) and a DINOv2
+    tower's register tokens (stock ``default`` drops only the first token, the CLS)."""
+    return cls_rows(config, strategy) + registers(config.vision_config)
 
 
 class IllavaLlavaModel(FeatureCalls):
@@ -77,9 +87,10 @@ class IllavaLlavaModel(FeatureCalls):
         side = patch_side(self.config)
         if call is not None:
             images = pixel_values.shape[0]
-            call.crops, call.tokens, call.item_crops = images, images * (1 + side * side), [1] * images
+            call.crops, call.item_crops = images, [1] * images
+            call.tokens = images * (state.adapter.keep_first + side * side)
         out = stock(self, *args, **kwargs)
-        head = cls_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
+        head = head_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
         trace = call.work.get("crops") if call is not None else None
         if trace is not None:
             total = head + side * side
@@ -96,7 +107,7 @@ class IllavaLlavaModel(FeatureCalls):
 
 def _unit_trace(call, trace, images: int, side: int, head: int, device) -> None:
     """``illava.tools.viz``: units are the patches of every image in raster order; the feature row of
-    a patch is its image's first row + the CLS row (``full``) + the slot of its survivor (the
+    a patch is its image's first row + the rows before the patches (``head_rows``) + the slot of its survivor (the
     survivors fill the last rows, in source order)."""
     trace = trace or CropTrace.start(images, side * side, device)
     total = head + side * side
@@ -111,7 +122,7 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     config_types = ("llava",)
     unit = 1
-    keep_first = 1  # CLIP's CLS token
+    keep_first = 1  # CLIP's CLS token (DINOv2: CLS + registers, ``for_model``)
     renumber_positions = True
     model_mixin = IllavaLlavaModel
     layer_mixin = IllavaViTLayer
@@ -127,5 +138,12 @@ class LlavaAdapter(Adapter):
     def dimensions(self, model) -> Dimensions:
         return vit_dimensions(model)
 
+    def encoder_layers(self, model):
+        encoder = self.parts(model).vision.encoder
+        return encoder.layers if hasattr(encoder, "layers") else encoder.layer  # CLIP; DINOv2
+
+    def for_model(self, model):
+        return fit_to_tower(self, model)  # a DINOv2 tower: its layer mixin, CLS + registers kept
+
     def check(self, model, config) -> None:
-        require_clip(model, config, "LLaVA")
+        require_tower(model, config, "LLaVA", tuple(VIT_TOWERS))

@@ -1,9 +1,11 @@
 """Pieces shared by the LLaVA-style families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): the
-dimensions of a ViT read at ``vision_feature_layer``, the CLIP-tower check, and the AnyRes layout of
-survivors (a base view + crops on a grid: LLaVA-NeXT and LLaVA-OneVision)."""
+dimensions of a ViT read at ``vision_feature_layer``, the vision towers of the encoder stage (CLIP;
+DINOv2 for LLaVA-1.5) and their check, and the AnyRes layout of survivors (a base view + crops on a
+grid: LLaVA-NeXT and LLaVA-OneVision)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -11,6 +13,8 @@ from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
 from ..hf.encoder import (
     CropTrace,
+    IllavaDinov2Layer,
+    IllavaViTLayer,
     current_call,
     pool_survivors,
     recording,
@@ -34,15 +38,53 @@ def vit_dimensions(model, unit: int = 1) -> Dimensions:
     return Dimensions(depth, (vc.image_size // vc.patch_size) ** 2, tc.num_hidden_layers, feature_layer, unit=unit)
 
 
-def require_clip(model, config, family: str) -> None:
-    """The CLIP encoder stage (``IllavaViTLayer`` with a CLS token) needs a CLIP vision tower."""
-    from transformers import CLIPVisionModel
+# vision towers of the encoder stage: tower class -> (layer mixin, what the error message calls it)
+VIT_TOWERS = {
+    "CLIPVisionModel": (IllavaViTLayer, "CLIP"),
+    "Dinov2Model": (IllavaDinov2Layer, "DINOv2"),
+    "Dinov2WithRegistersModel": (IllavaDinov2Layer, "DINOv2"),
+}
 
-    if config.encoder_layers and not isinstance(model.model.vision_tower, CLIPVisionModel):
+
+def tower_class(model) -> str:
+    """The class name of a LLaVA-style model's vision tower."""
+    return type(model.model.vision_tower).__name__
+
+
+def registers(vision_config) -> int:
+    """Register tokens of a DINOv2 tower (after the CLS token, before the patches; 0 for others)."""
+    if getattr(vision_config, "model_type", None) == "dinov2_with_registers":
+        return int(vision_config.num_register_tokens)
+    return 0
+
+
+def fit_to_tower(adapter, model):
+    """``adapter`` fitted to a LLaVA-style model's vision tower: DINOv2's layer mixin, and CLS +
+    register tokens kept (``keep_first``); ``adapter`` itself for CLIP and towers it cannot run."""
+    kind = tower_class(model)
+    if kind not in VIT_TOWERS or kind == "CLIPVisionModel":
+        return adapter
+    fitted = copy.copy(adapter)
+    fitted.layer_mixin = VIT_TOWERS[kind][0]
+    fitted.keep_first = 1 + registers(model.config.vision_config)
+    return fitted
+
+
+def require_tower(model, config, family: str, towers: tuple[str, ...] = ("CLIPVisionModel",)) -> None:
+    """The encoder stage (``IllavaViTLayer`` and its DINOv2 form, CLS and registers kept) needs one of
+    the vision towers ``towers`` (classes of ``VIT_TOWERS``); ``ValueError`` naming them otherwise."""
+    kind = tower_class(model)
+    if config.encoder_layers and kind not in towers:
+        names = " or ".join(dict.fromkeys(VIT_TOWERS[t][1] for t in towers))
         raise ValueError(
-            f"illava: the {family} encoder stage needs a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); this model's is "
+            f"illava: the {family} encoder stage needs a {names} vision tower; this model's is "
             f"{type(model.model.vision_tower).__name__} (the LLM stage still works)"
         )
+
+
+def require_clip(model, config, family: str) -> None:
+    """The CLIP encoder stage (``IllavaViTLayer`` with a CLS token) needs a CLIP vision tower."""
+    require_tower(model, config, family)
 
 
 class AnyResLayout:

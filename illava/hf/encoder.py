@@ -9,8 +9,9 @@
   feature expansion of beam search and ``num_return_sequences``, feature reuse across the
   forwards of ``generate``) then runs unchanged, and the decoder input drops the NaN rows.
 - layout helpers: ``pool_survivors``, ``rows_with_newlines``.
-- the pieces every family's patch is made of: ``IllavaViTLayer`` (a CLIP / SigLIP layer with the
-  encoder stage; the adapter's ``unit`` / ``keep_first`` say the geometry), ``merge_layer`` (block
+- the pieces every family's patch is made of: ``IllavaViTLayer`` (a pre-norm ViT layer with the
+  encoder stage: CLIP / SigLIP, and DINOv2 as ``IllavaDinov2Layer``; the parts of a layer are
+  ``ViTNames`` data, the adapter's ``unit`` / ``keep_first`` say the geometry), ``merge_layer`` (block
   order at the first merge layer, then ``merge_units``), ``FeatureCalls`` (the model mixin running
   the feature calls in encoder calls and recording the placeholders).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -150,24 +152,75 @@ def attention_and_scores(attn: torch.nn.Module, hidden: torch.Tensor, q, k, v, s
     return out, received, False
 
 
+@dataclass(frozen=True)
+class ViTNames:
+    """Where a pre-norm ViT layer keeps its parts (attribute names; ``attention`` holds ``q``, ``k``,
+    ``v``, ``out`` and ``scale``): the family data of ``vit_attention_half`` / ``vit_mlp_half``.
+    ``scale1`` / ``scale2``: the layer scales of the two residual branches, ``drop_path``: the
+    stochastic depth of both (``None``: the family has none)."""
+
+    norm1: str
+    attention: str
+    q: str
+    k: str
+    v: str
+    out: str
+    scale: str
+    norm2: str
+    mlp: str
+    scale1: str | None = None
+    scale2: str | None = None
+    drop_path: str | None = None
+
+    def branch(self, layer, which: str | None, x: torch.Tensor) -> torch.Tensor:
+        """A residual branch's output ``x`` as stock adds it: layer scale, then drop path."""
+        if which is not None:
+            x = getattr(layer, which)(x)
+        return getattr(layer, self.drop_path)(x) if self.drop_path is not None else x
+
+
+# CLIP, SigLIP: ``layer_norm1``, ``self_attn`` (``q/k/v/out_proj``, ``scale``), ``layer_norm2``, ``mlp``
+CLIP_VIT = ViTNames("layer_norm1", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "scale", "layer_norm2", "mlp")
+# DINOv2 (with or without registers): ``norm1``, ``attention`` (``q/k/v/o_proj``, ``scaling``),
+# ``layer_scale1``, ``drop_path``, ``norm2``, ``mlp``, ``layer_scale2``
+DINOV2_VIT = ViTNames(
+    "norm1", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "scaling", "norm2", "mlp",
+    scale1="layer_scale1", scale2="layer_scale2", drop_path="drop_path",
+)  # fmt: skip
+
+
 def vit_attention_half(
-    layer, state: IllavaState, hidden_states, attention_mask=None, unit: int = 1, keep_first: int = 0
+    layer,
+    state: IllavaState,
+    hidden_states,
+    attention_mask=None,
+    unit: int = 1,
+    keep_first: int = 0,
+    names: ViTNames = CLIP_VIT,
 ):
-    """The attention half of a pre-norm ViT layer (CLIP and SigLIP: ``layer_norm1``, ``self_attn``
-    with ``q/k/v/out_proj``) that also gives the attention each token receives: ``(hidden after the
-    attention residual, received scores, keys averaged over heads)``; the caller merges, then runs
-    the MLP half. ``unit`` / ``keep_first``: as ``proportional_bias``."""
+    """The attention half of a pre-norm ViT layer (its parts named by ``names``) that also gives
+    the attention each token receives: ``(hidden after the attention residual, received scores, keys
+    averaged over heads)``; the caller merges, then runs the MLP half (``vit_mlp_half``). ``unit`` /
+    ``keep_first``: as ``proportional_bias``."""
     if attention_mask is not None:
         raise NotImplementedError("illava: the encoder stage does not support an attention mask in the vision encoder")
-    attn = layer.self_attn
-    hidden = layer.layer_norm1(hidden_states)
+    attn = getattr(layer, names.attention)
+    hidden = getattr(layer, names.norm1)(hidden_states)
     shape = (*hidden.shape[:-1], -1, attn.head_dim)
-    q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    projections = (getattr(attn, names.q), getattr(attn, names.k), getattr(attn, names.v))
+    q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in projections)
     bias = proportional_bias(state, hidden.shape[1], unit=unit, keep_first=keep_first)
-    out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
+    scale = getattr(attn, names.scale)
+    out, received, projected = attention_and_scores(attn, hidden, q, k, v, scale, lambda: attn(hidden), bias)
     if not projected:
-        out = attn.out_proj(out.reshape(*hidden.shape[:-1], -1))
-    return hidden_states + out, received, k.mean(1)
+        out = getattr(attn, names.out)(out.reshape(*hidden.shape[:-1], -1))
+    return hidden_states + names.branch(layer, names.scale1, out), received, k.mean(1)
+
+
+def vit_mlp_half(layer, hidden: torch.Tensor, names: ViTNames = CLIP_VIT) -> torch.Tensor:
+    """The MLP half of a pre-norm ViT layer (its parts named by ``names``), residual included."""
+    out = getattr(layer, names.mlp)(getattr(layer, names.norm2)(hidden))
+    return hidden + names.branch(layer, names.scale2, out)
 
 
 def proportional_bias(state: IllavaState, n: int, unit: int = 1, keep_first: int = 0) -> torch.Tensor | None:
@@ -227,23 +280,33 @@ def merge_layer(state: IllavaState, layer: int, hidden: torch.Tensor, received: 
 
 
 class IllavaViTLayer:
-    """A pre-norm ViT layer (CLIP, SigLIP: ``layer_norm1``, ``self_attn`` with ``q/k/v/out_proj``,
-    ``layer_norm2``, ``mlp``) with the encoder stage, for every family: the geometry of units is the
-    adapter's data (``unit``, ``keep_first``).
+    """A pre-norm ViT layer with the encoder stage, for every family: the parts of the layer are
+    the family's data (``_illava_names``: CLIP / SigLIP by default), the geometry of units the
+    adapter's (``unit``, ``keep_first``).
 
     Modifications: the attention runs with explicit softmax (eager) to obtain the attention each
     token receives, whatever ``attn_implementation`` says; after the attention residual and before
     the MLP, ``merge_layer`` removes and recycles units. Disabled: stock forward.
     """
 
+    _illava_names: ViTNames = CLIP_VIT
+
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         state = self._illava.state
         if not state.config.encoder_active:
             return super().forward(hidden_states, attention_mask, **kwargs)
-        unit, keep_first = state.adapter.unit, state.adapter.keep_first
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit, keep_first)
+        names, unit, keep_first = self._illava_names, state.adapter.unit, state.adapter.keep_first
+        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit, keep_first, names)
         hidden = merge_layer(state, self._illava.layer, hidden, received, keys)
-        return hidden + self.mlp(self.layer_norm2(hidden))
+        return vit_mlp_half(self, hidden, names)
+
+
+class IllavaDinov2Layer(IllavaViTLayer):
+    """A DINOv2 layer (``Dinov2Layer``, ``Dinov2WithRegistersLayer``) with the encoder stage: the
+    ViT layer of ``IllavaViTLayer`` with DINOv2's parts and its layer scales (``DINOV2_VIT``); the
+    CLS token and the register tokens come first (``keep_first = 1 + registers``)."""
+
+    _illava_names = DINOV2_VIT
 
 
 class FeatureCalls:

@@ -3,7 +3,7 @@ the image processor, stock inputs, pictures of patches, FLOPs dimensions."""
 
 from __future__ import annotations
 
-from ...adapters.llava import cls_rows, patch_side
+from ...adapters.llava import head_rows, patch_side
 from .base import FamilyTools, FlopsDims, Panel, check_markers, placeholder, unnormalise
 from .shared import (
     OPENAI_CLIP,
@@ -37,11 +37,12 @@ class LlavaTools(FamilyTools):
         )
 
     def tokens_per_image(self, config) -> int:
-        return patch_side(config) ** 2 + cls_rows(config)
+        return patch_side(config) ** 2 + head_rows(config)
 
     def build_inputs(self, config, tokenizer, prompts, images=(), videos=(), image_processor=None):
         """LLaVA batch: every ``<image>`` marker becomes the stock number of placeholders (576 for
-        LLaVA-1.5, +1 with the ``full`` strategy); images are ordered as their markers."""
+        LLaVA-1.5, +1 with the ``full`` strategy, + the registers of a DINOv2 tower); images are
+        ordered as their markers."""
         from transformers import BatchFeature
 
         check_markers(prompts, images, videos, takes_video=False, family="LLaVA-1.5 (LlavaForConditionalGeneration)")
