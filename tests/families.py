@@ -18,7 +18,7 @@ from illava.tools.inputs import build, word_tokenizer
 
 @dataclass
 class Family:
-    name: str  # the model type
+    name: str  # the model type (a variant of it: the model type, an underscore, the variant)
     architecture: str  # key of illava.tools.architectures.tiny_configs()
     # valid for every tiny model (Qwen2.5-VL's tiny config has full attention at blocks 1 and 3)
     encoder_layers: tuple[int, ...] = (1, 3)
@@ -65,10 +65,16 @@ class Family:
         )
 
 
+# named after the tiny configuration: the model type, or the model type and its variant (llava_dinov2)
 FAMILIES = [
-    Family(tiny_config(n).model_type, n, videos=n not in ("tiny-llava", "tiny-llava-next", "tiny-gemma3"))
+    Family(
+        n.removeprefix("tiny-").replace("-", "_").replace(".", "_"),
+        n,
+        videos=n not in ("tiny-llava", "tiny-llava-dinov2", "tiny-llava-next", "tiny-gemma3"),
+    )
     for n in sorted(tiny_configs())
 ]
+assert all(f.name.startswith(tiny_config(f.architecture).model_type) for f in FAMILIES)
 
 
 def chat(text: str, system: str | None = None) -> str:

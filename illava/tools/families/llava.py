@@ -20,7 +20,7 @@ class LlavaTools(FamilyTools):
         "llava-1.5-7b": lambda: llava_config("7b"),
         "llava-1.5-13b": lambda: llava_config("13b"),
     }
-    tiny = {"tiny-llava": lambda: tiny_llava_config()}
+    tiny = {"tiny-llava": lambda: tiny_llava_config(), "tiny-llava-dinov2": lambda: tiny_llava_dinov2_config()}
 
     def image_processor(self, config):
         """LLaVA-1.5's preprocessing: pad to a square with the mean colour, resize to the tower's size."""
@@ -89,3 +89,14 @@ def tiny_llava_config(vocab_size: int = 256, **vision):
     from transformers import LlavaConfig
 
     return tiny_clip_llama(LlavaConfig, vocab_size, vision)
+
+
+def tiny_llava_dinov2_config(vocab_size: int = 256, registers: int = 0):
+    """The tiny LLaVA-1.5 with a 6-layer DINOv2 tower (``Dinov2Model``; ``Dinov2WithRegistersModel``
+    with ``registers`` register tokens) in place of CLIP: 64 px images of 8x8
+    patches, read at layer -2 without the CLS token (64 + ``registers`` tokens per image), layer
+    scales of 0.5 (the MLP is ``intermediate_size`` wide, as ``mlp_ratio`` says)."""
+    vision = {"model_type": "dinov2", "mlp_ratio": 2, "layerscale_value": 0.5}
+    if registers:
+        vision.update(model_type="dinov2_with_registers", num_register_tokens=registers)
+    return tiny_llava_config(vocab_size, **vision)
