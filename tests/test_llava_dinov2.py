@@ -212,3 +212,32 @@ def test_the_adapter_fits_the_tower():
         adapter = adapter_for(dinov2_model(registers)[0])
         assert (adapter.layer_mixin, adapter.keep_first) == (IllavaDinov2Layer, 1 + registers)
     assert (adapter_for(FAM.make()).layer_mixin, adapter_for(FAM.make()).keep_first) == (IllavaViTLayer, 1)
+
+
+@pytest.mark.parametrize("registers", REGISTERS)
+def test_images_of_another_size_than_the_towers(photos, registers):
+    """DINOv2 interpolates its positions: 96 px images (12x12 patches) through a tower configured
+    for 64 px. Removing nothing is stock; 20 patches at layer 1 leave 124 of 144 with the CLS and
+    registers on top, and the batch equals the singles."""
+    model, config = dinov2_model(registers)
+    larger = config.__class__.from_dict(config.to_dict())
+    larger.vision_config.image_size = 96  # the inputs' size (placeholders and processor), not the model's
+    inputs = make_inputs(larger, [IMAGE_Q, TEXT_Q, IMAGE_Q], [photos["cat"], photos["rocket"]])
+    assert inputs["pixel_values"].shape[-2:] == (96, 96)
+    assert (inputs["input_ids"] == 1).sum(1).tolist() == [144 + registers, 0, 144 + registers]
+    stock = logits(model, inputs)
+    illava.apply(model, IllavaConfig(encoder_layers=(0, 2), encoder_removal=0))
+    torch.testing.assert_close(logits(model, inputs), stock, atol=1e-4, rtol=1e-4)
+    illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=20, llm_layers=(1,), llm_keep_ratio=0.5))
+    batch = logits(model, inputs)[:, -1]
+    stats = illava.stats(model)
+    head = 1 + registers
+    assert stats.encoder[0]["layers"] == [(1, 2 * (head + 144), 2 * (head + 124))]
+    assert stats.visual_tokens() == {
+        "stock": 2 * (144 + registers),
+        "after_encoder": 2 * (124 + registers),
+        "after_llm": 2 * round(0.5 * (124 + registers)),
+    }
+    for i, image in ((0, photos["cat"]), (2, photos["rocket"])):
+        alone = logits(model, make_inputs(larger, [IMAGE_Q], [image]))[:, -1]
+        torch.testing.assert_close(alone[0], batch[i], atol=2e-4, rtol=2e-4, msg=f"sample {i}")

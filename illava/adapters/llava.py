@@ -63,6 +63,13 @@ def patch_side(config) -> int:
     return vc.image_size // vc.patch_size
 
 
+def patch_grid(config, pixel_values: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns of patches of the images the tower gets (a DINOv2 tower interpolates its
+    positions: the images need not be ``image_size``)."""
+    ps = config.vision_config.patch_size
+    return pixel_values.shape[-2] // ps, pixel_values.shape[-1] // ps
+
+
 def cls_rows(config, strategy: str | None = None) -> int:
     """Feature rows of the CLS token per image: 1 for ``full``, 0 for ``default`` (dropped)."""
     return 1 if (strategy or config.vision_feature_select_strategy) == "full" else 0
@@ -84,16 +91,17 @@ class IllavaLlavaModel(FeatureCalls):
     def _illava_encode(self, kind, call, stock, args, kwargs):
         state = self._illava.state
         pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
-        side = patch_side(self.config)
+        grid = patch_grid(self.config, pixel_values)
+        patches = grid[0] * grid[1]
         if call is not None:
             images = pixel_values.shape[0]
             call.crops, call.item_crops = images, [1] * images
-            call.tokens = images * (state.adapter.keep_first + side * side)
+            call.tokens = images * (state.adapter.keep_first + patches)
         out = stock(self, *args, **kwargs)
         head = head_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
         trace = call.work.get("crops") if call is not None else None
         if trace is not None:
-            total = head + side * side
+            total = head + patches
             laid = []
             for f in out.pooler_output:  # (head + survivors, D) per image, source order
                 kept = f.shape[0] - head
@@ -101,21 +109,22 @@ class IllavaLlavaModel(FeatureCalls):
                 laid.append(stock_count_features(f, slots, total))
             out.pooler_output = laid
         if call is not None and recording(state):
-            _unit_trace(call, trace, pixel_values.shape[0], side, head, pixel_values.device)
+            _unit_trace(call, trace, pixel_values.shape[0], grid, head, pixel_values.device)
         return out
 
 
-def _unit_trace(call, trace, images: int, side: int, head: int, device) -> None:
+def _unit_trace(call, trace, images: int, grid: tuple[int, int], head: int, device) -> None:
     """``illava.tools.viz``: units are the patches of every image in raster order; the feature row of
-    a patch is its image's first row + the rows before the patches (``head_rows``) + the slot of its survivor (the
-    survivors fill the last rows, in source order)."""
-    trace = trace or CropTrace.start(images, side * side, device)
-    total = head + side * side
+    a patch is its image's first row + the rows before the patches (``head_rows``) + the slot of its
+    survivor (the survivors fill the last rows, in source order)."""
+    patches = grid[0] * grid[1]
+    trace = trace or CropTrace.start(images, patches, device)
+    total = head + patches
     kept = trace.positions.shape[1]
     first = (torch.arange(images) * total + total - kept)[:, None]
     assign = trace.assign.cpu()
     feature = torch.where(assign >= 0, assign + first, -1)
-    call.trace = unit_trace(trace, [(side, side)] * images, feature.flatten())
+    call.trace = unit_trace(trace, [grid] * images, feature.flatten())
 
 
 class LlavaAdapter(Adapter):
