@@ -221,6 +221,11 @@ def test_encoder_stage_refusals():
     with pytest.raises(ValueError, match="needs a CLIP vision tower"):
         illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4))
     illava.apply(model, IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5))  # the LLM stage still works
+    # DINOv2 has the LLaVA-1.5 encoder stage only (tests/test_llava_dinov2.py), not LLaVA-NeXT's
+    model = LlavaNextForConditionalGeneration(tiny_llava_next_config(model_type="dinov2")).eval()
+    with pytest.raises(ValueError, match="needs a CLIP vision tower; this model's is Dinov2Model"):
+        illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4))
+    illava.apply(model, IllavaConfig(llm_layers=(1,), llm_keep_ratio=0.5))
 
 
 def test_no_video(photos):
