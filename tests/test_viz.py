@@ -36,8 +36,12 @@ def decoder_input(model):
 
 def check_items(model, result, forward, stats, embeds):
     """Every unit is in exactly one token or dropped; the tokens of an item no unit reaches are
-    exactly its newline tokens (LLaVA-OneVision) or none; counts agree with the statistics."""
+    exactly its newline tokens (LLaVA-OneVision), its register tokens (LLaVA with DINOv2 registers)
+    or none; counts agree with the statistics."""
+    from illava.adapters.llava_family import registers
+
     newline = getattr(model.model, "image_newline", None)
+    head = registers(model.config.vision_config)
     _, rep0, _ = forward.llm[0]
     slots = {kind: mask.nonzero() for kind, mask in forward.placeholders.items()}
     start = {kind: 0 for kind in slots}
@@ -56,7 +60,9 @@ def check_items(model, result, forward, stats, embeds):
         hit = set(np.unique(src.token0[src.token0 >= 0]).tolist())
         assert hit <= layout
         not_hit = sorted(layout - hit)
-        if newline is None:
+        if head:  # a DINOv2 tower's register tokens: the item's first tokens, no patch reaches them
+            assert not_hit == sorted(layout)[:head]
+        elif newline is None:
             assert not not_hit
         elif not_hit:
             features = embeds[item.sample, not_hit]

@@ -91,9 +91,9 @@ def tiny_llava_config(vocab_size: int = 256, **vision):
     return tiny_clip_llama(LlavaConfig, vocab_size, vision)
 
 
-def tiny_llava_dinov2_config(vocab_size: int = 256, registers: int = 0):
-    """The tiny LLaVA-1.5 with a 6-layer DINOv2 tower (``Dinov2Model``; ``Dinov2WithRegistersModel``
-    with ``registers`` register tokens) in place of CLIP: 64 px images of 8x8
+def tiny_llava_dinov2_config(vocab_size: int = 256, registers: int = 2):
+    """The tiny LLaVA-1.5 with a 6-layer DINOv2 tower (``Dinov2WithRegistersModel``; 0 registers: ``Dinov2Model``)
+    in place of CLIP, with ``registers`` register tokens: 64 px images of 8x8
     patches, read at layer -2 without the CLS token (64 + ``registers`` tokens per image), layer
     scales of 0.5 (the MLP is ``intermediate_size`` wide, as ``mlp_ratio`` says)."""
     vision = {"model_type": "dinov2", "mlp_ratio": 2, "layerscale_value": 0.5}
