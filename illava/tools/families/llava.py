@@ -92,10 +92,10 @@ def tiny_llava_config(vocab_size: int = 256, **vision):
 
 
 def tiny_llava_dinov2_config(vocab_size: int = 256, registers: int = 2):
-    """The tiny LLaVA-1.5 with a 6-layer DINOv2 tower (``Dinov2WithRegistersModel``; 0 registers: ``Dinov2Model``)
-    in place of CLIP, with ``registers`` register tokens: 64 px images of 8x8
-    patches, read at layer -2 without the CLS token (64 + ``registers`` tokens per image), layer
-    scales of 0.5 (the MLP is ``intermediate_size`` wide, as ``mlp_ratio`` says)."""
+    """The tiny LLaVA-1.5 with a 6-layer DINOv2 tower in place of CLIP (``Dinov2WithRegistersModel``
+    with ``registers`` register tokens; 0: ``Dinov2Model``): 64 px images of 8x8 patches, read at
+    layer -2 without the CLS token (64 + ``registers`` tokens per image), layer scales of 0.5 (the
+    MLP is ``intermediate_size`` wide, as ``mlp_ratio`` says)."""
     vision = {"model_type": "dinov2", "mlp_ratio": 2, "layerscale_value": 0.5}
     if registers:
         vision.update(model_type="dinov2_with_registers", num_register_tokens=registers)
