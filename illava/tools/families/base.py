@@ -43,8 +43,16 @@ class LayerDims:
 
     @classmethod
     def of_vit(cls, vc) -> LayerDims:
-        """A plain-MLP ViT layer (CLIP, SigLIP, InternViT) from a transformers vision configuration."""
-        return cls(vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.num_attention_heads, False)
+        """A plain-MLP ViT layer (CLIP, SigLIP, InternViT, DINOv2) from a transformers vision
+        configuration. DINOv2's MLP is ``hidden_size * mlp_ratio`` wide (its configuration has no
+        ``intermediate_size``; a SwiGLU DINOv2 is refused)."""
+        if getattr(vc, "model_type", "").startswith("dinov2"):
+            if getattr(vc, "use_swiglu_ffn", False):
+                raise NotImplementedError("illava FLOPs: a DINOv2 tower with a SwiGLU MLP is not modelled")
+            width = int(vc.hidden_size * vc.mlp_ratio)
+        else:
+            width = vc.intermediate_size
+        return cls(vc.hidden_size, width, vc.num_attention_heads, vc.num_attention_heads, False)
 
 
 @dataclass
