@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -315,6 +316,21 @@ def summarise(rows: list[dict], groups: list[str]) -> dict:
     return out
 
 
+def write_report(path: str, report: dict) -> None:
+    """The JSON with the per-image values of a budget met by an earlier budget's configuration (a
+    floor) left out, and every list of numbers on one line."""
+    seen = {}
+    for r in report["results"]:
+        key = (r["method"], r["config"])
+        if key in seen and isinstance(r.get("per_image"), dict):
+            r["per_image"] = f"as at {100 * seen[key]:g}%"
+        seen.setdefault(key, r["target"])
+    text = json.dumps(report, indent=1)
+    text = re.sub(r"\[\s*([-0-9.eE,\snul]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def progress(name: str, target: float, info: dict, tokens: int, summary: dict, seconds: float) -> str:
     floor = "" if info["reached"] else " floor"
     line = f"{name:34s} {100 * target:4.0f}% -> {100 * info['share']:5.1f}%{floor} tokens {tokens:3d}"
@@ -358,26 +374,28 @@ def table(results: list[dict], group: str) -> list[str]:
     return lines
 
 
-def figure(path: str, image, stock_map, panels: list[tuple[str, torch.Tensor]], title: str) -> None:
+def figure(path: str, image, stock_map, rows: dict[float, list[tuple[str, torch.Tensor]]], title: str) -> None:
+    """One row per budget: the image, stock's saliency map, each method's map."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = 2 + len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6))
-    axes[0].imshow(image.resize((224, 224)))
-    axes[0].set_title("image", fontsize=8)
-    axes[1].imshow(stock_map.numpy(), vmin=0, vmax=1, cmap="magma")
-    axes[1].set_title("stock saliency", fontsize=8)
-    for ax, (name, m) in zip(axes[2:], panels):
-        ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="magma")
-        ax.set_title(name, fontsize=7)
-    for ax in axes:
-        ax.axis("off")
+    n = 2 + max(len(panels) for panels in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.0 * n, 2.5 * len(rows)), squeeze=False)
+    for line, (target, panels) in zip(axes, rows.items()):
+        line[0].imshow(image.resize((224, 224)))
+        line[0].set_title(f"budget {100 * target:g}%", fontsize=8)
+        line[1].imshow(stock_map.numpy(), vmin=0, vmax=1, cmap="magma")
+        line[1].set_title("stock saliency", fontsize=8)
+        for ax, (name, m) in zip(line[2:], panels):
+            ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="magma")
+            ax.set_title(name, fontsize=7)
+        for ax in line:
+            ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -386,7 +404,11 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=None, help="photos and crops to use (default: all, 56)")
     p.add_argument("--digits", type=int, default=12, help="digit scenes")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="shares of the stock encoder FLOPs")
-    p.add_argument("--methods", default=None, help="comma-separated substrings: run only the matching methods")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="semicolon-separated substrings (names hold commas): run only the matching methods",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None, help="PNG: stock vs method saliency maps of one photo at 20%%")
@@ -420,7 +442,7 @@ def main(argv=None) -> int:
     default = illava.configure(model, "encoder-only")
     chosen = specs(default)
     if args.methods:
-        wanted = args.methods.split(",")
+        wanted = args.methods.split(";")
         chosen = [s for s in chosen if any(w in s.name for w in wanted)]
     meter = EncoderMeter(model, pixels[:1])
     stock_gflops = meter.stock.gflops
@@ -457,8 +479,8 @@ def main(argv=None) -> int:
                     }
             maps = out.pop("_maps")
             tokens_out = out.pop("_tokens")
-            if abs(target - 0.2) < 1e-9:
-                fig_maps[spec.name] = (maps, info["share"])
+            if target in FIGURE_BUDGETS and _in_figure(spec.name):
+                fig_maps.setdefault(target, []).append((spec.name, maps, info["share"]))
             summary = summarise(out, groups)
             per_image = {k: [None if math.isnan(x) else round(x, 5) for x in v] for k, v in out.items()}
             results.append(
@@ -483,19 +505,21 @@ def main(argv=None) -> int:
             "seconds": time.time() - t0,
             "results": results,
         }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_report(args.json, report)
     if args.figure and fig_maps and "astronaut" in names:
         i = names.index("astronaut")
-        panels = [
-            (f"{n}\n{100 * share:.0f}% of the FLOPs", m[i]) for n, (m, share) in fig_maps.items() if _in_figure(n)
-        ]
-        figure(args.figure, items[i][2], stock["maps"][i], panels, "astronaut: saliency at 20% of the encoder FLOPs")
+        rows = {
+            target: [(f"{n}\n{100 * share:.0f}% of the FLOPs", m[i]) for n, m, share in panels]
+            for target, panels in fig_maps.items()
+        }
+        title = "astronaut: saliency map of the final patch features (rebuilt by the merge trace)"
+        figure(args.figure, items[i][2], stock["maps"][i], rows, title)
     print(f"\ndone in {time.time() - t0:.0f} s")
     return 0
 
 
-FIGURE = ("illava rank L0,1,2,3", "illava rank L2", "tome L2,3,4,5", "pool L2")
+FIGURE = ("illava cluster L2,3,4,5", "illava rank L0", "tome (every layer)", "tome L0-5", "pool L0")
+FIGURE_BUDGETS = (0.5, 0.2)
 
 
 def _in_figure(name: str) -> bool:
