@@ -212,6 +212,14 @@ def metrics(head, stock: dict, run) -> dict:
         "cls_cos": cos(run.tokens[:, 0], stock["tokens"][:, 0], dim=-1).tolist(),
         "represented": run.represented.tolist(),
     }
+    # patches that are survivors (a token of their own at their position): digit ones, the others
+    if run.positions is not None:
+        kept = torch.zeros_like(run.owner, dtype=torch.bool).scatter_(1, run.positions, True)
+    else:
+        kept = run.owner >= 0
+    detail = stock["detail"]
+    out["detail_kept"] = ((kept & detail).sum(1) / detail.sum(1)).tolist()  # NaN without digits
+    out["other_kept"] = ((kept & ~detail).sum(1) / (~detail).sum(1)).tolist()
     for rule, suffix in (("trace", ""), ("nearest", "_nn")):
         patches = patch_grid_features(run, rule)
         with torch.inference_mode():
@@ -291,7 +299,7 @@ def _slice(stock: dict, s: slice) -> dict:
 # ------------------------------------------------------------------------------------------ report
 METRICS = (
     "cls_cos", "patch_cos", "sal_iou", "sal_mae", "represented", "patch_cos_nn", "sal_iou_nn", "sal_mae_nn",
-    "detail_cos", "detail_cos_nn",
+    "detail_cos", "detail_cos_nn", "detail_kept", "other_kept",
 )  # fmt: skip
 
 
@@ -341,7 +349,10 @@ def progress(name: str, target: float, info: dict, tokens: int, summary: dict, s
             f"nn {s['patch_cos_nn']['mean']:.3f}/{s['sal_iou_nn']['mean']:.3f}"
         )
         if "detail_cos" in s:
-            line += f" digit patches {s['detail_cos']['mean']:.3f}/{s['detail_cos_nn']['mean']:.3f}"
+            line += (
+                f" digit patches {s['detail_cos']['mean']:.3f}/{s['detail_cos_nn']['mean']:.3f}"
+                f" kept {s['detail_kept']['mean']:.2f} (others {s['other_kept']['mean']:.2f})"
+            )
     return line + f" ({seconds:.0f} s)"
 
 
@@ -355,7 +366,8 @@ def table(results: list[dict], group: str) -> list[str]:
     ]
     detail = group == "digits"
     if detail:
-        lines = [lines[0] + " digit patches cos | digit patches cos, nearest |", lines[1] + "---|---|"]
+        extra = " digit patches cos | digit patches cos, nearest | digit / other patches kept |"
+        lines = [lines[0] + extra, lines[1] + "---|---|---|"]
     rows: dict[tuple, list[dict]] = {}
     for r in results:
         if group in r["summary"]:
@@ -363,14 +375,61 @@ def table(results: list[dict], group: str) -> list[str]:
     for (method, _), same in rows.items():
         r, s = same[0], same[0]["summary"][group]
         budgets = ", ".join(f"{100 * x['target']:g}%" for x in same)
-        floor = "" if r["reached"] else " (floor)"
+        floor = "" if all(x["reached"] for x in same) else " (floor)"
         lines.append(
             f"| {method} | {budgets} | {100 * r['share']:.1f}%{floor} | {r['tokens_out']} | "
             f"{s['cls_cos']['mean']:.3f} | {s['patch_cos']['mean']:.3f} | {s['sal_iou']['mean']:.3f} | "
             f"{s['sal_mae']['mean']:.3f} | {100 * s['represented']['mean']:.0f}% | {s['patch_cos_nn']['mean']:.3f} | "
             f"{s['sal_iou_nn']['mean']:.3f} |"
-            + (f" {s['detail_cos']['mean']:.3f} | {s['detail_cos_nn']['mean']:.3f} |" if detail else "")
+            + (
+                f" {s['detail_cos']['mean']:.3f} | {s['detail_cos_nn']['mean']:.3f} | "
+                f"{100 * s['detail_kept']['mean']:.0f}% / {100 * s['other_kept']['mean']:.0f}% |"
+                if detail
+                else ""
+            )
         )
+    return lines
+
+
+# the rows of the summary tables of docs/results.md: per budget, the default, the best of each family
+SUMMARY = {
+    0.5: (
+        "illava rank L2,3,4,5 (default)", "illava cluster L2,3,4,5", "illava rank L0", "tome (every layer)",
+        "tome L2,3,4,5", "tome L0-5", "pool L0", "illava prune L2,3,4,5 INVERTED",
+    ),
+    0.33: ("illava rank L2,3,4,5 (default)", "illava rank L2,3,4,5 fraction", "illava rank L2", "illava rank L0",
+           "tome (every layer)", "tome L0-5", "pool L0"),
+    0.2: ("illava rank L2,3,4,5 (default)", "illava rank L0,1,2,3", "illava rank L0", "tome L0-5", "pool L0"),
+    0.1: ("illava rank L2,3,4,5 (default)", "illava rank L0", "tome L0-5", "pool L0"),
+}  # fmt: skip
+
+
+def summary_table(results: list[dict], group: str) -> list[str]:
+    """The compact table: the methods of ``SUMMARY`` at each budget."""
+    digits = group == "digits"
+    lines = [
+        "| budget | method | encoder FLOPs | tokens out | CLS cos | patch cos | saliency IoU | saliency MAE |"
+        + (" digit patches cos | digit / other patches kept |" if digits else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if digits else ""),
+    ]
+    for target, names in SUMMARY.items():
+        for name in names:
+            r = next((x for x in results if x["method"] == name and x["target"] == target), None)
+            if r is None:
+                continue
+            s = r["summary"][group]
+            floor = "" if r["reached"] else " (floor)"
+            lines.append(
+                f"| {100 * target:g}% | {name} | {100 * r['share']:.1f}%{floor} | {r['tokens_out']} | "
+                f"{s['cls_cos']['mean']:.3f} | {s['patch_cos']['mean']:.3f} | {s['sal_iou']['mean']:.3f} | "
+                f"{s['sal_mae']['mean']:.3f} |"
+                + (
+                    f" {s['detail_cos']['mean']:.3f} | {100 * s['detail_kept']['mean']:.0f}% / "
+                    f"{100 * s['other_kept']['mean']:.0f}% |"
+                    if digits
+                    else ""
+                )
+            )
     return lines
 
 
@@ -419,7 +478,10 @@ def main(argv=None) -> int:
         with open(args.tables) as f:
             report = json.load(f)
         for group in ("photos", "digits"):
-            print(f"\n### {group}\n")
+            print(f"\n### {group}: summary\n")
+            print("\n".join(summary_table(report["results"], group)))
+        for group in ("photos", "digits"):
+            print(f"\n### {group}: every method\n")
             print("\n".join(table(report["results"], group)))
         return 0
     torch.set_num_threads(args.threads)

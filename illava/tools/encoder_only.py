@@ -2,10 +2,11 @@
 
 The encoder stage runs inside a vision-language model's feature call; to study it on a vision
 tower alone (e.g. the real DINOv2-S/14 of ``illava.tools.realparts``), the tower is put into a
-LLaVA-1.5 model whose decoder is tiny and random and never runs:
+LLaVA-1.5 model whose decoder is tiny (zeros) and never runs:
 
 - ``llava_around(tower)``: a ``LlavaForConditionalGeneration`` whose vision tower *is* ``tower``
-  (a ``Dinov2Model``, ``Dinov2WithRegistersModel`` or ``CLIPVisionModel``), read at its last layer
+  (a ``Dinov2Model`` or ``Dinov2WithRegistersModel``, tested; a ``CLIPVisionModel`` is accepted by
+  the LLaVA adapter but untested here), read at its last layer
   (merges allowed at every layer), for images of ``image_size`` px (the geometry the adapter and
   the presets see; a DINOv2 tower interpolates its positions, so it may have been built for
   another size);
@@ -36,8 +37,9 @@ from .flops import encoder_macs
 
 def llava_around(tower, image_size: int | None = None, vocab_size: int = 64):
     """A LLaVA-1.5 model with ``tower`` as its vision tower (the module itself, not a copy), read at
-    its last layer, and a 1-layer random decoder (module docstring). ``image_size``: the images'
-    side in pixels (default: the tower's ``image_size``)."""
+    its last layer, with a tiny 2-layer decoder and projector of zeros that are only there for the
+    model to exist (the feature call runs the projector; nothing here runs the decoder).
+    ``image_size``: the images' side in pixels (default: the tower's ``image_size``)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     vision = tower.config.to_dict()
@@ -61,9 +63,11 @@ def llava_around(tower, image_size: int | None = None, vocab_size: int = 64):
     with torch.device("meta"):  # the stock tower is replaced: never materialise its weights
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = tower
-    model.model.multi_modal_projector.to_empty(device="cpu")
-    model.model.language_model.to_empty(device="cpu")
-    model.lm_head.to_empty(device="cpu")
+    device = next(tower.parameters()).device
+    for part in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
+        part.to_empty(device=device)
+        for tensor in (*part.parameters(), *part.buffers()):
+            tensor.data.zero_()  # deterministic; the decoder is not meant to run (its buffers are zeros)
     return model.eval()
 
 
