@@ -100,6 +100,18 @@ def images(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="session")
+def llava(tmp_path_factory) -> Path:
+    """The tiny random-weight LLaVA-1.5 (CLIP 64 px of 8x8 patches, 6 layers read at -2; Llama 4 x 128)."""
+    return build(tmp_path_factory, "llava")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl(tmp_path_factory) -> Path:
+    """The tiny random-weight Qwen2-VL (4 vision blocks, 2x2 merger; Qwen2 4 x 128)."""
+    return build(tmp_path_factory, "qwen2_vl")
+
+
 def build(tmp_path_factory, family: str) -> Path:
     folder = tmp_path_factory.mktemp(family) / "model"
     proc = subprocess.run(

@@ -56,6 +56,10 @@ def build(family: str, out: str) -> None:
 
         config = tiny_qwen_vl_config("2" if family == "qwen2_vl" else "2.5")
         vllm_sized(config.text_config)
+        # the patch merger writes the decoder's width (Qwen2-VL: hidden_size; Qwen2.5-VL: out_hidden_size)
+        vc = config.vision_config
+        config.text_config.rope_parameters["mrope_section"] = [4, 6, 6]  # half of the 32-wide heads
+        setattr(vc, "hidden_size" if family == "qwen2_vl" else "out_hidden_size", config.text_config.hidden_size)
         config.text_config.bos_token_id = config.text_config.eos_token_id = None  # Qwen's ids: not in 256
         cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
         model = cls(config).eval()

@@ -6,15 +6,10 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import pytest
-from conftest import build, chat, check_against_reference, reference, run_vllm
+from conftest import chat, check_against_reference, reference, run_vllm
 
 IMAGE_ID = 1  # the tiny configuration's <image>
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return build(tmp_path_factory, "llava")
 
 
 @pytest.fixture(scope="module")

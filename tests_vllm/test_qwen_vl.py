@@ -5,16 +5,11 @@ positions (vLLM's EVS path: ``recompute_mrope_positions``)."""
 from __future__ import annotations
 
 import pytest
-from conftest import build, chat, check_against_reference, reference, run_vllm
+from conftest import chat, check_against_reference, reference, run_vllm
 
 IMAGE_ID = 1  # the tiny configuration's <|image_pad|>
 MAX_TOKENS = 6
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory):
-    return build(tmp_path_factory, "qwen2_vl")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def test_off_is_stock_vllm_token_for_token(qwen2_vl, batch):
     "spec",
     [
         "encoder-only",  # blocks 2 and 3 remove 16% each (the authors' Qwen2-VL setting, scaled)
-        {"method": "tome", "knob": 1},  # every block, proportional attention
+        {"method": "tome", "knob": 0.5},  # a 2x2 block at blocks 1 and 3 (proportional attention)
         {"encoder_layers": [1], "encoder_removal": 8, "recycle": "cluster"},  # two 2x2 blocks at block 1
         {"method": "divprune", "knob": 0.5},  # the feature stage
     ],

@@ -36,6 +36,36 @@ def register() -> None:
     for arch, target in SUPPORTED.items():
         ModelRegistry.register_model(arch, target)
     _guard(ModelRegistry)
+    _cpu_runner_evs()
+
+
+def _cpu_runner_evs() -> None:
+    """vLLM 0.32's CPU model runner never turns on the EVS path (``GPUModelRunner.load_model`` sets
+    ``is_multimodal_pruning_enabled`` after loading; ``CPUModelRunner.load_model`` skips that line),
+    which M-RoPE families need to write the survivors' positions: set it the same way on CPU."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    load = CPUModelRunner.load_model
+    if getattr(load, "_illava", False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = (
+            supports_multimodal_pruning(self.get_model())
+            and mm_config is not None
+            and mm_config.is_multimodal_pruning_enabled()
+        )
+
+    load_model._illava = True
+    CPUModelRunner.load_model = load_model
 
 
 def _guard(registry) -> None:
