@@ -25,30 +25,10 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..presets import LLAVA
-from .config import Family, resolve, spec_of
+from .config import resolve, spec_of
 from .encoder import Stage, vit_merge_forward
+from .families import llava as family
 from .serving import check_serving
-
-
-def family(hf_config) -> Family:
-    """The dimensions of a LLaVA-1.5 configuration as the transformers backend reads them
-    (``illava.adapters.llava_family.vit_dimensions``)."""
-    vc, tc = hf_config.vision_config, hf_config.text_config
-    depth = vc.num_hidden_layers
-    layers = hf_config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    feature_layer = min(layer % (depth + 1) for layer in layers) - 1
-    return Family(
-        name="LLaVA-1.5",
-        encoder_depth=depth,
-        tokens_per_crop=(vc.image_size // vc.patch_size) ** 2,
-        llm_depth=tc.num_hidden_layers,
-        feature_layer=feature_layer,
-        unit=1,
-        table=LLAVA["llava"],
-        mergeable=tuple(range(feature_layer + 1)),
-    )
 
 
 def stage_of(hf_config) -> Stage | None:
@@ -96,7 +76,7 @@ class IllavaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.illava = stage_of(self.config)
         if self.illava is None:
             return
-        check_serving(vllm_config, "LLaVA-1.5", mrope=False)
+        check_serving(vllm_config, "LLaVA-1.5")
         layers = self.vision_tower.vision_model.encoder.layers
         for index in self.illava.config.encoder_layers:
             layer = layers[index]

@@ -33,26 +33,10 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ..merge import attention_with_received_scores
 from ..plan import encoder as plan
-from ..presets import QWEN_VL, qwen_vl_llm_stage
-from .config import Family, resolve, spec_of
+from .config import resolve, spec_of
 from .encoder import Stage
+from .families import qwen2_vl as family
 from .serving import check_serving
-
-
-def family(hf_config) -> Family:
-    """The dimensions of a Qwen2-VL configuration as the transformers backend reads them."""
-    vc, tc = hf_config.vision_config, hf_config.text_config
-    return Family(
-        name="Qwen2-VL",
-        encoder_depth=vc.depth,
-        tokens_per_crop=0,
-        llm_depth=tc.num_hidden_layers,
-        feature_layer=vc.depth - 1,
-        unit=vc.spatial_merge_size**2,
-        table=QWEN_VL["qwen2_vl"],
-        mergeable=tuple(range(vc.depth)),
-        llm_stage_in_presets=qwen_vl_llm_stage(tc.hidden_size),
-    )
 
 
 def stage_of(hf_config) -> Stage | None:
@@ -214,7 +198,7 @@ class IllavaQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         self.illava = stage_of(self.config)
         if self.illava is None:
             return
-        check_serving(vllm_config, "Qwen2-VL", mrope=True)
+        check_serving(vllm_config, "Qwen2-VL")
         if self.use_data_parallel:
             raise ValueError("illava.vllm: Qwen2-VL with illava does not run with --mm-encoder-tp-mode data")
         # vLLM's EVS path: the runner hands the embeddings' position columns to recompute_mrope_positions

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def check_serving(vllm_config, family: str, mrope: bool) -> None:
+def check_serving(vllm_config, family: str) -> None:
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1:
         raise ValueError(
