@@ -56,6 +56,7 @@ def test_field_overrides_and_plain_fields(tmp_path):
         ("bogus", "unknown preset or method"),
         ({"preset": "encoder-only", "knob": 2}, "only a method takes a knob"),
         ({"encoder_layers": [5], "encoder_removal": 8}, "comes after the layer the model reads"),
+        ({"preset": "encoder-only", "encoder_removel": 8}, "unknown field"),
     ],
 )
 def test_what_vllm_cannot_run_is_refused(spec, message):

@@ -18,6 +18,7 @@ LLM layers is refused with the change to make, never silently cut down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -48,7 +49,6 @@ class Family:
     table: dict
     mergeable: tuple[int, ...]
     llm_stage_in_presets: bool = True
-    snap: tuple[int, ...] | None = None  # Qwen2.5-VL: preset layers move to these blocks
 
 
 def spec_of(hf_config) -> object | None:
@@ -140,11 +140,18 @@ def _fields(fields: dict) -> dict:
         out[key] = value
     if "policy" in out:
         raise ValueError("illava.vllm: a policy is chosen by its method name ('method': 'tome', ...)")
+    known = {f.name for f in dataclasses.fields(IllavaConfig)} - {"policy", "preset"}
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise ValueError(
+            f"illava.vllm: unknown field(s) {unknown} of the illava configuration; fields: {', '.join(sorted(known))} "
+            "(and 'preset' or 'method', 'knob')"
+        )
     return out
 
 
 def _preset(name: str, family: Family) -> IllavaConfig:
-    config = scale_preset(
+    return scale_preset(
         name,
         family.table,
         encoder_depth=family.encoder_depth,
@@ -153,11 +160,6 @@ def _preset(name: str, family: Family) -> IllavaConfig:
         llm_stage=family.llm_stage_in_presets,
         unit=family.unit,
     )
-    if family.snap is not None and config.encoder_layers:
-        from ..presets import snap_to_blocks
-
-        config = config.replace(encoder_layers=snap_to_blocks(config.encoder_layers, family.snap))
-    return config
 
 
 def _method(name: str, knob, family: Family) -> IllavaConfig:
