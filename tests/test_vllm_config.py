@@ -8,7 +8,7 @@ import torch
 import illava
 from illava.tools.architectures import tiny_config
 from illava.vllm.config import resolve
-from illava.vllm.families import llava, qwen2_vl
+from illava.vllm.families import llava, qwen_vl
 
 SPECS = [
     ("encoder-only", None),
@@ -27,7 +27,9 @@ def _model(name):
     return AutoModelForImageTextToText.from_config(tiny_config(name)).eval()
 
 
-@pytest.mark.parametrize("arch, family", [("tiny-llava", llava), ("tiny-qwen2-vl", qwen2_vl)])
+@pytest.mark.parametrize(
+    "arch, family", [("tiny-llava", llava), ("tiny-qwen2-vl", qwen_vl), ("tiny-qwen2.5-vl", qwen_vl)]
+)
 @pytest.mark.parametrize("name, knob", SPECS)
 def test_a_spec_resolves_as_illava_configure(arch, family, name, knob):
     model = _model(arch)
@@ -64,9 +66,15 @@ def test_what_vllm_cannot_run_is_refused(spec, message):
         resolve(spec, llava(_model("tiny-llava").config))
 
 
+def test_qwen2_5_vl_merges_only_at_full_attention_blocks():
+    model = _model("tiny-qwen2.5-vl")  # full-attention blocks 1 and 3
+    with pytest.raises(ValueError, match="merges only at encoder layers"):
+        resolve({"encoder_layers": [2], "encoder_removal": 8}, qwen_vl(model.config))
+
+
 def test_qwen2_vl_image_preset_without_llm_stage_is_served():
     """Qwen2-VL below 2048 text width has no LLM stage in its presets (the authors' 2B setting): the
     ``image`` preset is then the encoder stage alone, and the plugin serves it as such."""
     model = _model("tiny-qwen2-vl")
-    config = resolve("image", qwen2_vl(model.config))
+    config = resolve("image", qwen_vl(model.config))
     assert config == illava.configure(model, "image") and not config.llm_layers

@@ -112,6 +112,13 @@ def qwen2_vl(tmp_path_factory) -> Path:
     return build(tmp_path_factory, "qwen2_vl")
 
 
+@pytest.fixture(scope="session")
+def qwen2_5_vl(tmp_path_factory) -> Path:
+    """The tiny random-weight Qwen2.5-VL (4 vision blocks, full attention at 1 and 3, windows of 4x4
+    blocks; Qwen2 4 x 128)."""
+    return build(tmp_path_factory, "qwen2_5_vl")
+
+
 def build(tmp_path_factory, family: str) -> Path:
     folder = tmp_path_factory.mktemp(family) / "model"
     proc = subprocess.run(
@@ -130,11 +137,12 @@ def build(tmp_path_factory, family: str) -> Path:
 def qwen_processor(folder: Path) -> None:
     """The stock Qwen2-VL processor of the tiny model (made here: its video processor needs
     torchvision, which the main venv lacks)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    processor = Qwen2VLProcessor(
+    qwen2_5 = AutoConfig.from_pretrained(folder).model_type == "qwen2_5_vl"
+    processor = (Qwen2_5_VLProcessor if qwen2_5 else Qwen2VLProcessor)(
         image_processor=AutoImageProcessor.from_pretrained(folder),
         video_processor=Qwen2VLVideoProcessor(),
         tokenizer=tokenizer,

@@ -24,6 +24,7 @@ import importlib
 SUPPORTED = {
     "LlavaForConditionalGeneration": "illava.vllm.llava:IllavaLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "illava.vllm.qwen_vl:IllavaQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "illava.vllm.qwen_vl:IllavaQwen2_5_VLForConditionalGeneration",
 }
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..config import PRESETS, IllavaConfig, scale_preset
 from ..methods import REGISTRY, Target
+from ..presets import snap_to_blocks
 
 ENV = "ILLAVA_VLLM"
 FIELD = "illava"
@@ -49,6 +50,7 @@ class Family:
     table: dict
     mergeable: tuple[int, ...]
     llm_stage_in_presets: bool = True
+    snap: tuple[int, ...] | None = None  # Qwen2.5-VL: scaled preset layers move to these blocks
 
 
 def spec_of(hf_config) -> object | None:
@@ -151,7 +153,7 @@ def _fields(fields: dict) -> dict:
 
 
 def _preset(name: str, family: Family) -> IllavaConfig:
-    return scale_preset(
+    config = scale_preset(
         name,
         family.table,
         encoder_depth=family.encoder_depth,
@@ -160,6 +162,9 @@ def _preset(name: str, family: Family) -> IllavaConfig:
         llm_stage=family.llm_stage_in_presets,
         unit=family.unit,
     )
+    if family.snap is not None and config.encoder_layers:  # as the adapter's adjust_preset
+        config = config.replace(encoder_layers=snap_to_blocks(config.encoder_layers, family.snap))
+    return config
 
 
 def _method(name: str, knob, family: Family) -> IllavaConfig:

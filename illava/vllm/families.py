@@ -27,17 +27,21 @@ def llava(hf_config) -> Family:
     )
 
 
-def qwen2_vl(hf_config) -> Family:
-    """The dimensions of a Qwen2-VL configuration as the transformers backend reads them."""
+def qwen_vl(hf_config) -> Family:
+    """Qwen2-VL / Qwen2.5-VL (``illava.adapters.qwen_vl``): 2x2 blocks, merges up to the last block;
+    Qwen2.5-VL merges only at its full-attention blocks, where its presets snap to."""
     vc, tc = hf_config.vision_config, hf_config.text_config
+    windowed = hf_config.model_type == "qwen2_5_vl"
+    full = tuple(vc.fullatt_block_indexes) if windowed else None
     return Family(
-        name="Qwen2-VL",
+        name="Qwen2.5-VL" if windowed else "Qwen2-VL",
         encoder_depth=vc.depth,
         tokens_per_crop=0,
         llm_depth=tc.num_hidden_layers,
         feature_layer=vc.depth - 1,
         unit=vc.spatial_merge_size**2,
-        table=QWEN_VL["qwen2_vl"],
-        mergeable=tuple(range(vc.depth)),
+        table=QWEN_VL[hf_config.model_type],
+        mergeable=full if windowed else tuple(range(vc.depth)),
         llm_stage_in_presets=qwen_vl_llm_stage(tc.hidden_size),
+        snap=full,
     )
