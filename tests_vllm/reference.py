@@ -76,6 +76,8 @@ def build(family: str, out: str) -> None:
         raise SystemExit(f"unknown family {family!r}")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    from illava.tools.vllm_bench import hub_names  # the hub's (and vLLM's) names of the CLIP tower
+
     hub_names(out_dir)
 
 
@@ -98,23 +100,6 @@ def vllm_sized(text_config) -> None:
     32, 2 key-value heads)."""
     text_config.hidden_size, text_config.intermediate_size, text_config.head_dim = 128, 256, 32
     text_config.initializer_range = 0.15  # wider random weights: greedy tokens that vary with the input
-
-
-def hub_names(folder: Path) -> None:
-    """transformers 5 saves a LLaVA's CLIP tower as ``vision_tower.*``; the hub's checkpoints (and
-    vLLM's loader) name it ``vision_tower.vision_model.*`` (transformers reads both)."""
-    from safetensors.torch import load_file, save_file
-
-    for path in folder.glob("*.safetensors"):
-        weights = load_file(path)
-        renamed = {}
-        for name, tensor in weights.items():
-            for prefix in ("model.vision_tower.", "vision_tower."):
-                if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-                    name = prefix + "vision_model." + name[len(prefix) :]
-                    break
-            renamed[name] = tensor
-        save_file(renamed, path, metadata={"format": "pt"})
 
 
 def run(folder: str, requests_path: str) -> None:
