@@ -4,6 +4,12 @@
 #   bash benchmarks/gpu.sh --out DIR            # GPU machine: venv, pip install torch + this repo, run (~8 min)
 #   bash benchmarks/gpu.sh --dry-run --out DIR  # the same script on CPU with tiny models, nothing installed
 #   bash benchmarks/gpu.sh --install-only       # only the venv (~2 min), e.g. in a call of its own
+#   bash benchmarks/gpu.sh --skip-vllm --out DIR # without the vLLM row (below)
+#
+# After gpu.py, the vLLM row: `illava bench --engine vllm` (stock vLLM vs vLLM + the illava plugin,
+# LLaVA-1.5-7B architecture, random weights, bf16) in a venv of its own with vLLM's CUDA wheel
+# (`illava[vllm]`: vLLM pins an older transformers), written to DIR/vllm.json. GPU_VLLM_VENV: that
+# venv's folder (default /tmp/illava-gpu-vllm-venv).
 #
 # Writes DIR/gpu.json (rewritten after every row). Other options go to gpu.py (--budget-s, --rows,
 # --repeats, --memory-cap-gb). Environment: PYTHON (interpreter: the dry run's, or the one that makes
@@ -14,13 +20,15 @@ set -euo pipefail
 out=""
 dry_run=0
 install_only=0
+skip_vllm=0
 args=()
 while (($#)); do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --install-only) install_only=1; shift ;;
-        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+        --skip-vllm) skip_vllm=1; shift ;;
+        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
         *) args+=("$1"); shift ;;
     esac
 done
@@ -60,3 +68,13 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 step "benchmarks/gpu.py --out $out ${args[*]-}"
 "$venv/bin/python" benchmarks/gpu.py --out "$out" ${args[@]+"${args[@]}"}
 step "done: $out/gpu.json; table rows: $venv/bin/python benchmarks/readme_table.py --from-json $out/gpu.json"
+if ((skip_vllm)); then step "vLLM row skipped (--skip-vllm)"; exit 0; fi
+vvenv=${GPU_VLLM_VENV:-/tmp/illava-gpu-vllm-venv}
+[[ -x $vvenv/bin/python ]] || "$base" -m venv "$vvenv"
+if ! "$vvenv/bin/python" -I -c 'import vllm, illava.vllm' 2>/dev/null; then
+    step "pip install -e .[vllm] (vLLM 0.32, CUDA build) into $vvenv"
+    "$vvenv/bin/python" -m pip install --progress-bar off --disable-pip-version-check -e ".[vllm]"
+fi
+step "illava bench --engine vllm -> $out/vllm.json"
+"$vvenv/bin/illava" bench --engine vllm --requests 64 --repeats 3 --new-tokens 32 --decoder-layers 32 --dtype bfloat16 \
+    --json "$out/vllm.json" || step "the vLLM row failed (above); the transformers rows are in $out/gpu.json"

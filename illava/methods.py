@@ -41,8 +41,38 @@ class Method:
     build: Callable[[object, float], IllavaConfig]
 
     def config(self, model, value: float | None = None) -> IllavaConfig:
+        """The method's configuration for ``model`` (a transformers model, or a ``Target``: the
+        dimensions of a model served elsewhere, e.g. by vLLM) at ``value`` of its knob."""
         value = self.default if value is None else value
-        return self.build(model, float(value)).replace(preset=self.name)
+        target = model if isinstance(model, Target) else _AdapterTarget(model)
+        return self.build(target, float(value)).replace(preset=self.name)
+
+
+class Target:
+    """What the methods' builders read of a model: ``unit`` (patch tokens removed together),
+    ``mergeable`` (encoder layers where the encoder stage may merge), ``llm_depth``, and its
+    ``preset(name)``. ``illava.vllm`` gives one for a served model; transformers models get theirs
+    from their adapter."""
+
+    unit: int
+    mergeable: tuple[int, ...]
+    llm_depth: int
+
+    def preset(self, name: str) -> IllavaConfig:
+        raise NotImplementedError
+
+
+class _AdapterTarget(Target):
+    def __init__(self, model):
+        from .adapters import adapter_for
+
+        self._model, self._adapter = model, adapter_for(model)
+        self.unit = self._adapter.unit
+        self.mergeable = tuple(self._adapter.mergeable_layers(model))
+        self.llm_depth = self._adapter.dimensions(model).llm_depth
+
+    def preset(self, name: str) -> IllavaConfig:
+        return self._adapter.preset(self._model, name)
 
 
 def scale_reduction(base: IllavaConfig, level: float, unit: int = 1) -> IllavaConfig:
@@ -64,43 +94,32 @@ def scale_reduction(base: IllavaConfig, level: float, unit: int = 1) -> IllavaCo
     )
 
 
-def _adapter(model):
-    from .adapters import adapter_for
-
-    return adapter_for(model)
-
-
-def _illava(model, level: float, recycle: str | None = None) -> IllavaConfig:
-    adapter = _adapter(model)
-    config = scale_reduction(adapter.preset(model, "image"), level, adapter.unit)
+def _illava(model: Target, level: float, recycle: str | None = None) -> IllavaConfig:
+    config = scale_reduction(model.preset("image"), level, model.unit)
     return config if recycle is None else config.replace(recycle=recycle)
 
 
-def _fastv(model, keep: float) -> IllavaConfig:
-    depth = _adapter(model).dimensions(model).llm_depth
-    return IllavaConfig(llm_layers=(min(2, depth - 1),), llm_keep_ratio=keep, policy=FastV())
+def _fastv(model: Target, keep: float) -> IllavaConfig:
+    return IllavaConfig(llm_layers=(min(2, model.llm_depth - 1),), llm_keep_ratio=keep, policy=FastV())
 
 
-def _pdrop(model, keep: float) -> IllavaConfig:
-    depth = _adapter(model).dimensions(model).llm_depth
-    layers = tuple(dict.fromkeys(max(1, round(depth * s / 4)) for s in (1, 2, 3)))
+def _pdrop(model: Target, keep: float) -> IllavaConfig:
+    layers = tuple(dict.fromkeys(max(1, round(model.llm_depth * s / 4)) for s in (1, 2, 3)))
     return IllavaConfig(llm_layers=layers, llm_keep_ratio=keep, policy=PDrop())
 
 
-def _tome(model, r: float) -> IllavaConfig:
+def _tome(model: Target, r: float) -> IllavaConfig:
     """``r`` units merged per layer; a fractional ``r`` merges floor((i+1) r) - floor(i r) at the
     i-th layer (the same total as r per layer, spread evenly), so a budget can be met to one unit."""
-    adapter = _adapter(model)
-    layers = adapter.mergeable_layers(model)
+    layers = model.mergeable
     per_layer = tuple(
-        (math.floor((i + 1) * r + 1e-9) - math.floor(i * r + 1e-9)) * adapter.unit for i in range(len(layers))
+        (math.floor((i + 1) * r + 1e-9) - math.floor(i * r + 1e-9)) * model.unit for i in range(len(layers))
     )
     return IllavaConfig(encoder_layers=layers, encoder_removal=per_layer, policy=ToMe())
 
 
-def _last_layer(model, keep: float, policy) -> IllavaConfig:
-    layer = max(_adapter(model).mergeable_layers(model))
-    return IllavaConfig(encoder_layers=(layer,), encoder_removal=round(1 - keep, 6), policy=policy)
+def _last_layer(model: Target, keep: float, policy) -> IllavaConfig:
+    return IllavaConfig(encoder_layers=(max(model.mergeable),), encoder_removal=round(1 - keep, 6), policy=policy)
 
 
 REGISTRY: dict[str, Method] = {

@@ -12,6 +12,9 @@ the paper's):
   order, and the output token that represents every input token, for source tracking); ``metric``
   are the keys (encoder stage), ``sizes`` how many original units every token stands for,
   ``grid`` the unit grid of a crop when the family has one;
+- ``kept(n, r, grid)``: how many of ``n`` tokens ``reduce`` leaves when asked to remove ``r``
+  (``n - r`` unless the policy says otherwise): the count a serving engine reserves before the
+  model runs (``illava.plan.encoder.units_after``);
 - ``select(x, m)`` (the feature stage, ``IllavaConfig.feature_keep``) picks which ``m`` of the
   projected tokens ``x`` ``(N, D)`` of one image / video enter the LLM.
 
@@ -48,6 +51,9 @@ class Policy:
             neighbours=config.cluster_neighbours,
             recycle_fraction=config.cluster_fraction,
         )
+
+    def kept(self, n: int, r: int, grid: tuple[int, int] | None = None) -> int:
+        return n - r
 
     def select(self, x: torch.Tensor, m: int) -> torch.Tensor:
         raise ValueError(f"the {self.name} policy does not select tokens before the LLM (feature_keep)")
@@ -96,6 +102,9 @@ class ToMe(Policy):
 
     def reduce(self, stage, x, scores, r, config, metric=None, sizes=None, **context) -> MergeResult:
         return bipartite_merge(x, x if metric is None else metric, r, sizes)
+
+    def kept(self, n, r, grid=None) -> int:
+        return n - min(r, n // 2)  # a match per token of the smaller set (odd positions) at most
 
 
 class VisionZip(Policy):
@@ -147,6 +156,11 @@ class Pool(Policy):
         n = x.shape[1]
         grid = grid if grid is not None and grid[0] * grid[1] == n else (1, n)
         return grid_pool(x, grid, cells_for(grid, n - r))
+
+    def kept(self, n, r, grid=None) -> int:
+        grid = grid if grid is not None and grid[0] * grid[1] == n else (1, n)
+        cells = cells_for(grid, n - r)
+        return cells[0] * cells[1]  # every cell holds a unit: cells_for never exceeds the grid
 
 
 DEFAULT = Policy()

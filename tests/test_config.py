@@ -100,6 +100,34 @@ def test_transformers_version_gate():
         check_transformers_version("5.40.0")
 
 
+def test_the_version_gate_guards_the_transformers_backend_not_the_package():
+    """With a transformers outside the backend's range (the vLLM plugin's: vLLM 0.32 pins <5.20),
+    ``import illava``, the configuration, the plan, the policies and ``illava.vllm``'s configuration
+    work; the transformers backend fails at first use with the same message and install command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import importlib.metadata as metadata
+real = metadata.version
+metadata.version = lambda name: "5.19.0" if name == "transformers" else real(name)
+import sys
+import illava, illava.plan.encoder, illava.vllm.config, illava.vllm.encoder
+cfg = illava.IllavaConfig(encoder_layers=(1,), encoder_removal=4)
+assert illava.Policy().kept(10, 4) == 6 and "illava.hf" not in sys.modules and "illava.adapters" not in sys.modules
+try:
+    illava.apply
+except ImportError as error:
+    print("REFUSED", error)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "REFUSED illava supports transformers >=5.24.0,<5.40.0; found 5.19.0" in out.stdout
+    assert 'pip install "transformers>=5.24.0,<5.40.0"' in out.stdout
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -126,3 +126,30 @@ def test_tome_uses_sizes_and_keys():
 def test_block_order_of_2x2_blocks():
     order = block_order(4, 2)
     assert order.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+
+
+@pytest.mark.parametrize(
+    "policy, removal, layers",
+    [
+        (Policy(), 8, (0, 2, 3)),
+        (Policy(), 0.3, (1, 2)),
+        (ToMe(), 20, (0,)),  # more than half of the units: ToMe merges at most one per odd unit
+        (__import__("illava").Pool(), 0.55, (2,)),  # pooling cells: not units - r
+        (__import__("illava").VisionZip(), 0.6, (3,)),
+    ],
+    ids=["rank-count", "rank-fraction", "tome-capped", "pool", "visionzip"],
+)
+def test_units_after_is_the_count_the_merges_produce(policy, removal, layers):
+    """``units_after`` (what vLLM reserves placeholders for before the model runs) equals the units
+    ``merge_units`` leaves, step after step, for every policy's own count (``Policy.kept``)."""
+    from illava.plan.encoder import units_after
+
+    torch.manual_seed(0)
+    cfg = IllavaConfig(encoder_layers=layers, encoder_removal=removal, policy=policy)
+    crops, side, d, keep_first = 2, 6, 8, 1
+    hidden = torch.randn(crops, keep_first + side * side, d)
+    trace = None
+    for layer in layers:
+        received = torch.rand(crops, hidden.shape[1])
+        hidden, trace = merge_units(cfg, policy, layer, hidden, received, 1, keep_first, hidden.clone(), trace)
+    assert hidden.shape[1] - keep_first == units_after(cfg, policy, side * side, 1, (side, side))

@@ -54,6 +54,7 @@ from ..hf.encoder import (
     unit_trace,
 )
 from ..plan.encoder import CropTrace
+from ..presets import LLAVA
 from .base import Adapter, Dimensions
 from .llava_family import VIT_TOWERS, fit_to_tower, registers, require_tower, vit_dimensions
 
@@ -135,14 +136,7 @@ class LlavaAdapter(Adapter):
     renumber_positions = True
     model_mixin = IllavaLlavaModel
     layer_mixin = IllavaViTLayer
-    # reference: LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers, 576 patches; Vicuna-7B, 32 layers).
-    # No "video" entry: LLaVA-1.5 takes no video, the "video" preset is the "image" one.
-    presets = {
-        "llava": {
-            "reference": {"encoder_depth": 24, "tokens_per_crop": 576, "llm_depth": 32},
-            "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 72, "llm_layers": (9,), "llm_keep_ratio": 0.7},
-        }
-    }
+    presets = LLAVA  # illava.presets: the table the vLLM plugin reads too
 
     def dimensions(self, model) -> Dimensions:
         return vit_dimensions(model)

@@ -38,6 +38,7 @@ from ..hf.encoder import (
 from ..merge import attention_with_received_scores, compose_assign
 from ..patch import Hook
 from ..plan import encoder as plan
+from ..presets import QWEN_VL, qwen_vl_llm_stage, snap_to_blocks
 from ..state import UnitTrace
 from .base import Adapter, Dimensions
 
@@ -336,22 +337,7 @@ class QwenVLAdapter(Adapter):
     config_types = ("qwen2_vl", "qwen2_5_vl")
     unit = 4
     renumber_positions = False
-    presets = {
-        # Qwen2-VL-7B, the authors' settings: blocks 12-15 remove 16% each; LLM layers 6, 7, 8 keep 0.9
-        # (images and videos alike).
-        "qwen2_vl": {
-            "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
-            "image": {"encoder_layers": (12, 13, 14, 15), "encoder_removal": 0.16,
-                      "llm_layers": (6, 7, 8), "llm_keep_ratio": 0.9},
-        },
-        # Qwen2.5-VL merges only at full-attention blocks (7, 15, 23, 31): two merges of 29% remove
-        # about as much as Qwen2-VL's four of 16% (1 - 0.71^2 = 0.50 vs 1 - 0.84^4 = 0.50).
-        "qwen2_5_vl": {
-            "reference": {"encoder_depth": 32, "tokens_per_crop": 0, "llm_depth": 28},
-            "image": {"encoder_layers": (7, 15), "encoder_removal": 0.29,
-                      "llm_layers": (6, 7, 8), "llm_keep_ratio": 0.9},
-        },
-    }  # fmt: skip
+    presets = QWEN_VL  # illava.presets: the table the vLLM plugin reads too
 
     def parts(self, model):
         from .base import Parts
@@ -369,19 +355,14 @@ class QwenVLAdapter(Adapter):
         return tuple(layer for layer in layers if full is None or layer in full)
 
     def llm_stage_in_presets(self, model) -> bool:
-        # the authors turn the LLM stage off for Qwen2-VL-2B (text width 1536)
-        return model.config.text_config.hidden_size >= 2048
+        return qwen_vl_llm_stage(model.config.text_config.hidden_size)
 
     def adjust_preset(self, model, config):
         full = getattr(model.model.visual, "fullatt_block_indexes", None)
         if full is None or not config.encoder_layers:
             return config
         # scaled preset layers snap to the nearest full-attention blocks
-        snapped = []
-        for layer in config.encoder_layers:
-            options = [b for b in full if b not in snapped] or list(full)
-            snapped.append(min(options, key=lambda b: abs(b - layer)))
-        return config.replace(encoder_layers=tuple(dict.fromkeys(snapped)))
+        return config.replace(encoder_layers=snap_to_blocks(config.encoder_layers, full))
 
     def check(self, model, config) -> None:
         full = getattr(model.model.visual, "fullatt_block_indexes", None)

@@ -7,3 +7,7 @@ attention implementations and ``DynamicCache``.
 - ``illava.hf.masks``: positions, rotary embeddings and attention masks of a reduced sequence;
 - ``illava.hf.rope``: post-RoPE queries and keys of Llama-style decoder attention (LLM scoring).
 """
+
+from .._compat import check_transformers_version
+
+check_transformers_version()  # the backend runs on the transformers versions it is tested with

@@ -14,6 +14,8 @@ the rest of the layer on the survivors.
 - ``CropTrace``: which original unit every current unit is, and how many each stands for;
 - ``merged_sizes`` / ``size_bias``: token sizes after a merge, and ToMe's ``log(size)`` bias;
 - ``removal_count``: the units one step removes from a crop (and the error when none would stay);
+- ``units_after``: the units of a crop left after every merge layer (what a serving engine reserves
+  placeholders for before the model runs: ``illava.vllm``);
 - ``block_order``: raster -> block order of the patches of a square crop (units of ``k x k``).
 
 Nothing here imports transformers or the Hugging Face backend (``illava.state``, ``illava.patch``).
@@ -42,6 +44,19 @@ def removal_count(units: int, removal: int | float, unit: int, layer: int) -> in
             "tokens) of a crop or frame; lower encoder_removal (counts are per crop / frame)"
         )
     return r
+
+
+def units_after(config, policy, units: int, unit: int = 1, grid: tuple[int, int] | None = None) -> int:
+    """Units of a crop of ``units`` units left after every merge layer of ``config`` with
+    ``policy`` (``policy.kept`` of every step); ``grid``: the unit grid while all units are there in
+    raster order (the first step's; ``None``: none). The count ``reduce_units`` produces, known
+    before the model runs."""
+    if not config.encoder_active:
+        return units
+    for i, layer in enumerate(sorted(config.encoder_layers)):
+        r = removal_count(units, config.removal_at(layer), unit, layer)
+        units = policy.kept(units, r, grid if i == 0 else None)
+    return units
 
 
 def merged_sizes(sizes: torch.Tensor | None, res: MergeResult, n: int) -> torch.Tensor:

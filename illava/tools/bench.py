@@ -29,6 +29,7 @@ from ..adapters import adapter_for
 from ..config import IllavaConfig
 from ..methods import scale_reduction
 from .flops import prefill_flops
+from .ratios import pair_ratios
 
 METRICS = ("encoder_s", "prefill_s", "decode_tokens_per_s", "samples_per_s", "peak_memory_mb")
 HIGHER_IS_BETTER = {"decode_tokens_per_s", "samples_per_s"}
@@ -392,18 +393,6 @@ def plot_sweep(report: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------ methods at one budget
-def pair_ratios(base: list[float], other: list[float]) -> dict:
-    """Speedup of ``other`` over ``base`` (times): the median of the ratios of runs made one after
-    the other (same repeat), and the ratio of the fastest runs."""
-    pairs = [b / o for b, o in zip(base, other) if o > 0]
-    return {
-        "pair_median": statistics.median(pairs) if pairs else None,
-        "pair_min": min(pairs) if pairs else None,
-        "pair_max": max(pairs) if pairs else None,
-        "min_ratio": min(base) / min(other) if base and other and min(other) > 0 else None,
-    }
-
-
 def run_methods(
     model,
     name: str,

@@ -237,9 +237,26 @@ def bench(
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the full report (JSON) here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of speedup and tokens kept per level.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="transformers, or vllm: stock vLLM vs vLLM + the illava plugin (docs/vllm.md).")
+    ] = "transformers",
+    illava: Annotated[
+        str, typer.Option(help="--engine vllm: the plugin's configuration (a name or JSON, docs/vllm.md).")
+    ] = "encoder-only",
+    requests: Annotated[int, typer.Option(min=1, help="--engine vllm: image requests per offline batch.")] = 4,
+    decoder_layers: Annotated[
+        int, typer.Option(min=1, help="--engine vllm without a model: decoder layers of the built LLaVA-1.5-7B.")
+    ] = 2,
 ) -> None:
-    """Measure stock vs patched-but-disabled vs iLLaVA side by side, alternating in one process."""
+    """Measure stock vs patched-but-disabled vs iLLaVA side by side, alternating in one process
+    (``--engine vllm``: stock vLLM vs vLLM + illava)."""
     import json
+
+    if engine == "vllm":
+        _bench_vllm(model, illava, requests, repeats, new_tokens, decoder_layers, dtype, json_path)
+        return
+    if engine != "transformers":
+        _fail(f"--engine is transformers or vllm, got {engine!r}")
 
     from rich.progress import Progress
 
@@ -537,6 +554,48 @@ def _fmt(metric: dict | None) -> str:
     median = metric["median"]
     spread = 50 * (metric["max"] - metric["min"]) / median if median else 0.0
     return f"{median:.4g} ±{spread:.0f}%"
+
+
+def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtype, json_path) -> None:
+    import json
+
+    from . import vllm_bench
+
+    _writable(json_path, "--json")
+    report = vllm_bench.run(
+        model,
+        vllm_bench.spec_arg(spec),
+        requests=requests,
+        repeats=repeats,
+        max_tokens=new_tokens,
+        decoder_layers=decoder_layers,
+        dtype=dtype,
+        progress=lambda text: console.print(text),
+    )
+    table = Table(title=f"{report['model']}: {requests} image requests, {new_tokens} tokens each, {dtype}")
+    for column in ("metric", "stock vLLM", "vLLM + illava", "ratio (pair median, min-max)"):
+        table.add_column(column)
+    stock, reduced = report["settings"]["stock"], report["settings"]["illava"]
+    for label, key, ratio in (
+        ("requests/s", "requests_per_s_median", report["throughput_ratio"]),
+        ("TTFT (s)", "ttft_s_median", report["ttft_ratio"]),
+    ):
+        table.add_row(
+            label,
+            f"{stock[key]:.3f}",
+            f"{reduced[key]:.3f}",
+            f"{ratio['pair_median']:.2f}x ({ratio['pair_min']:.2f}-{ratio['pair_max']:.2f})",
+        )
+    table.add_row(
+        "visual tokens / request",
+        str(stock["visual_tokens_per_request"][0]),
+        str(reduced["visual_tokens_per_request"][0]),
+        "",
+    )
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_path}")
 
 
 def _print_report(report: dict) -> None:

@@ -1,0 +1,74 @@
+"""The encoder stage inside vLLM's vision towers: what every family of the plugin shares.
+
+- ``Stage``: the resolved configuration of a served model, its policy, the count of visual tokens an
+  item keeps (what the processor reserves placeholders for, before the model runs) and the feature
+  stage (DivPrune / random);
+- ``vit_merge_forward``: a pre-norm ViT layer of vLLM (CLIP's ``CLIPEncoderLayer``: ``layer_norm1``,
+  ``self_attn.qkv_proj`` / ``out_proj``, ``layer_norm2``, ``mlp``) with the encoder stage: the
+  layer's own q and k give the attention every token receives, ``illava.plan.encoder.merge_units``
+  decides, the MLP runs on the survivors. The same computation as the transformers backend's
+  ``IllavaViTLayer`` (``illava.hf.encoder``), on vLLM's modules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import IllavaConfig, keep_count
+from ..merge import attention_with_received_scores
+from ..plan import encoder as plan
+from ..policy import Policy, policy_of
+
+
+class Stage:
+    """The encoder (and feature) stage of one served model; ``trace``: the ``CropTrace`` of the vision
+    call in progress (vLLM runs one at a time per worker)."""
+
+    def __init__(self, config: IllavaConfig, unit: int = 1, keep_first: int = 0):
+        self.config = config
+        self.policy: Policy = policy_of(config)
+        self.unit, self.keep_first = unit, keep_first
+        self.trace: plan.CropTrace | None = None
+
+    def units_after(self, units: int, grid: tuple[int, int] | None = None) -> int:
+        """Units of a crop of ``units`` units left after the encoder stage."""
+        return plan.units_after(self.config, self.policy, units, self.unit, grid)
+
+    def features_after(self, rows: int) -> int:
+        """Feature rows of an item left after the feature stage (``feature_keep``), of ``rows``."""
+        return keep_count(rows, self.config.feature_keep) if self.config.features_active else rows
+
+    def select(self, features: torch.Tensor) -> torch.Tensor:
+        """The feature stage on one item's projected tokens ``(N, D)``: the rows the policy's
+        ``select`` keeps, in their order (as ``illava.hf.encoder.select_features``); indices."""
+        n = features.shape[0]
+        m = self.features_after(n)
+        if m >= n:
+            return torch.arange(n, device=features.device)
+        return self.policy.select(features, m).to(features.device).sort().values
+
+    def merge(self, layer: int, hidden: torch.Tensor, received: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        hidden, self.trace = plan.merge_units(
+            self.config, self.policy, layer, hidden, received, self.unit, self.keep_first, keys, self.trace
+        )
+        return hidden
+
+    def bias(self, n: int) -> torch.Tensor | None:
+        """ToMe's ``log(size)`` attention bias for the tokens of the call in progress."""
+        if not self.policy.proportional_attention or self.trace is None:
+            return None
+        return plan.size_bias(self.trace.sizes, n, self.unit, self.keep_first)
+
+
+def vit_merge_forward(layer, stage: Stage, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``CLIPEncoderLayer.forward`` with the encoder stage at encoder layer ``index``:
+    ``hidden_states`` ``(crops, tokens, D)``."""
+    attn = layer.self_attn
+    b, n, _ = hidden_states.shape
+    x = layer.layer_norm1(hidden_states)
+    qkv, _ = attn.qkv_proj(x)
+    q, k, v = (t.reshape(b, n, -1, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    out, received = attention_with_received_scores(q, k, v, attn.scale, stage.bias(n))
+    out, _ = attn.out_proj(out.reshape(b, n, -1))
+    hidden = stage.merge(index, hidden_states + out, received, k.mean(1))
+    return hidden + layer.mlp(layer.layer_norm2(hidden))

@@ -1,0 +1,95 @@
+"""Qwen2-VL and Qwen2.5-VL through vLLM with the plugin: off is stock vLLM token for token; on, the
+placeholder counts and greedy tokens are the transformers backend's, whose survivors keep their own
+M-RoPE positions (vLLM's EVS path: ``recompute_mrope_positions``). Qwen2.5-VL's tower holds blocks in
+window order (windows of 4x4 blocks here; its 168x112 image spans two)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import chat, check_against_reference, reference, run_vllm
+
+IMAGE_ID = 1  # the tiny configuration's <|image_pad|>
+MAX_TOKENS = 6
+MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family, request):
+    return request.getfixturevalue(family)
+
+
+@pytest.fixture(scope="module")
+def qwen_images(tmp_path_factory):
+    """Images at sizes the tiny processor keeps (multiples of 28 within its pixel budget): the two
+    backends' image processors then see the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("qwen-images")
+    out = {}
+    sizes = {"wide": (56, 84, 0), "tall": (84, 56, 1), "big": (112, 112, 2), "small": (56, 56, 3), "two": (168, 112, 4)}
+    for name, (h, w, seed) in sizes.items():
+        path = folder / f"{name}.png"
+        Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8")).save(path)
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(qwen_images, family):
+    """Mixed requests: images of different sizes and aspect ratios, a text-only request, two images in one prompt."""
+    return [
+        {"prompt": chat("what is this?", MARKER), "images": [qwen_images["big" if family == "qwen2_vl" else "two"]]},
+        {"prompt": chat("hello there, how are you?", MARKER, count=0), "images": []},
+        {"prompt": chat("and this one?", MARKER), "images": [qwen_images["tall"]]},
+        {"prompt": chat("compare them", MARKER, count=2), "images": [qwen_images["wide"], qwen_images["small"]]},
+    ]
+
+
+# 2x2 blocks per image: 112x112 -> 4x4 (Qwen2.5-VL: 168x112 -> 6x4), 84x56 -> 3x2, 56x84 -> 2x3, 56x56 -> 2x2
+STOCK_TOKENS = {"qwen2_vl": [16, 0, 6, 6 + 4], "qwen2_5_vl": [24, 0, 6, 6 + 4]}
+
+
+def test_off_is_stock_vllm_token_for_token(model, family, batch):
+    stock = run_vllm(model, batch, MAX_TOKENS, stock=True)
+    plugin = run_vllm(model, batch, MAX_TOKENS)
+    assert "results" in stock, stock.get("stderr", "")[-4000:]
+    assert "results" in plugin, plugin.get("stderr", "")[-4000:]
+    assert plugin["results"] == stock["results"]
+    assert [r["prompt_token_ids"].count(IMAGE_ID) for r in stock["results"]] == STOCK_TOKENS[family]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "encoder-only",  # the family preset scaled: Qwen2-VL blocks 2, 3 at 16%; Qwen2.5-VL blocks 1, 3 at 29%
+        {"method": "tome", "knob": 0.5},  # a 2x2 block at every other mergeable block (proportional attention)
+        {"encoder_layers": [1], "encoder_removal": 8, "recycle": "cluster"},  # two 2x2 blocks at block 1
+        {"method": "divprune", "knob": 0.5},  # the feature stage
+    ],
+    ids=["encoder-only", "tome", "count-cluster", "divprune"],
+)
+def test_on_equals_the_transformers_backend(model, family, batch, spec):
+    out = run_vllm(model, batch, MAX_TOKENS, hf_overrides={"illava": spec}, enable_prefix_caching=True, repeat=2)
+    assert "results" in out, out.get("stderr", "")[-4000:]
+    expected = reference(model, [{**r, "illava": spec, "max_tokens": MAX_TOKENS} for r in batch])
+    first, again = out["results"][: len(batch)], out["results"][len(batch) :]
+    assert again == first  # the second pass meets vLLM's prefix cache: the same tokens
+    for got, want, stock in zip(first, expected, STOCK_TOKENS[family]):
+        placeholders = got["prompt_token_ids"].count(IMAGE_ID)
+        assert placeholders == (want["visual_tokens"] or 0)
+        assert placeholders < stock or stock == 0
+    check_against_reference(first, expected)
+
+
+def test_what_cannot_run_is_a_clear_error(model, family):
+    out = run_vllm(model, [], 1, hf_overrides={"illava": {"encoder_layers": [1], "encoder_removal": 6}})
+    assert "error" in out and "multiple of 4" in out["error"], out["error"][-3000:]
+    if family == "qwen2_5_vl":  # block 2 attends within windows: not a merge layer
+        out = run_vllm(model, [], 1, hf_overrides={"illava": {"encoder_layers": [2], "encoder_removal": 8}})
+        assert "error" in out and "merges only at encoder layers [1, 3]" in out["error"], out["error"][-3000:]
