@@ -43,8 +43,8 @@ def settings_rows(scores: list[dict]) -> list[str]:
 
 def methods_rows(report: dict) -> list[str]:
     lines = [
-        "| method | budgets | achieved FLOPs share | visual tokens (stock -> encoder -> LLM) | accuracy, all | "
-        "open | present | absent | agreement | KL (nats) |",
+        "| method | budgets | achieved FLOPs share | visual tokens (stock -> encoder -> LLM) | accuracy, all-kinds "
+        "subset | open (all rows) | present (all rows) | absent (all rows) | agreement | KL (nats) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
