@@ -5,8 +5,9 @@ CPU cores in under an hour by ``training/train_easy_vqa.py`` (its model card and
 sit next to the weights). It is
 the embedded default of ``illava`` (the demo) and what ``tests/test_fidelity.py`` scores.
 
-Every answer of easy-VQA is one word, and one token of the model's tokenizer, so a prediction is
-the argmax of the logits of the first generated token, computed by the stock forward pass with
+Every answer of easy-VQA is one word, one token of the model's tokenizer (the first tokens of the 13
+answers are distinct with a subword tokenizer too: the real-weights model of ``illava_tasks.real``),
+so a prediction is the argmax of the logits of the first generated token, computed by the stock forward pass with
 illava applied (both stages). ``run_eval`` scores the stock model, each preset, each recycle mode,
 a sweep of reduction levels and a deliberately broken policy (``illava.testing.InvertedScores``: prune
 keeping the *lowest*-scored tokens; a check that cannot see this lose accuracy cannot tell a good
@@ -160,6 +161,7 @@ class Score:
     visual_tokens: dict
     gflops: float
     config: str
+    kinds: dict | None = None  # accuracy per question kind (``question_kind``: open, present, absent)
 
 
 def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
@@ -180,10 +182,31 @@ def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+def answer_token(tokenizer, answer: str) -> int:
+    """The id of the first token of ``answer`` (the word-level tokenizer of the shipped model: the
+    answer itself; a subword one, e.g. SmolLM2's: ``rect`` of rectangle, ``te`` of teal, all 13
+    answers still distinct)."""
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    if not ids or ids[0] == tokenizer.unk_token_id:
+        return -1  # never predicted
+    return ids[0]
+
+
 def correct(tokenizer, rows, log_probs: torch.Tensor) -> torch.Tensor:
-    """Whether the argmax of every row of ``log_probs`` is that question's answer (bool tensor)."""
-    predicted = tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
-    return torch.tensor([p == a for p, (_, a, _) in zip(predicted, rows)])
+    """Whether the argmax of every row of ``log_probs`` is the first token of that question's answer
+    (bool tensor)."""
+    ids: dict[str, int] = {}
+    for _, answer, _ in rows:
+        if answer not in ids:
+            ids[answer] = answer_token(tokenizer, answer)
+    wanted = [ids[answer] for _, answer, _ in rows]
+    return log_probs.argmax(-1) == torch.tensor(wanted)
+
+
+def by_kind(rows, ok: torch.Tensor) -> dict[str, float]:
+    """Accuracy per question kind (``question_kind``) of the kinds present in ``rows``."""
+    kinds = [question_kind(q, a) for q, a, _ in rows]
+    return {k: ok[torch.tensor([x == k for x in kinds])].float().mean().item() for k in dict.fromkeys(kinds)}
 
 
 def accuracy(model, tokenizer, processor, rows, batch: int = 64) -> float:
@@ -244,9 +267,10 @@ def run_eval(model, tokenizer, processor, rows, levels=(0.5, 1.25, 1.5), progres
             api.remove(model)
         else:
             api.apply(model, config)
-        acc = accuracy(model, tokenizer, processor, rows)
+        ok = correct(tokenizer, rows, predict(model, tokenizer, processor, rows))
         gflops, tokens = _flops(model, tokenizer, processor, rows[0])
-        scores.append(Score(name, acc, tokens, gflops, "stock" if config is None else str(config)))
+        config_text = "stock" if config is None else str(config)
+        scores.append(Score(name, ok.float().mean().item(), tokens, gflops, config_text, by_kind(rows, ok)))
         if progress:
             progress(scores[-1])
     api.remove(model)
@@ -288,6 +312,7 @@ class MethodScore:
     agreement: float  # share of questions answered as stock answers them
     kl: float  # mean KL(stock || method) of the first answer token, nats
     config: str
+    kinds: dict | None = None  # accuracy per question kind over all evaluated rows (``by_kind``)
 
 
 def question_sets(limit: int = 500, seed: int = 0) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -327,7 +352,7 @@ def compare_methods(
         return MethodScore(
             name, target, share, knob, reached, tokens, ok[in_all].float().mean().item(),
             ok[in_open].float().mean().item(), (log_probs.argmax(-1) == stock.argmax(-1)).float().mean().item(),
-            kl.mean().item(), config,
+            kl.mean().item(), config, by_kind(rows, ok),
         )  # fmt: skip
 
     tokens = {"stock": stock_tokens, "after_encoder": stock_tokens, "after_llm": stock_tokens}

