@@ -31,19 +31,13 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from illava import api
 from illava.config import IllavaConfig
 from illava.testing import InvertedScores
+from illava.tools.realparts import CHAT_TEMPLATE  # ChatML with image parts, as SmolLM2 writes it
 from illava_tasks import load_trained
 
 MODEL_DIR = Path(__file__).parent / "models" / "easy-vqa"
 
 
 SPECIALS = ["<pad>", "<image>", "<video>", "<unk>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CROP, PATCH = 56, 4
 
 

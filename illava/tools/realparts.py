@@ -180,7 +180,8 @@ def image_processor():
 
 IMAGE_TOKEN = "<image>"
 # ChatML as SmolLM2's own template writes it, without its default system turn, and with image parts
-# (``{"type": "image"}`` -> ``<image>`` then a new line): the format the projector was trained with.
+# (``{"type": "image"}`` -> ``<image>`` then a new line): the format the projector was trained with,
+# and the one of the easy-VQA model trained here
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
