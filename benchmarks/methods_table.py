@@ -13,19 +13,26 @@ import argparse
 import json
 
 
+def method_groups(report: dict):
+    """(method, its scores, the budgets cell, the floor mark) per row: budgets a method cannot
+    reach give the same configuration and share a row."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in report["scores"]:
+        groups.setdefault((s["method"], s["config"]), []).append(s)
+    for (method, _), scores in groups.items():
+        budgets = ", ".join(f"{100 * s['target']:g}%" for s in scores) if method != "stock" else "-"
+        floor = "" if all(s["reached"] for s in scores) else " (floor)"
+        yield method, scores, budgets, floor
+
+
 def eval_rows(report: dict) -> list[str]:
     lines = [
         "| method | budgets (FLOPs share) | achieved | visual tokens (stock -> encoder -> LLM) | accuracy, all | "
         "accuracy, open | agreement with stock | KL from stock (nats) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple, list[dict]] = {}
-    for s in report["scores"]:
-        groups.setdefault((s["method"], s["config"]), []).append(s)
-    for (method, _), scores in groups.items():
+    for method, scores, budgets, floor in method_groups(report):
         first = scores[0]
-        budgets = ", ".join(f"{100 * s['target']:g}%" for s in scores) if method != "stock" else "-"
-        floor = "" if all(s["reached"] for s in scores) else " (floor)"
         v = first["visual_tokens"]
         lines.append(
             f"| {method} | {budgets} | {100 * first['share']:.1f}%{floor} | {v['stock']} -> {v['after_encoder']} -> "

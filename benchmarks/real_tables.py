@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 
+from methods_table import method_groups  # benchmarks/ is the script's folder
+
 KINDS = ("open", "present", "absent")
 
 
@@ -47,13 +49,8 @@ def methods_rows(report: dict) -> list[str]:
         "subset | open (all rows) | present (all rows) | absent (all rows) | agreement | KL (nats) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple, list[dict]] = {}
-    for s in report["scores"]:
-        groups.setdefault((s["method"], s["config"]), []).append(s)
-    for (method, _), scores in groups.items():
+    for method, scores, budgets, floor in method_groups(report):
         first = scores[0]
-        budgets = ", ".join(f"{100 * s['target']:g}%" for s in scores) if method != "stock" else "-"
-        floor = "" if all(s["reached"] for s in scores) else " (floor)"
         v, kinds = first["visual_tokens"], first.get("kinds") or {}
         lines.append(
             f"| {method} | {budgets} | {100 * first['share']:.1f}%{floor} | {v['stock']} -> {v['after_encoder']} -> "
