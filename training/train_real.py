@@ -93,6 +93,27 @@ def conversation(tokenizer, qas: list[tuple[str, str]], image_tokens: int) -> tu
     return ids, labels
 
 
+SHAPES = ("circle", "rectangle", "triangle")
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+
+
+def attributes(qas: list[tuple[str, str]]) -> tuple[int, int]:
+    """(shape index, colour index) of an image from its training questions (-1 where none says):
+    an answer naming one, or a colour named in a question whose answer is the shape ("what is the
+    blue shape?")."""
+    shape = colour = -1
+    for question, answer in qas:
+        words = set(question.replace("?", " ").split())
+        if answer in SHAPES:
+            shape = SHAPES.index(answer)
+            named = words & set(COLOURS)
+            if len(named) == 1:
+                colour = COLOURS.index(named.pop())
+        elif answer in COLOURS:
+            colour = COLOURS.index(answer)
+    return shape, colour
+
+
 def batch_loss(model, feats: torch.Tensor, convs: list[tuple[list[int], list[int]]], image_id: int) -> torch.Tensor:
     """Mean next-token loss of the labelled tokens: the stock computation (projector on the features,
     features in place of the ``<image>`` tokens, the decoder), right-padded, logits only where a
@@ -115,7 +136,7 @@ def batch_loss(model, feats: torch.Tensor, convs: list[tuple[list[int], list[int
     targets = labels[:, 1:]
     chosen = targets != -100
     logits = model.lm_head(hidden[:, :-1][chosen])
-    return torch.nn.functional.cross_entropy(logits, targets[chosen])
+    return torch.nn.functional.cross_entropy(logits, targets[chosen]), projected
 
 
 def main() -> None:
@@ -147,6 +168,13 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="ask each image's open questions (shape, colour) before its yes/no ones",
+    )
+    parser.add_argument(
+        "--aux",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss: linear heads on the mean projected token predict the image's shape"
+        " and colour (the heads are dropped after training; 0: off)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -203,7 +231,16 @@ def main() -> None:
         if lora is not None:
             real.save_lora(lora.tensors(), lora.scale, args.out)
 
+    heads = None
+    if args.aux:
+        width = model.config.text_config.hidden_size
+        heads = torch.nn.ModuleList([torch.nn.Linear(width, len(SHAPES)), torch.nn.Linear(width, len(COLOURS))])
+        labels = torch.tensor([attributes(train[i]) for i in ids])
+        known = (labels >= 0).sum(0).tolist()
+        print(f"auxiliary heads: shape known for {known[0]}, colour for {known[1]} of {len(ids)} images")
     groups = [{"params": list(projector.parameters()), "lr": args.lr, "base": args.lr}]
+    if heads is not None:
+        groups.append({"params": list(heads.parameters()), "lr": args.lr, "base": args.lr})
     if lora is not None:
         groups.append({"params": list(lora.parameters()), "lr": args.lora_lr, "base": args.lora_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -232,17 +269,27 @@ def main() -> None:
             batch = feats[chosen].float()
             if mean is not None:
                 batch = (batch - mean) / std
-            loss = batch_loss(model, batch, convs, image_id)
+            loss, projected = batch_loss(model, batch, convs, image_id)
+        lm_loss = loss.item()
+        if heads is not None:
+            pooled = projected.float().mean(1)
+            for head, target in zip(heads, labels[chosen].T):
+                known = target >= 0
+                if known.any():
+                    loss = loss + args.aux * torch.nn.functional.cross_entropy(head(pooled[known]), target[known])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        running = lm_loss if running is None else 0.9 * running + 0.1 * lm_loss  # the decoder's loss
         if step % args.log_every == 0 or step == min(args.steps, args.stop_after or args.steps) - 1:
             elapsed = time.time() - t
-            now = {"step": step, "loss": round(loss.item(), 4), "smoothed": round(running, 4), "s": round(elapsed)}
+            now = {"step": step, "loss": round(lm_loss, 4), "smoothed": round(running, 4), "s": round(elapsed)}
+            if heads is not None:
+                now["aux"] = round(loss.item() - lm_loss, 4)
             log.append(now)
-            print(f"step {step:4d}  loss {now['loss']:.4f}  smoothed {running:.4f}  lr {lr:.2e}  {elapsed:.0f} s")
+            extra = f"  aux {now['aux']:.4f}" if heads is not None else ""
+            print(f"step {step:4d}  loss {now['loss']:.4f}  smoothed {running:.4f}{extra} lr {lr:.2e} {elapsed:.0f} s")
         if args.save_every and (step + 1) % args.save_every == 0:
             save()
     train_seconds = time.time() - t
