@@ -286,3 +286,29 @@ def test_real_model_fidelity_inverted_scorer_loses(assembled):
     assert stock >= FLOOR_STOCK, stock
     assert ours >= stock - IMAGE_MARGIN, (ours, stock)
     assert inverted <= ours - INVERTED_GAP, (inverted, ours)
+
+
+def test_training_labels_of_an_image_come_from_its_own_questions():
+    """``train_real.attributes`` (the auxiliary heads' labels) reads the shape and colour an image's
+    questions state, and nothing where they say nothing; on easy-VQA's real training questions it
+    never contradicts an answer."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import train_real as T
+
+    assert T.attributes([("what is the blue shape?", "circle")]) == (0, T.COLOURS.index("blue"))
+    assert T.attributes([("what color is the shape?", "teal"), ("is there a red shape?", "no")]) == (
+        -1,
+        T.COLOURS.index("teal"),
+    )
+    assert T.attributes([("is there a triangle?", "yes")]) == (-1, -1)  # yes/no: not read
+    train, _ = T.by_image("train")
+    for i in sorted(train)[:300]:
+        shape, colour = T.attributes(train[i])
+        for _, answer in train[i]:
+            if answer in T.SHAPES:
+                assert shape == T.SHAPES.index(answer)
+            if answer in T.COLOURS:
+                assert colour == T.COLOURS.index(answer)
