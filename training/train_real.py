@@ -107,7 +107,11 @@ COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 def attributes(qas: list[tuple[str, str]]) -> tuple[int, int]:
     """(shape index, colour index) of an image from its training questions (-1 where none says):
     an answer naming one, or a colour named in a question whose answer is the shape ("what is the
-    blue shape?")."""
+    blue shape?").
+
+    Not ``train_easy_vqa.image_labels`` (which also reads affirmed yes/no questions, in another
+    class order): the shipped run's auxiliary heads were trained with these labels and this order,
+    so ``python training/train_real.py`` repeats it only with them."""
     shape = colour = -1
     for question, answer in qas:
         words = set(question.replace("?", " ").split())
