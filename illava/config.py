@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .policy import DEFAULT as DEFAULT_POLICY
+
 RECYCLE_MODES = ("rank", "cluster", "prune")
 PRESETS = ("image", "video", "encoder-only", "llm-only", "off")
 
@@ -32,6 +34,10 @@ class IllavaConfig:
     every image's / video's projected tokens that enter the LLM, chosen by the policy's ``select``
     (the feature stage of peer methods such as DivPrune; None: off). ``enabled=False`` keeps the
     model patched but behaving exactly like stock transformers.
+
+    A crop or frame too small to give a layer's ``encoder_removal`` gives what it can: the count is
+    capped at what the policy can remove there (all but one unit; ToMe: half of the units present),
+    and ``illava.stats`` shows the cap. ``strict=True`` raises ``ValueError`` instead (opt-in).
     """
 
     encoder_layers: tuple[int, ...] = ()
@@ -44,6 +50,7 @@ class IllavaConfig:
     enabled: bool = True
     policy: object | None = None  # an illava.policy.Policy; None: the paper's scoring and recycling
     feature_keep: float | None = None
+    strict: bool = False
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,8 +124,9 @@ class IllavaConfig:
     def _check_self(self) -> None:
         if not isinstance(self.recycle, str) or self.recycle not in RECYCLE_MODES:
             raise ValueError(f"IllavaConfig.recycle must be one of {RECYCLE_MODES}, got {self.recycle!r}")
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"IllavaConfig.enabled must be True or False, got {self.enabled!r}")
+        for name in ("enabled", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"IllavaConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("encoder_layers", "llm_layers"):
             layers = getattr(self, name)
             if len(set(layers)) != len(layers):
@@ -173,14 +181,17 @@ class IllavaConfig:
                     f"a count must be a multiple of {unit}, got {r}"
                 )
         n = tokens_per_crop // unit
-        for layer in sorted(self.encoder_layers) if n else ():
-            r = removal_units(n, self.removal_at(layer), unit)
-            if r >= n:
-                raise ValueError(
-                    f"IllavaConfig.encoder_removal: removing {r * unit} tokens at encoder layer {layer} leaves none "
-                    f"of the {n * unit} present; allowed 0..{(n - 1) * unit}"
-                )
-            n -= r
+        if self.strict and n:  # fixed crops: counts are known now (otherwise capped per crop at run time)
+            policy = self.policy if self.policy is not None else DEFAULT_POLICY
+            for layer in sorted(self.encoder_layers):
+                r, cap = removal_units(n, self.removal_at(layer), unit), policy.max_removal(n)
+                if r > cap:
+                    raise ValueError(
+                        f"IllavaConfig.encoder_removal: removing {r * unit} tokens at encoder layer {layer} leaves "
+                        f"none or more than the {policy.name} policy can remove of the {n * unit} present (strict); "
+                        f"allowed 0..{cap * unit}"
+                    )
+                n = policy.kept(n, r)
         if self.llm_layers and llm_depth < 2:
             raise ValueError(
                 f"IllavaConfig.llm_layers: the decoder has {llm_depth} layer(s); the LLM stage needs at least 2 "
@@ -195,7 +206,7 @@ class IllavaConfig:
 
     def __str__(self) -> str:
         fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "preset"]
-        fields = [f for f in fields if f not in ("policy=None", "feature_keep=None")]
+        fields = [f for f in fields if f not in ("policy=None", "feature_keep=None", "strict=False")]
         return f"IllavaConfig({', '.join(fields)})"
 
 

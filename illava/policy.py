@@ -12,6 +12,10 @@ the paper's):
   order, and the output token that represents every input token, for source tracking); ``metric``
   are the keys (encoder stage), ``sizes`` how many original units every token stands for,
   ``grid`` the unit grid of a crop when the family has one;
+- ``max_removal(n)``: the most units one encoder step may remove from a crop / frame of ``n``
+  units (all but one by default; ToMe: half, its matching's bound): a larger configured count is
+  capped to it (``illava.plan.encoder.removal_count``), so small inputs are reduced less, never
+  refused;
 - ``kept(n, r, grid)``: how many of ``n`` tokens ``reduce`` leaves when asked to remove ``r``
   (``n - r`` unless the policy says otherwise): the count a serving engine reserves before the
   model runs (``illava.plan.encoder.units_after``);
@@ -51,6 +55,10 @@ class Policy:
             neighbours=config.cluster_neighbours,
             recycle_fraction=config.cluster_fraction,
         )
+
+    def max_removal(self, n: int) -> int:
+        """The most units one encoder step may remove from ``n``: all but one."""
+        return max(0, n - 1)
 
     def kept(self, n: int, r: int, grid: tuple[int, int] | None = None) -> int:
         return n - r
@@ -103,8 +111,11 @@ class ToMe(Policy):
     def reduce(self, stage, x, scores, r, config, metric=None, sizes=None, **context) -> MergeResult:
         return bipartite_merge(x, x if metric is None else metric, r, sizes)
 
+    def max_removal(self, n: int) -> int:
+        return n // 2  # a match per token of the smaller set (odd positions) at most: ToMe's bound
+
     def kept(self, n, r, grid=None) -> int:
-        return n - min(r, n // 2)  # a match per token of the smaller set (odd positions) at most
+        return n - min(r, n // 2)
 
 
 class VisionZip(Policy):

@@ -49,11 +49,16 @@ class EncoderCall:
     tokens: int = 0  # tokens entering the encoder, all crops
     layers: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, tokens in, out), all crops
     item_crops: list[int] = field(default_factory=list)  # crops of every image / video, in feature order
+    # removals capped on crops too small to give them: (layer, crops, tokens asked, removed per crop)
+    capped: list[tuple[int, int, int, int]] = field(default_factory=list)
     trace: UnitTrace | None = None  # filled only while recording (``illava.tools.viz``)
     work: dict = field(default_factory=dict)  # the adapter's bookkeeping during the call
 
     def as_stats(self) -> dict:
-        return {"kind": self.kind, "crops": self.crops, "tokens": self.tokens, "layers": list(self.layers)}
+        out = {"kind": self.kind, "crops": self.crops, "tokens": self.tokens, "layers": list(self.layers)}
+        if self.capped:
+            out["capped"] = list(self.capped)
+        return out
 
 
 @dataclass
@@ -93,7 +98,8 @@ class Stats:
     """Visual tokens per stage for the last prefill. ``str(stats)`` is a readable table."""
 
     # one entry per encoder call: kind, crops (crops or frames), tokens (entering the encoder, all
-    # crops), layers [(layer, tokens in, tokens out)] with totals over the crops
+    # crops), layers [(layer, tokens in, tokens out)] with totals over the crops, and where a removal
+    # was capped on small crops, capped [(layer, crops, tokens asked, tokens removed per crop)]
     encoder: list[dict] = field(default_factory=list)
     items: list[VisualItem] = field(default_factory=list)
     llm: list[LLMLayerStats] = field(default_factory=list)
@@ -131,6 +137,11 @@ class Stats:
                 f"encoder ({enc['kind']}, {crops} crops/frames, {enc['tokens'] / crops:g} tokens each): "
                 f"{steps or 'no merge'} per crop/frame"
             )
+            for layer, n, asked, removed in enc.get("capped", ()):
+                lines.append(
+                    f"  L{layer}: {n} crop(s)/frame(s) too small to remove {asked} tokens: "
+                    f"removed {removed} each (capped)"
+                )
         for i in self.items:
             lines.append(f"sample {i.sample} {i.kind}: {i.stock_tokens} stock tokens -> {i.tokens} after encoder stage")
         for layer in self.llm:

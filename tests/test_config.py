@@ -33,8 +33,8 @@ DIMS = {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28, "feature_l
     "kwargs, message",
     [
         ({"encoder_layers": (26,), "encoder_removal": 1}, r"encoder_layers.*0\.\.25"),
-        ({"encoder_layers": (1, 2), "encoder_removal": 400}, r"leaves none.*allowed 0\.\.328"),
-        ({"encoder_layers": (1,), "encoder_removal": 729}, "leaves none"),
+        ({"encoder_layers": (1, 2), "encoder_removal": 400, "strict": True}, r"leaves none.*allowed 0\.\.328"),
+        ({"encoder_layers": (1,), "encoder_removal": 729, "strict": True}, "leaves none"),
         ({"llm_layers": (0,)}, r"llm_layers.*1\.\.27"),
         ({"llm_layers": (28,)}, r"llm_layers.*1\.\.27"),
     ],
@@ -42,6 +42,16 @@ DIMS = {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28, "feature_l
 def test_out_of_range_for_model(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IllavaConfig(**kwargs).check_against(**DIMS)
+
+
+def test_a_removal_a_crop_cannot_give_is_capped_unless_strict():
+    # issue 42: an explicit count follows the rule of every crop (all but one unit; ToMe: half)
+    IllavaConfig(encoder_layers=(1, 2), encoder_removal=400).check_against(**DIMS)
+    IllavaConfig(encoder_layers=(1,), encoder_removal=729).check_against(**DIMS)
+    with pytest.raises(ValueError, match=r"tome policy.*allowed 0\.\.364"):
+        IllavaConfig(encoder_layers=(1,), encoder_removal=400, policy=illava.policy.ToMe(), strict=True).check_against(
+            **DIMS
+        )
 
 
 def test_layer_after_feature_layer_is_rejected():
@@ -183,15 +193,20 @@ def test_feature_layers_of_mixed_signs_bound_the_encoder_stage():
         illava.apply(model, illava.IllavaConfig(encoder_layers=(3,), encoder_removal=4))
 
 
-def test_qwen_counts_that_leave_no_block_fail_clearly(photos):
-    """Dynamic resolution: a count larger than a frame is checked per frame, at run time."""
+def test_qwen_counts_larger_than_a_frame_are_capped_or_fail_clearly_when_strict(photos):
+    """Dynamic resolution: a count larger than a frame is capped per frame at run time (one block
+    survives; issue 42), or fails clearly in strict mode."""
     from families import FAMILIES, chat
 
     fam = next(f for f in FAMILIES if f.name == "qwen2_vl")
     model = fam.make()
+    inputs = fam.build([chat("<image>\nwhat is this?")], [photos["cat"]])
     illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4000))
+    model(**inputs)
+    assert illava.stats(model).visual_tokens()["after_encoder"] == 1
+    illava.apply(model, IllavaConfig(encoder_layers=(1,), encoder_removal=4000, strict=True))
     with pytest.raises(ValueError, match="lower encoder_removal"):
-        model(**fam.build([chat("<image>\nwhat is this?")], [photos["cat"]]))
+        model(**inputs)
 
 
 def test_the_public_surface_is_one_way_in():

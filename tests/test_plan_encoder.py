@@ -89,10 +89,12 @@ def test_batch_of_crops_decides_per_crop():
     assert trace.call_layers() == []
 
 
-def test_removing_every_unit_fails_clearly():
+def test_removing_every_unit_is_capped_or_fails_clearly_when_strict():
     hidden, received = torch.zeros(1, 5, 2), torch.ones(1, 5)
+    out, _ = merge_units(config(4), Policy(), 3, hidden, received, keep_first=1)  # 4 of 4 patches asked
+    assert out.shape == (1, 2, 2)  # the kept first token and the last unit (issue 42)
     with pytest.raises(ValueError, match="lower encoder_removal"):
-        merge_units(config(4), Policy(), 3, hidden, received, keep_first=1)  # 4 of 4 patches
+        merge_units(config(4).replace(strict=True), Policy(), 3, hidden, received, keep_first=1)
     assert removal_count(4, 0.9, 1, 3) == 3  # a fraction never removes the last unit
     assert removal_count(10, 8, 4, 3) == 2  # a count is in tokens: 8 tokens = 2 units of 4
 

@@ -93,3 +93,53 @@ def test_what_cannot_run_is_a_clear_error(model, family):
     if family == "qwen2_5_vl":  # block 2 attends within windows: not a merge layer
         out = run_vllm(model, [], 1, hf_overrides={"illava": {"encoder_layers": [2], "encoder_removal": 8}})
         assert "error" in out and "merges only at encoder layers [1, 3]" in out["error"], out["error"][-3000:]
+
+
+def test_tome_at_its_default_serves_the_smallest_and_the_largest_image(model, family, qwen_images):
+    """Issue 42: ToMe's 8 blocks per layer is more than a 56x56 image (2x2 blocks) or the largest image
+    the tiny processor allows (vLLM's start-up profiling) has: every layer removes at most half the
+    blocks, the engine starts, and the counts are the transformers backend's."""
+    requests = [
+        {"prompt": chat("what is this?", MARKER), "images": [qwen_images["small"]]},
+        {"prompt": chat("and this one?", MARKER), "images": [qwen_images["two"]]},
+        {"prompt": chat("compare them", MARKER, count=2), "images": [qwen_images["small"], qwen_images["two"]]},
+    ]
+    out = run_vllm(model, requests, MAX_TOKENS, env={"ILLAVA_VLLM": "tome"})
+    assert "results" in out, out.get("stderr", "")[-4000:]
+    expected = reference(model, [{**r, "illava": "tome", "max_tokens": MAX_TOKENS} for r in requests])
+    counts = [got["prompt_token_ids"].count(IMAGE_ID) for got in out["results"]]
+    assert counts == [want["visual_tokens"] for want in expected]
+    # 2x2 blocks: 4 -> 2 -> 1 (-> 1: one block always survives); 6x4: 24 -> 12 -> 6 -> 3 -> 2 (Qwen2.5-VL
+    # merges at its two full-attention blocks only: 24 -> 12 -> 6)
+    assert counts == ([1, 2, 3] if family == "qwen2_vl" else [1, 6, 7]), counts
+    check_against_reference(out["results"], expected)
+
+
+def test_survivor_positions_are_written_per_image_run_across_a_chunk_boundary():
+    """The plugin's own EVS recomputation (vLLM's counted media tokens only, and wrote a second image
+    over the first when the first kept fewer tokens than the text before it): every image run of the
+    prompt from the chunk's start gets its item's survivors, the first one possibly from mid-image."""
+    import torch
+
+    from illava.vllm.qwen_vl import write_survivor_positions
+
+    # text(3) S I I E text(1) S I I I E text(2); S: vision start (6), I: image (1), E: vision end (7)
+    ids = [9, 9, 9, 6, 1, 1, 7, 9, 6, 1, 1, 1, 7, 9, 9]
+    text = torch.tensor([0, 1, 2, 3, 4, 4, 6, 7, 8, 9, 9, 9, 12, 13, 14])  # final text positions, image placeholders
+    positions = text.expand(3, -1).clone()
+
+    def item(thw, extent):
+        return torch.cat(
+            [torch.zeros(len(thw), 2), torch.tensor(thw, dtype=torch.float32), torch.full((len(thw), 1), extent)], 1
+        )
+
+    a, b = item([[0, 0, 1], [0, 1, 0]], 2), item([[0, 0, 0], [0, 1, 1], [0, 2, 1]], 3)
+    out, pos, delta = write_survivor_positions(ids, [a, b], positions, 0, 1)
+    assert [o.shape for o in out] == [(2, 2), (3, 2)]
+    assert pos[:, 4:6].tolist() == [[4, 4], [4, 5], [5, 4]]  # after S at 3: (t, h, w) + 4
+    assert pos[:, 9:12].tolist() == [[9, 9, 9], [9, 10, 11], [9, 10, 10]]  # after S at 8: + 9
+    assert pos[:, [0, 3, 7, 8, 13, 14]].tolist() == [[0, 3, 7, 8, 13, 14]] * 3  # text untouched
+    assert delta == 15 - 15
+    # a chunk that starts inside the second image (at slot 10): the rest of it only
+    out, pos, _ = write_survivor_positions(ids, [b[1:]], positions, 10, 1)
+    assert pos[:, 10:12].tolist() == [[9, 9], [10, 11], [10, 10]] and pos[:, 4:6].tolist() == positions[:, 4:6].tolist()

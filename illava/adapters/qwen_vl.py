@@ -186,7 +186,9 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
     probe = layer in run.probed or (layer not in run.after and bool(run.companions))
     frames: dict[int, _Frame] = {}
     groups = []  # (frames, their blocks before, weights)
+    sizes_seen = []  # (blocks per frame, frames)
     for (size, grid), group in _frame_groups(run, blocks).items():
+        sizes_seen.append((size, group))
         index = starts[group].to(device)[:, None] + torch.arange(size, device=device)  # (frames, blocks)
         tokens = (index[..., None] * unit + torch.arange(unit, device=device)).flatten(1)
         step = plan.reduce_units(
@@ -225,6 +227,10 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
     call = current_call(state)
     if call is not None:
         call.layers.append((layer, sum(blocks.frame_blocks) * unit, out.shape[0]))
+        for size, group in sizes_seen:
+            cap = plan.capped(state.config, state.policy, layer, size, unit)
+            if cap is not None:
+                call.capped.append((layer, len(group), *cap))
         if recording(state):
             _record_step(run, layer, blocks, ordered, starts_new)
     return out

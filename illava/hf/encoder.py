@@ -262,6 +262,9 @@ def merge_units(
     if call is not None:
         call.work["crops"] = trace
         call.layers.append((layer, hidden.shape[0] * hidden.shape[1], out.shape[0] * out.shape[1]))
+        cap = plan.capped(state.config, state.policy, layer, (hidden.shape[1] - keep_first) // unit, unit)
+        if cap is not None:
+            call.capped.append((layer, hidden.shape[0], *cap))
     return out
 
 

@@ -13,7 +13,8 @@ the rest of the layer on the survivors.
 - ``merge_units``: ``reduce_units`` plus the ``CropTrace`` bookkeeping (trace in, trace out);
 - ``CropTrace``: which original unit every current unit is, and how many each stands for;
 - ``merged_sizes`` / ``size_bias``: token sizes after a merge, and ToMe's ``log(size)`` bias;
-- ``removal_count``: the units one step removes from a crop (and the error when none would stay);
+- ``removal_count``: the units one step removes from a crop, capped at what the policy can remove
+  there (``Policy.max_removal``; an error only in strict mode); ``capped``: whether it caps;
 - ``units_after``: the units of a crop left after every merge layer (what a serving engine reserves
   placeholders for before the model runs: ``illava.vllm``);
 - ``block_order``: raster -> block order of the patches of a square crop (units of ``k x k``).
@@ -29,21 +30,32 @@ import torch
 
 from ..config import removal_units
 from ..merge import MergeResult, compose_assign
+from ..policy import DEFAULT as _DEFAULT_POLICY
 
 
-def removal_count(units: int, removal: int | float, unit: int, layer: int) -> int:
+def removal_count(units: int, removal: int | float, unit: int, layer: int, policy=None, strict: bool = False) -> int:
     """Units removed from a crop of ``units`` units at ``layer``: a count is given in tokens, a
-    fraction is of the units present (and never removes the last one). ``ValueError`` if no unit
-    would be left."""
-    r = removal_units(units, removal, unit)
-    if isinstance(removal, float):
-        r = min(r, units - 1)
-    if r >= units:
+    fraction is of the units present. The one rule for a crop or frame that cannot give it: the
+    result is capped at ``policy.max_removal(units)`` (all but one unit; ToMe: half), so a small
+    image is reduced less, never refused. ``strict``: raise ``ValueError`` instead of capping."""
+    asked = removal_units(units, removal, unit)
+    cap = (policy or _DEFAULT_POLICY).max_removal(units)
+    if asked > cap and strict:
         raise ValueError(
-            f"illava: encoder layer {layer} would remove {r} of the {units} units ({r * unit} of the {units * unit} "
-            "tokens) of a crop or frame; lower encoder_removal (counts are per crop / frame)"
+            f"illava: encoder layer {layer} would remove {asked} of the {units} units ({asked * unit} of the "
+            f"{units * unit} tokens) of a crop or frame, more than the {cap} the "
+            f"{(policy or _DEFAULT_POLICY).name} policy can remove there; lower encoder_removal (counts are per "
+            "crop / frame), or leave IllavaConfig.strict off to cap it"
         )
-    return r
+    return min(asked, cap)
+
+
+def capped(config, policy, layer: int, units: int, unit: int = 1) -> tuple[int, int] | None:
+    """``(asked, removed)`` in tokens per crop when ``removal_count`` caps layer ``layer``'s removal
+    on a crop of ``units`` units; ``None`` when the crop gives what is configured."""
+    asked = removal_units(units, config.removal_at(layer), unit)
+    removed = removal_count(units, config.removal_at(layer), unit, layer, policy)
+    return (asked * unit, removed * unit) if removed < asked else None
 
 
 def units_after(config, policy, units: int, unit: int = 1, grid: tuple[int, int] | None = None) -> int:
@@ -54,7 +66,7 @@ def units_after(config, policy, units: int, unit: int = 1, grid: tuple[int, int]
     if not config.encoder_active:
         return units
     for i, layer in enumerate(sorted(config.encoder_layers)):
-        r = removal_count(units, config.removal_at(layer), unit, layer)
+        r = removal_count(units, config.removal_at(layer), unit, layer, policy, config.strict)
         units = policy.kept(units, r, grid if i == 0 else None)
     return units
 
@@ -180,7 +192,7 @@ def reduce_units(
     head, body = hidden[:, :keep_first], hidden[:, keep_first:]
     units = body.shape[1] // unit
     attention = received[:, keep_first:].reshape(b, units, unit).float().mean(-1)
-    r = removal_count(units, config.removal_at(layer), unit, layer)
+    r = removal_count(units, config.removal_at(layer), unit, layer, policy, config.strict)
     metric = None if keys is None else keys[:, keep_first:].reshape(b, units, -1)
     x = body.reshape(b, units, unit * d)
     if with_weights:

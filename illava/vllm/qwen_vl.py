@@ -352,11 +352,44 @@ class _Model:
         return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """vLLM's EVS recomputation (as Qwen2.5-VL's): the 4 position columns off the embeddings,
-        the survivors' positions into the sequence's."""
-        return Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions(
-            self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+        """The survivors' own positions into the sequence's, after the encoder ran (vLLM's EVS hook).
+        Not vLLM's ``evs.recompute_mrope_positions``: it finds the next item by counting media tokens
+        only, so in a prompt whose first image keeps fewer tokens than the text before it, the second
+        image's positions overwrote the first's. The text already has its final positions
+        (``get_mrope_input_positions``); only the image slots of this chunk are written."""
+        return write_survivor_positions(
+            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens, self.config.image_token_id
         )
+
+
+def write_survivor_positions(input_ids, embeddings, positions: torch.Tensor, computed: int, image_token: int):
+    """``(embeddings without their 4 position columns, positions, delta)``: every item of
+    ``embeddings`` (the image runs of the prompt from ``computed`` on, in order; the first one may be
+    the rest of an image a chunk boundary split) has its survivors' (t, h, w) written at its slots,
+    offset by the position after the image's ``<|vision_start|>``. ``positions`` ``(3, N)``."""
+    ids = torch.as_tensor(input_ids).flatten().cpu()
+    is_image = torch.cat(
+        [torch.zeros(1, dtype=torch.int8), (ids == image_token).to(torch.int8), torch.zeros(1, dtype=torch.int8)]
+    )
+    change = torch.diff(is_image)
+    runs = [
+        (s, e)
+        for s, e in zip((change == 1).nonzero()[:, 0].tolist(), (change == -1).nonzero()[:, 0].tolist())
+        if e > computed
+    ]
+    if len(runs) < len(embeddings):
+        raise RuntimeError(f"illava.vllm: {len(embeddings)} image items for {len(runs)} image runs of the prompt")
+    positions = positions.clone()
+    out = []
+    for (start, end), item in zip(runs, embeddings):
+        rows = item.shape[0]
+        first = start + max(computed - start, 0)
+        if first + rows > end:
+            raise RuntimeError(f"illava.vllm: an image item of {rows} rows does not fit its {end - start} slots")
+        survivors = item[:, -4:-1].round().long().T.to(positions.device)  # (3, rows): t, h, w
+        positions[:, first : first + rows] = survivors + positions[0, start - 1] + 1
+        out.append(item[:, :-4])
+    return out, positions, int(positions.max() + 1 - ids.numel())
 
 
 class IllavaQwen2VLProcessingInfo(_ProcessingInfo, Qwen2VLProcessingInfo):
