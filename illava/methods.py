@@ -11,6 +11,9 @@ published default and one knob (what a FLOPs budget solves for). docs/peers.md d
 |---|---|---|
 | ``illava`` | encoder layers + LLM layers (the ``image`` preset, its recycle mode) | reduction level (1.0) |
 | ``illava-rank``, ``illava-cluster``, ``illava-prune`` | the same with that recycle mode | reduction level (1.0) |
+| ``illava-encoder``, ``illava-llm`` | one stage of ``illava`` (its layers and counts) | reduction level (1.0) |
+| ``illava-measured`` | ``illava`` with encoder layers chosen by measurement (``illava.tools.schedule``) | level (1.0) |
+| ``random-encoder`` | control: ``illava-encoder``'s layers and counts, random scores | reduction level (1.0) |
 | ``fastv`` | LLM, before layer 2, all-query attention, pruned | keep share (0.5) |
 | ``pdrop`` | LLM, at 1/4, 1/2, 3/4 of the depth, last-token attention, pruned | keep share per cut (0.5) |
 | ``tome`` | every encoder layer, bipartite matching, proportional attention | units per layer (8; may be fractional) |
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import IllavaConfig
-from .policy import DivPrune, FastV, PDrop, Pool, RandomDrop, ToMe, VisionZip
+from .policy import DivPrune, FastV, PDrop, Pool, RandomDrop, RandomScores, ToMe, VisionZip
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Target:
     def preset(self, name: str) -> IllavaConfig:
         raise NotImplementedError
 
+    def measured_layers(self, count: int) -> tuple[int, ...]:
+        """``count`` encoder merge layers chosen by measurement (``illava.tools.schedule``)."""
+        raise ValueError("illava-measured: the measured layer schedule needs the transformers backend")
+
 
 class _AdapterTarget(Target):
     def __init__(self, model):
@@ -73,6 +80,11 @@ class _AdapterTarget(Target):
 
     def preset(self, name: str) -> IllavaConfig:
         return self._adapter.preset(self._model, name)
+
+    def measured_layers(self, count: int) -> tuple[int, ...]:
+        from .tools.schedule import measured_layers  # the tools extra: the profile is measured on images
+
+        return measured_layers(self._model, count)
 
 
 def scale_reduction(base: IllavaConfig, level: float, unit: int = 1) -> IllavaConfig:
@@ -97,6 +109,22 @@ def scale_reduction(base: IllavaConfig, level: float, unit: int = 1) -> IllavaCo
 def _illava(model: Target, level: float, recycle: str | None = None) -> IllavaConfig:
     config = scale_reduction(model.preset("image"), level, model.unit)
     return config if recycle is None else config.replace(recycle=recycle)
+
+
+def _illava_stage(model: Target, level: float, stage: str, policy=None) -> IllavaConfig:
+    """One stage of ``illava`` at ``level``: its layers and counts, the other stage off."""
+    config = _illava(model, level)
+    if stage == "encoder":
+        return config.replace(llm_layers=(), llm_keep_ratio=1.0, policy=policy)
+    return config.replace(encoder_layers=(), encoder_removal=0, policy=policy)
+
+
+def _illava_measured(model: Target, level: float) -> IllavaConfig:
+    """``illava`` at ``level`` with its encoder merges moved to the measured layers (as many)."""
+    config = _illava(model, level)
+    if not config.encoder_layers:
+        return config
+    return config.replace(encoder_layers=model.measured_layers(len(config.encoder_layers)))
 
 
 def _fastv(model: Target, keep: float) -> IllavaConfig:
@@ -137,6 +165,34 @@ REGISTRY: dict[str, Method] = {
                 lambda model, level, mode=mode: _illava(model, level, mode),
             )
             for mode in ("rank", "cluster", "prune")
+        ),
+        Method(
+            "illava-encoder",
+            "iLLaVA's encoder stage alone",
+            "level",
+            1.0,
+            0.0,
+            8.0,
+            lambda model, level: _illava_stage(model, level, "encoder"),
+        ),
+        Method(
+            "illava-llm",
+            "iLLaVA's LLM stage alone",
+            "level",
+            1.0,
+            0.0,
+            4.0,
+            lambda model, level: _illava_stage(model, level, "llm"),
+        ),
+        Method("illava-measured", "iLLaVA, encoder layers by measurement", "level", 1.0, 0.0, 4.0, _illava_measured),
+        Method(
+            "random-encoder",
+            "control: iLLaVA's encoder stage with random scores",
+            "level",
+            1.0,
+            0.0,
+            8.0,
+            lambda model, level: _illava_stage(model, level, "encoder", RandomScores()),
         ),
         Method("fastv", "FastV: LLM layer 2, all-query attention, pruned", "keep", 0.5, 1.0, 0.02, _fastv),
         Method("pdrop", "PyramidDrop: 3 LLM cuts, last-token attention", "keep", 0.5, 1.0, 0.05, _pdrop),

@@ -42,6 +42,12 @@ class Policy:
     name = "illava"
     llm_query = "last"
     proportional_attention = False
+    # encoder stage: "all": a unit's score is the attention it receives from every query of its crop;
+    # "cls": from the crop's CLS token (towers that have one; others fall back to "all")
+    encoder_query = "all"
+    # False: ``reduce`` ignores the encoder scores (ToMe matches keys), so the transformers backend runs
+    # the merge layers' attention fused (SDPA) instead of with an explicit softmax, unless recording
+    uses_encoder_scores = True
 
     def scores(self, stage: str, attention: torch.Tensor) -> torch.Tensor:
         return attention
@@ -107,6 +113,7 @@ class ToMe(Policy):
 
     name = "tome"
     proportional_attention = True
+    uses_encoder_scores = False
 
     def reduce(self, stage, x, scores, r, config, metric=None, sizes=None, **context) -> MergeResult:
         return bipartite_merge(x, x if metric is None else metric, r, sizes)
@@ -121,9 +128,11 @@ class ToMe(Policy):
 class VisionZip(Policy):
     """Dominant tokens by attention received, the others merged into evenly spaced contextual
     targets by key similarity; ``dominant_share`` of the kept tokens are dominant (54 of 64 in the
-    paper's settings: 5.4 to 1)."""
+    paper's settings: 5.4 to 1). As in its paper, the attention is the CLS token's on towers that have
+    one (CLIP, DINOv2, InternViT), every query's where there is none (SigLIP, Qwen-VL)."""
 
     name = "visionzip"
+    encoder_query = "cls"
 
     def __init__(self, dominant_share: float = 54 / 64):
         self.dominant_share = dominant_share
@@ -132,6 +141,23 @@ class VisionZip(Policy):
         kept = x.shape[1] - r
         dominant = min(kept, round(self.dominant_share * kept))
         return dominant_contextual(x, scores, dominant, kept - dominant, metric)
+
+
+class RandomScores(Policy):
+    """Control: the paper's stages (same layers, counts and recycling) ranking by random scores
+    instead of attention. Fixed seed: the same scores for the same number of units, whatever the
+    batch (so a batch equals its samples alone)."""
+
+    name = "random-scores"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def scores(self, stage: str, attention: torch.Tensor) -> torch.Tensor:
+        n = attention.shape[-1]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
+        row = torch.rand(n, generator=generator).to(attention.device)
+        return row.expand_as(attention).clone()
 
 
 class DivPrune(Policy):

@@ -17,6 +17,7 @@ from illava import IllavaConfig
 from illava.methods import METHODS, REGISTRY
 from illava.plan.encoder import removal_count, units_after
 from illava.policy import Policy, ToMe
+from illava.tools import schedule
 
 DYNAMIC = [f for f in FAMILIES if f.name.startswith(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))]
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")
@@ -54,13 +55,15 @@ def _logits(model, inputs):
         return model(**inputs, logits_to_keep=1).logits[:, -1]
 
 
-def _configure(model, kind, name, knob):
+def _configure(model, kind, name, knob, fam=None):
+    if name == "illava-measured":  # its layers come from the tower's measured attention
+        schedule.remember(model, schedule.layer_profile(model, fam.build([IMAGE_Q], [_image(250, 230, 0)])))
     return illava.configure(model, name) if kind == "preset" else illava.configure(model, name, knob)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s[1]}@{s[2]}" if s[2] is not None else s[1])
 def test_every_setting_runs_on_every_image_size_and_batch_equals_singles(fam, model, setting):
-    config = illava.apply(model, _configure(model, *setting))
+    config = illava.apply(model, _configure(model, *setting, fam=fam))
     images = [_image(w, h, i) for i, (w, h) in enumerate(SIZES)]
     frames = [_image(28, 28, 10 + i) for i in range(4)]  # a video at the processor's minimum resolution
     prompts = [IMAGE_Q] * len(images) + [VIDEO_Q]

@@ -36,8 +36,10 @@ from ..hf.encoder import (
     attention_and_scores,
     current_call,
     merge_layer,
+    needs_scores,
     proportional_bias,
     recording,
+    scores_from_cls,
     stock_argument,
     unit_trace,
 )
@@ -78,7 +80,10 @@ class IllavaInternVisionLayer:
         v = attn.v_proj(hidden)
         q, k, v = (t.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
         bias = proportional_bias(state, n, state.adapter.unit, state.adapter.keep_first)
-        out, received, projected = attention_and_scores(attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias)
+        cls = scores_from_cls(state, state.adapter.keep_first)
+        out, received, projected = attention_and_scores(
+            attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias, cls, needs_scores(state)
+        )
         if not projected:
             out = attn.projection_dropout(attn.projection_layer(out.reshape(b, n, -1)))
         hidden = merge_layer(state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1))

@@ -27,11 +27,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import keep_count
 from ..merge import attention_with_received_scores
 from ..plan import encoder as plan
-from ..plan.encoder import CropTrace, block_order, size_bias
+from ..plan.encoder import CropTrace, block_order, cls_received, size_bias
 from ..state import EncoderCall, IllavaState, UnitTrace
 
 
@@ -137,19 +138,51 @@ def collecting_attentions() -> bool:
     return bool(collected) and "attentions" in collected
 
 
-def attention_and_scores(attn: torch.nn.Module, hidden: torch.Tensor, q, k, v, scale: float, eager_call, bias=None):
+def attention_and_scores(
+    attn: torch.nn.Module,
+    hidden: torch.Tensor,
+    q,
+    k,
+    v,
+    scale: float,
+    eager_call,
+    bias=None,
+    cls: bool = False,
+    scores: bool = True,
+):
     """Attention output and the attention each token receives.
 
     Normally one explicit softmax gives both (``attention_with_received_scores``; ``bias``: added
     to the logits, ``proportional_bias``). While transformers collects attention maps with eager
     attention, the stock attention module runs instead (``eager_call()``), so the map of a merge
-    layer is recorded like any other layer's.
+    layer is recorded like any other layer's. ``cls``: the attention received from the first token
+    (the CLS token) instead of from every query (``illava.plan.encoder.cls_received``). ``scores=False``
+    (a policy that ignores them, ToMe): fused attention, the scores zeros.
     """
     if collecting_attentions() and attn.config._attn_implementation == "eager" and bias is None:
         out, weights = eager_call()
-        return out, weights.float().mean(dim=(1, 2)), True
+        received = weights[:, :, 0].float().mean(1) if cls else weights.float().mean(dim=(1, 2))
+        return out, received, True
+    if not scores:
+        mask = None if bias is None else bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous(), q.new_zeros(q.shape[0], q.shape[2], dtype=torch.float32), False
     out, received = attention_with_received_scores(q, k, v, scale, bias)
+    if cls:
+        received = cls_received(q, k, scale, bias)
     return out, received, False
+
+
+def needs_scores(state: IllavaState) -> bool:
+    """Whether the encoder stage must measure the attention every token receives: the policy ranks by
+    it, or a trace is being recorded (``illava.tools.viz``, ``illava.tools.schedule``)."""
+    return getattr(state.policy, "uses_encoder_scores", True) or recording(state)
+
+
+def scores_from_cls(state: IllavaState, keep_first: int) -> bool:
+    """Whether the encoder stage scores by the CLS token's attention: the policy asks for it and the
+    tower has one (``keep_first`` > 0)."""
+    return keep_first > 0 and getattr(state.policy, "encoder_query", "all") == "cls"
 
 
 @dataclass(frozen=True)
@@ -211,7 +244,10 @@ def vit_attention_half(
     q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in projections)
     bias = proportional_bias(state, hidden.shape[1], unit=unit, keep_first=keep_first)
     scale = getattr(attn, names.scale)
-    out, received, projected = attention_and_scores(attn, hidden, q, k, v, scale, lambda: attn(hidden), bias)
+    cls, wanted = scores_from_cls(state, keep_first), needs_scores(state)
+    out, received, projected = attention_and_scores(
+        attn, hidden, q, k, v, scale, lambda: attn(hidden), bias, cls, wanted
+    )
     if not projected:
         out = getattr(attn, names.out)(out.reshape(*hidden.shape[:-1], -1))
     return hidden_states + names.branch(layer, names.scale1, out), received, k.mean(1)

@@ -160,6 +160,8 @@ class DecoderInput(Hook):
         read = self._read(scope, kwargs, cache)
         reduce_at = plan.reducing_layers(state.config, read.seq.spans, read.removed)
         if session is None and not read.removed.any() and not reduce_at:
+            if scope.record:  # the encoder calls' source tracking still serves (illava.tools.schedule)
+                scope.stats.trace = ForwardTrace(calls=_encoder_calls(state, scope), placeholders={}, llm=[])
             state.close_scope(owner=self)
             return None  # nothing to remove: the decoder runs exactly as stock
         if not read.two_d:
@@ -496,14 +498,19 @@ def _item_stats(state, scope, items: list[tuple[str, int, int]], lost: list[int]
     scope.published = True
 
 
+def _encoder_calls(state, scope) -> dict:
+    """The encoder call whose features filled the placeholders of every kind of the call in progress."""
+    calls = {kind: call_of(state, scope.encoder_outputs.get(kind)) for kind in ("image", "video")}
+    return {kind: call for kind, call in calls.items() if call is not None}
+
+
 def _start_trace(state, scope, chunk: Chunk) -> None:
     """``illava.tools.viz``: the decoder-input token of every fed position (-1: removed slot)."""
     fed, seq = chunk.fed, chunk.seq
     tokens = plan.inverse_index(fed.index, seq.mask, fed.count).masked_fill(fed.removed, -1)
     chunk.trace = [(0, tokens, fed.index.masked_fill(~seq.mask, -1))]
-    calls = {kind: call_of(state, scope.encoder_outputs.get(kind)) for kind in ("image", "video")}
     scope.stats.trace = ForwardTrace(
-        calls={kind: call for kind, call in calls.items() if call is not None},
+        calls=_encoder_calls(state, scope),
         placeholders={kind: mask.cpu() for kind, mask in scope.placeholders.items()},
         llm=chunk.trace,
     )

@@ -50,6 +50,17 @@ def removal_count(units: int, removal: int | float, unit: int, layer: int, polic
     return min(asked, cap)
 
 
+def cls_received(query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.Tensor | None = None):
+    """The attention every token receives from the crop's first token (its CLS token), averaged over
+    heads: ``(B, N)`` float32, from ``query`` / ``key`` ``(B, H, N, hd)`` and an additive ``bias``
+    broadcastable to ``(B, H, 1, N)`` (ToMe's sizes). One query row: the scoring of policies whose
+    ``encoder_query`` is ``"cls"`` (VisionZip)."""
+    logits = torch.matmul(query[:, :, :1].float(), key.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+
+
 def capped(config, policy, layer: int, units: int, unit: int = 1) -> tuple[int, int] | None:
     """``(asked, removed)`` in tokens per crop when ``removal_count`` caps layer ``layer``'s removal
     on a crop of ``units`` units; ``None`` when the crop gives what is configured."""

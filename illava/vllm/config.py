@@ -31,9 +31,13 @@ ENV = "ILLAVA_VLLM"
 FIELD = "illava"
 
 # methods whose reduction happens before the LLM (their builders, on a family's dimensions)
-ENCODER_METHODS = ("illava", "illava-rank", "illava-cluster", "illava-prune", "tome", "visionzip", "pool")
+ENCODER_METHODS = (
+    "illava", "illava-rank", "illava-cluster", "illava-prune", "illava-encoder", "random-encoder", "tome", "visionzip",
+    "pool",
+)  # fmt: skip
 FEATURE_METHODS = ("divprune", "random")
-LLM_METHODS = ("fastv", "pdrop")
+LLM_METHODS = ("fastv", "pdrop", "illava-llm")
+MEASURED_METHODS = ("illava-measured",)  # the layer profile is measured with the transformers backend
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,12 @@ def resolve(spec, family: Family) -> IllavaConfig | None:
         config = _preset(name, family).replace(**_fields(fields))
     elif name in ENCODER_METHODS + FEATURE_METHODS:
         config = _method(name, knob, family).replace(**_fields(fields))
+    elif name in MEASURED_METHODS:
+        raise ValueError(
+            f"illava.vllm: the method {name!r} picks its layers from a profile measured with the transformers backend "
+            '(illava.tools.schedule.measure); give the layers it chose instead: {"method": "illava", '
+            '"encoder_layers": [...]}'
+        )
     elif name in LLM_METHODS:
         raise ValueError(
             f"illava.vllm: the method {name!r} prunes inside the LLM (the LLM stage), which vLLM cannot run: "

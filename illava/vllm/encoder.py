@@ -68,7 +68,10 @@ def vit_merge_forward(layer, stage: Stage, index: int, hidden_states: torch.Tens
     x = layer.layer_norm1(hidden_states)
     qkv, _ = attn.qkv_proj(x)
     q, k, v = (t.reshape(b, n, -1, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    out, received = attention_with_received_scores(q, k, v, attn.scale, stage.bias(n))
+    bias = stage.bias(n)
+    out, received = attention_with_received_scores(q, k, v, attn.scale, bias)
+    if stage.keep_first > 0 and getattr(stage.policy, "encoder_query", "all") == "cls":  # VisionZip: CLS attention
+        received = plan.cls_received(q, k, attn.scale, bias)
     out, _ = attn.out_proj(out.reshape(b, n, -1))
     hidden = stage.merge(index, hidden_states + out, received, k.mean(1))
     return hidden + layer.mlp(layer.layer_norm2(hidden))
