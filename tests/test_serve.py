@@ -200,7 +200,7 @@ def server():
     for key in ("NO_PROXY", "no_proxy"):
         os.environ[key] = ",".join(filter(None, [os.environ.get(key), "127.0.0.1", "localhost"]))
     port = free_port()
-    demo = web.launch(port=port, block=False, quiet=True)
+    demo = web.launch(port=port, block=False, quiet=True, model=web.SHIPPED)  # the small model: fast, exact counts
     try:
         yield demo, f"http://127.0.0.1:{port}/"
     finally:
@@ -361,7 +361,8 @@ def test_client_model_from_a_local_folder_and_a_bad_model(client, direct, tmp_pa
 
 
 def test_illava_serve_command_serves_the_page_on_loopback():
-    """The real command in a subprocess: it prints where the page is and serves it; stopped at the end."""
+    """The real command in a subprocess: it prints where the page is and serves it with the default
+    model, the real-weights LLaVA (as `illava`'s demo); stopped at the end."""
     import urllib.request
 
     port = free_port()
@@ -372,7 +373,7 @@ def test_illava_serve_command_serves_the_page_on_loopback():
     )  # fmt: skip
     try:
         lines = []
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # the real-weights model loads in ~20 s alone
         while time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line:
@@ -385,7 +386,9 @@ def test_illava_serve_command_serves_the_page_on_loopback():
         assert f"http://127.0.0.1:{port}" in output and "warning" not in output.lower(), output
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://127.0.0.1:{port}/config", timeout=30) as response:
-            assert response.status == 200 and "illava: stock vs iLLaVA" in response.read().decode()
+            page = response.read().decode()
+            assert response.status == 200 and "illava: stock vs iLLaVA" in page
+            assert web.REAL in page and "SmolLM2-135M" in page, page[:2000]
     finally:
         process.terminate()
         try:

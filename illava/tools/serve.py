@@ -34,7 +34,9 @@ from .. import api
 from ..config import PRESETS, RECYCLE_MODES, IllavaConfig
 from ..methods import METHODS, REGISTRY
 
-SHIPPED = "easy-vqa (shipped)"
+SHIPPED = "easy-vqa (shipped)"  # the 1.1 M-parameter LLaVA-OneVision trained on easy-VQA
+REAL = "real-weights LLaVA (shipped)"  # DINOv2-S + SmolLM2-135M (illava_tasks.real): the default, as `illava`'s
+BUILT_IN = (REAL, SHIPPED)
 DEFAULT_QUESTION = "what is the red shape?"
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg", ".gif"}
 MAX_FRAMES = 64
@@ -104,16 +106,16 @@ _MODELS_LOCK = threading.Lock()
 
 
 def load_model(name: str | None = None, device: str = "cpu") -> LoadedModel:
-    """The shipped easy-VQA model (``name`` None or ``SHIPPED``), or a supported model from a
-    local folder or hub id (cached: the shipped model and the last other one stay loaded).
-    Failures raise ``ModelError`` with one readable line."""
-    name = (name or "").strip() or SHIPPED
+    """A shipped model (``REAL``, the default, or ``SHIPPED``), or a supported model from a local
+    folder or hub id (cached: the shipped models and the last other one stay loaded). Failures raise
+    ``ModelError`` with one readable line."""
+    name = (name or "").strip() or REAL
     key = (name, str(device))
     with _MODELS_LOCK:
         if key in _MODELS:
             return _MODELS[key]
         loaded = _load(name, device)
-        for other in [k for k in _MODELS if k[0] != SHIPPED]:
+        for other in [k for k in _MODELS if k[0] not in BUILT_IN]:
             del _MODELS[other]
         _MODELS[key] = loaded
         return loaded
@@ -134,11 +136,11 @@ def _load(name: str, device: str) -> LoadedModel:
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device cuda asked for, but torch sees no CUDA device")
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    if name == SHIPPED:
-        from illava_tasks import easy_vqa
+    if name in BUILT_IN:
+        from illava_tasks import easy_vqa, real
 
         try:
-            model, tokenizer, image_processor = easy_vqa.load()
+            model, tokenizer, image_processor = (real if name == REAL else easy_vqa).load()
         except FileNotFoundError as error:
             raise ModelError(str(error)) from error
         return LoadedModel(name, model.to(target), tokenizer, image_processor)
@@ -172,7 +174,10 @@ def describe(loaded: LoadedModel) -> str:
     """One line about the model: class, parameters, device."""
     params = sum(p.numel() for p in loaded.model.parameters())
     size = f"{params / 1e6:.1f} M" if params < 1e9 else f"{params / 1e9:.2f} B"
-    note = " (LLaVA-OneVision architecture trained on easy-VQA on a CPU)" if loaded.name == SHIPPED else ""
+    note = {
+        SHIPPED: " (LLaVA-OneVision architecture trained on easy-VQA on a CPU)",
+        REAL: " (DINOv2-S/14 + SmolLM2-135M from their PyPI packages, projector and LoRA trained on easy-VQA)",
+    }.get(loaded.name, "")
     return f"{loaded.name}: {type(loaded.model).__name__}, {size} parameters{note}, {loaded.device}, {loaded.dtype}"
 
 
@@ -872,8 +877,9 @@ def build_app(default_model: str | None = None, device: str = "cpu"):
         with gr.Row():
             with gr.Column(scale=2, min_width=340):
                 model_box = gr.Dropdown(
-                    choices=[SHIPPED], value=default.name, allow_custom_value=True, label="model",
-                    info="the shipped easy-VQA model, or type a local folder / hub id of a supported model",
+                    choices=list(BUILT_IN), value=default.name, allow_custom_value=True, label="model",
+                    info="a shipped model (real weights, or the small easy-VQA one), or type a local folder / "
+                    "hub id of a supported model",
                     elem_id="illava-model",
                 )  # fmt: skip
                 model_info = gr.Markdown(describe(default), label="model info", elem_id="illava-model-info")
@@ -990,5 +996,5 @@ def launch(
     block: bool = True,
     quiet: bool = False,
 ):
-    """``build_app`` + ``launch_app``: the page for ``model`` (default: the shipped one), served."""
+    """``build_app`` + ``launch_app``: the page for ``model`` (default: the real-weights LLaVA), served."""
     return launch_app(build_app(model, device), host, port, share, block, quiet)
