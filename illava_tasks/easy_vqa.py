@@ -171,6 +171,8 @@ def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
             chunk = rows[start : start + batch]
             images = [Image.open(p).convert("RGB") for _, _, p in chunk]
             inputs = build(model.config, tokenizer, [prompt(q) for q, _, _ in chunk], images, image_processor=processor)
+            dtype = next(model.parameters()).dtype
+            inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in dict(inputs).items()}
             logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), -1))
     return torch.cat(out)
@@ -309,9 +311,13 @@ class MethodScore:
     kinds: dict | None = None  # accuracy per question kind over all evaluated rows (``by_kind``)
 
 
-def question_sets(limit: int = 500, seed: int = 0) -> tuple[list, torch.Tensor, torch.Tensor]:
+def question_sets(limit: int = 500, seed: int = 0, open_only: bool = False) -> tuple[list, torch.Tensor, torch.Tensor]:
     """The questions of a method comparison: ``limit`` of all test questions and ``limit`` open ones
-    (fixed subsets, united); returns (rows, in the "all" subset, in the "open" subset)."""
+    (fixed subsets, united); returns (rows, in the "all" subset, in the "open" subset).
+    ``open_only``: the ``limit`` open ones alone (both masks all true)."""
+    if open_only:
+        rows = test_questions(limit, seed, "open")
+        return rows, torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows), dtype=torch.bool)
     every = test_questions(limit, seed, "all")
     opened = test_questions(limit, seed, "open")
     rows = list(dict.fromkeys(every + opened))
@@ -337,7 +343,9 @@ def compare_methods(
     probe_inputs = build(
         model.config, tokenizer, [prompt(probe[0])], [Image.open(probe[2]).convert("RGB")], image_processor=processor
     )
-    solved = solve_all(model, methods, budgets, dict(probe_inputs), progress=solved_progress)
+    dtype = next(model.parameters()).dtype
+    probe_inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in dict(probe_inputs).items()}
+    solved = solve_all(model, methods, budgets, probe_inputs, progress=solved_progress)
     stock_tokens = solved[0].tokens["stock"] if solved else 0
 
     def score(name, target, share, knob, reached, tokens, log_probs, config):

@@ -164,3 +164,25 @@ def test_kl_and_agreement_are_computed_against_stock(folder):
     p = stock.exp()
     assert scores[1].kl == pytest.approx((p * (stock - method)).sum(-1).mean().item(), rel=1e-5)
     assert scores[1].agreement == pytest.approx((stock.argmax(-1) == method.argmax(-1)).float().mean().item())
+
+
+def test_open_only_comparison_with_the_measured_schedule_in_bfloat16(folder, tmp_path):
+    """Issue 38's run: `--open-only` scores the open questions alone, `illava-measured` measures the
+    tower's layer profile first (printed), `--dtype bfloat16` runs the model in it, and the table gives
+    a standard error next to the open accuracy."""
+    out = tmp_path / "o.json"
+    args = ["eval", "easy-vqa", "--model", str(folder), "--limit", "12", "--open-only", "--dtype", "bfloat16"]
+    args += ["--methods", "illava-measured,random-encoder", "--budgets", "0.6", "--json", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "received-attention lift per encoder layer (4 sample photos): L0 " in result.output
+    assert "12 open questions" in result.output and "± " in result.output
+    report = json.loads(out.read_text())
+    assert report["questions"] == {"all": 12, "open": 12, "evaluated": 12}
+    assert [s["method"] for s in report["scores"]] == ["stock", "illava-measured", "random-encoder"]
+    assert "RandomScores" in report["scores"][2]["config"]
+    rows, in_all, in_open = easy_vqa.question_sets(12, open_only=True)
+    assert len(rows) == 12 and bool(in_all.all()) and bool(in_open.all())
+    assert all(easy_vqa.question_kind(q, a) == "open" for q, a, _ in rows)
+    bad = CliRunner().invoke(app, ["eval", "easy-vqa", "--model", str(folder), "--dtype", "float8"])
+    assert bad.exit_code == 2 and "--dtype" in bad.output

@@ -48,6 +48,9 @@ def test_the_rule_on_a_profile():
     assert schedule.choose_layers(profile, 2) == (4, 5)
     assert schedule.choose_layers(profile, 2, threshold=0.3) == (3, 4)  # 2.87
     assert schedule.choose_layers(profile, 6) == (2, 3, 4, 5, 6, 7)  # moved earlier to fit before the end
+    # an early spike (DINOv2-S's layer 0) comes before the flattest layer: the rule starts after it
+    spiky = schedule.Profile(tuple(range(7)), (4.5, 1.7, 1.6, 2.3, 3.0, 3.4, 2.0), images=4)
+    assert schedule.choose_layers(spiky, 2) == (4, 5)  # from 1.6 (layer 2) halfway to 3.4: 2.5
     with pytest.raises(ValueError, match="threshold"):
         schedule.choose_layers(profile, 2, threshold=0)
 

@@ -11,10 +11,11 @@ copy of them on another tower need not (DINOv2-S/14: its received attention is n
   top tenth receives three times its share), the mean over the crops of a few images. It runs the
   model once with the encoder stage at every layer removing nothing and records the scores the stage
   itself computes (``illava.tools.viz.trace``), so it measures exactly what the stage ranks by.
-- ``choose_layers``: the rule. The first mergeable layer whose lift has climbed ``threshold`` (default
-  half) of the way from the tower's flattest layer to its most concentrated one starts the schedule;
-  the schedule is ``count`` consecutive mergeable layers from there (moved earlier if they would pass
-  the last mergeable layer).
+- ``choose_layers``: the rule. From the tower's flattest layer on (the lowest lift: before it, a
+  concentration comes from low-level features, e.g. DINOv2-S's layer 0 at 4.5), the first layer whose
+  lift has climbed ``threshold`` (default half) of the way from that minimum to the highest lift after
+  it starts the schedule; the schedule is ``count`` consecutive mergeable layers from there (moved
+  earlier if they would pass the last mergeable layer).
 - ``measure``: both, on the shipped sample photos (scikit-image) or the user's images, for a model and
   its tokenizer and image processor; the result is remembered for the model, which is what the
   ``illava-measured`` method (``illava.methods``) reads.
@@ -94,15 +95,17 @@ def _trace(model, inputs: dict):
 
 
 def choose_layers(profile: Profile, count: int, threshold: float = 0.5) -> tuple[int, ...]:
-    """``count`` consecutive mergeable layers starting at the first layer whose lift has climbed
-    ``threshold`` of the way from the profile's lowest lift to its highest (module docstring)."""
+    """``count`` consecutive mergeable layers starting, from the flattest layer on, at the first layer
+    whose lift has climbed ``threshold`` of the way from that lowest lift to the highest after it
+    (module docstring)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     layers, lifts = list(profile.layers), list(profile.lift)
     count = max(1, min(count, len(layers)))
-    low, high = min(lifts), max(lifts)
+    flattest = min(range(len(lifts)), key=lambda i: (lifts[i], i))
+    low, high = lifts[flattest], max(lifts[flattest:])
     level = low + threshold * (high - low)
-    start = next(i for i, value in enumerate(lifts) if value >= level - 1e-12)
+    start = next(i for i in range(flattest, len(lifts)) if lifts[i] >= level - 1e-12)
     start = min(start, len(layers) - count)
     return tuple(layers[start : start + count])
 
@@ -124,8 +127,13 @@ def measure(model, tokenizer, image_processor=None, images=None, prompt: str | N
     images = list(images) if images is not None else sample_images()
     prompt = prompt or "<|im_start|>user\n<image>\nwhat is in the image?<|im_end|>\n<|im_start|>assistant\n"
     inputs = build(model.config, tokenizer, [prompt] * len(images), images, image_processor=image_processor)
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+    first = next(model.parameters())
+    inputs = {
+        k: v.to(first.device, first.dtype if torch.is_floating_point(v) else v.dtype)
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in dict(inputs).items()
+    }
     profile = layer_profile(model, inputs)
     profile.images = len(images)
     _MEASURED[model] = profile
