@@ -14,6 +14,7 @@ published default and one knob (what a FLOPs budget solves for). docs/peers.md d
 | ``illava-encoder``, ``illava-llm`` | one stage of ``illava`` (its layers and counts) | reduction level (1.0) |
 | ``illava-measured`` | ``illava`` with encoder layers chosen by measurement (``illava.tools.schedule``) | level (1.0) |
 | ``random-encoder`` | control: ``illava-encoder``'s layers and counts, random scores | reduction level (1.0) |
+| ``tome-illava`` | ``illava``'s two stages: ToMe's matching at its encoder layers, its LLM stage | level (1.0) |
 | ``fastv`` | LLM, before layer 2, all-query attention, pruned | keep share (0.5) |
 | ``pdrop`` | LLM, at 1/4, 1/2, 3/4 of the depth, last-token attention, pruned | keep share per cut (0.5) |
 | ``tome`` | every encoder layer, bipartite matching, proportional attention | units per layer (8; may be fractional) |
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import IllavaConfig
-from .policy import DivPrune, FastV, PDrop, Pool, RandomDrop, RandomScores, ToMe, VisionZip
+from .policy import DivPrune, FastV, PDrop, Pool, RandomDrop, RandomScores, ToMe, ToMeThenIllava, VisionZip
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,15 @@ REGISTRY: dict[str, Method] = {
             0.0,
             8.0,
             lambda model, level: _illava_stage(model, level, "encoder", RandomScores()),
+        ),
+        Method(
+            "tome-illava",
+            "iLLaVA's two stages, ToMe's matching in the encoder",
+            "level",
+            1.0,
+            0.0,
+            4.0,
+            lambda model, level: _illava(model, level).replace(policy=ToMeThenIllava()),
         ),
         Method("fastv", "FastV: LLM layer 2, all-query attention, pruned", "keep", 0.5, 1.0, 0.02, _fastv),
         Method("pdrop", "PyramidDrop: 3 LLM cuts, last-token attention", "keep", 0.5, 1.0, 0.05, _pdrop),

@@ -125,6 +125,19 @@ class ToMe(Policy):
         return n - min(r, n // 2)
 
 
+class ToMeThenIllava(ToMe):
+    """The paper's two-stage schedule with another encoder policy: ToMe's matching (and proportional
+    attention) at the encoder stage's layers, the paper's text-guided scoring and recycling at the LLM
+    stage."""
+
+    name = "tome-illava"
+
+    def reduce(self, stage, x, scores, r, config, **context) -> MergeResult:
+        if stage == "encoder":
+            return super().reduce(stage, x, scores, r, config, **context)
+        return Policy.reduce(self, stage, x, scores, r, config, **context)
+
+
 class VisionZip(Policy):
     """Dominant tokens by attention received, the others merged into evenly spaced contextual
     targets by key similarity; ``dominant_share`` of the kept tokens are dominant (54 of 64 in the

@@ -99,7 +99,7 @@ def test_methods_apply_by_name_with_their_published_defaults():
 
 # knob values that reduce tokens on the tiny models (the published defaults are for real sizes)
 KNOBS = {"illava": 1.0, "illava-rank": 1.0, "illava-cluster": 1.0, "illava-prune": 1.0, "illava-encoder": 1.0,
-         "illava-llm": 1.0, "illava-measured": 1.0, "random-encoder": 1.0,
+         "illava-llm": 1.0, "illava-measured": 1.0, "random-encoder": 1.0, "tome-illava": 1.0,
          "fastv": 0.5, "pdrop": 0.6, "tome": 2, "visionzip": 0.4, "divprune": 0.4, "random": 0.4,
          "pool": 0.3}  # fmt: skip
 IMAGE_Q = chat("<image>\nwhat is shown in this image?")

@@ -134,3 +134,35 @@ def _recorded(model, inputs):
     from illava.tools.viz import trace
 
     return trace(model, inputs)[0]
+
+
+def test_the_two_stage_hybrid_matches_in_the_encoder_and_scores_by_text_in_the_llm():
+    """tome-illava: illava's layers and counts; the encoder stage is ToMe's bipartite matching (equal
+    to `tome` at the same layers and counts), the LLM stage the paper's."""
+    fam, model = _llava(2)
+    hybrid, plain = illava.configure(model, "tome-illava"), illava.configure(model, "illava")
+    assert (hybrid.encoder_layers, hybrid.encoder_removal, hybrid.llm_layers, hybrid.llm_keep_ratio) == (
+        plain.encoder_layers,
+        plain.encoder_removal,
+        plain.llm_layers,
+        plain.llm_keep_ratio,
+    )
+    inputs = fam.build([IMAGE_Q] * 2, _images(2))
+
+    def encoded(config):
+        illava.apply(model, config)
+        with torch.inference_mode():
+            out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        illava.remove(model)
+        return getattr(out, "pooler_output", out)
+
+    encoder_only = hybrid.replace(llm_layers=(), llm_keep_ratio=1.0)
+    tome_here = encoder_only.replace(policy=illava.ToMe())
+    a, b = encoded(encoder_only), encoded(tome_here)
+    assert torch.isnan(torch.cat(list(a))).any()  # tokens were removed (NaN rows at the stock count)
+    torch.testing.assert_close(torch.cat(list(a)), torch.cat(list(b)), equal_nan=True)
+    illava.apply(model, hybrid)
+    with torch.inference_mode():
+        model(**inputs)
+    tokens = illava.stats(model).visual_tokens()
+    assert tokens["after_llm"] < tokens["after_encoder"] < tokens["stock"]

@@ -32,8 +32,8 @@ FIELD = "illava"
 
 # methods whose reduction happens before the LLM (their builders, on a family's dimensions)
 ENCODER_METHODS = (
-    "illava", "illava-rank", "illava-cluster", "illava-prune", "illava-encoder", "random-encoder", "tome", "visionzip",
-    "pool",
+    "illava", "illava-rank", "illava-cluster", "illava-prune", "illava-encoder", "random-encoder", "tome-illava",
+    "tome", "visionzip", "pool",
 )  # fmt: skip
 FEATURE_METHODS = ("divprune", "random")
 LLM_METHODS = ("fastv", "pdrop", "illava-llm")
