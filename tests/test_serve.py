@@ -477,3 +477,18 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     browser.find_element(By.ID, "illava-run").click()
     wait.until(lambda d: "broken.png is not an image or a video that can be read" in d.page_source)
     assert "Traceback" not in browser.page_source
+
+
+def test_the_page_compares_on_the_default_real_weights_model():
+    """The page's default model is the demo's (issue 35): the real-weights LLaVA answers the
+    default easy-VQA question with stock and with iLLaVA, tokens per stage as the library counts them."""
+    from illava.tools.demo import default_example
+
+    loaded = web.load_model()
+    assert loaded.name == web.REAL and "SmolLM2-135M" in web.describe(loaded)
+    image, question, answer = default_example()
+    result = web.compare(loaded, web.Media("image", [image], "q0"), question, repeats=1, pictures=False).as_dict()
+    assert result["model"] == web.REAL
+    assert result["stock"]["answer"].startswith(answer), result["stock"]
+    assert result["stock"]["visual_tokens"]["after_llm"] == 256
+    assert result["illava"]["visual_tokens"]["after_llm"] < 128

@@ -139,11 +139,15 @@ def _load(name: str, device: str) -> LoadedModel:
     if name in BUILT_IN:
         from illava_tasks import easy_vqa, real
 
+        from .demo import default_dtype
+
         try:
             model, tokenizer, image_processor = (real if name == REAL else easy_vqa).load()
         except FileNotFoundError as error:
             raise ModelError(str(error)) from error
-        return LoadedModel(name, model.to(target), tokenizer, image_processor)
+        # as `illava`'s demo: the real-weights model in bfloat16 where the machine runs it natively
+        dtype = (torch.bfloat16 if target.type == "cuda" else default_dtype()) if name == REAL else torch.float32
+        return LoadedModel(name, model.to(target, dtype), tokenizer, image_processor)
     if not Path(name).exists() and name.count("/") != 1:
         raise ModelError(f"model {name!r} is neither a folder nor a hub id (owner/name)")
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
