@@ -76,8 +76,27 @@ def test_a_broken_scorer_loses_clearly(shipped, stock_accuracy):
     assert wrong <= right - 0.05, (right, wrong)
 
 
-def test_impossible_sweep_levels_are_skipped_with_a_warning(shipped):
-    model = shipped[0]
-    with pytest.warns(UserWarning, match="sweep level 3 skipped"):
-        names = [name for name, _ in easy_vqa.settings(model, (0.5, 3.0))]
-    assert "image x0.5" in names and "image x3" not in names
+def test_sweep_levels_beyond_what_a_crop_has_run_at_the_cap(shipped):
+    """Issue 42: a sweep level removing more than a crop has is no longer skipped: every layer removes
+    what it can (all but one unit), and the statistics say so."""
+    import warnings
+
+    from PIL import Image
+
+    from illava.tools.inputs import build
+
+    model, tokenizer, processor, rows = shipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        settings = dict(easy_vqa.settings(model, (0.5, 3.0)))
+    assert "image x0.5" in settings and "image x3" in settings
+    question, _, path = rows[0]
+    inputs = build(model.config, tokenizer, [easy_vqa.prompt(question)], [Image.open(path).convert("RGB")],
+                   image_processor=processor)  # fmt: skip
+    illava.apply(model, settings["image x3"])
+    try:
+        model(**inputs)
+        stats = illava.stats(model)
+    finally:
+        illava.remove(model)
+    assert stats.encoder[0].get("capped") and "capped" in str(stats)
