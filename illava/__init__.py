@@ -21,12 +21,15 @@ from .methods import METHODS
 from .policy import DivPrune, FastV, PDrop, Policy, Pool, RandomDrop, ToMe, VisionZip
 
 _BACKEND = ("apply", "config_of", "configure", "is_applied", "remove", "set_enabled", "stats")
+# deprecated names, reachable but not listed (``__all__``, ``dir``): ``resolve_config`` (``configure``
+# before 0.2.0; it warns when called, and goes in 0.4.0)
+_DEPRECATED = ("resolve_config",)
 
 
 def __getattr__(name: str):
     """The transformers backend's calls, imported on first use (PEP 562): ``illava.hf`` checks the
     transformers version then, and fails with the install command that fixes it."""
-    if name in _BACKEND:
+    if name in _BACKEND or name in _DEPRECATED:
         from . import api
 
         value = getattr(api, name)

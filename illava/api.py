@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .adapters import adapter_for
@@ -48,6 +50,18 @@ def configure(
     cfg.check_against(**adapter.dimensions(model).as_dict())
     adapter.check(model, cfg)
     return cfg
+
+
+def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "image", **overrides) -> IllavaConfig:
+    """Deprecated alias of ``configure`` (the name before 0.2.0, same arguments without the knob):
+    kept for the 0.3 releases, not in ``illava.__all__``; to be removed in 0.4.0."""
+    warnings.warn(
+        "illava.resolve_config is deprecated and will be removed in illava 0.4.0: use "
+        "illava.configure(model, config, **overrides), which also takes a method's knob",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return configure(model, config, **overrides)
 
 
 def unknown_name(name: str) -> str:

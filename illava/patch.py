@@ -33,24 +33,33 @@ class Swapped(type):
 
 
 def swapped_class(mixin: type, original: type) -> type:
-    """The class ``mixin + original`` (one per pair, created on first use)."""
+    """The class ``mixin + original`` (one per pair, created on first use).
+
+    The mixin's overrides, guarded for ``torch.compile`` (``stock_when_compiled``), are in the body
+    the class is created with, so what runs at its creation wraps them in turn: transformers'
+    ``GradientCheckpointingLayer`` wraps a layer class's ``forward`` in gradient checkpointing, which
+    runs only where that wrapper is the class's outermost ``forward`` (set afterwards, a guard would
+    hide it and the swapped layer would never be checkpointed). Methods a mixin adds when subclassed
+    (``illava.hf.encoder.FeatureCalls``) guard themselves."""
     key = (mixin, original)
     if key not in _SWAPPED:
         name = f"{mixin.__name__}_{original.__name__}"
-        cls = Swapped(name, (mixin, original), {"_illava_original": original})
-        for attr in _overridden(cls, original):
-            setattr(cls, attr, _stock_when_compiled(attr, getattr(cls, attr), getattr(original, attr)))
-        _SWAPPED[key] = cls
+        body = {"_illava_original": original}
+        for attr in _overridden(mixin, original):
+            body[attr] = stock_when_compiled(attr, getattr(mixin, attr), getattr(original, attr))
+        _SWAPPED[key] = Swapped(name, (mixin, original), body)
     return _SWAPPED[key]
 
 
 copyreg.pickle(Swapped, lambda cls: (swapped_class, (cls.__bases__[0], cls._illava_original)))
 
 
-def _overridden(cls: type, original: type) -> list[str]:
-    """The methods of ``original`` that the swapped class ``cls`` replaces."""
+def _overridden(mixin: type, original: type) -> list[str]:
+    """The methods of ``original`` that ``mixin`` (with its bases) replaces."""
     names = []
-    for klass in cls.__mro__[: cls.__mro__.index(original)]:
+    for klass in mixin.__mro__:
+        if klass in original.__mro__:
+            continue
         for attr, value in vars(klass).items():
             stock = original.__dict__.get(attr, None) or getattr(original, attr, None)
             plain = isinstance(value, types.FunctionType) and isinstance(stock, types.FunctionType)
@@ -76,7 +85,7 @@ def run_eagerly(method, module, *args, **kwargs):
         return method(module, *args, **kwargs)
 
 
-def _stock_when_compiled(name: str, ours, stock):
+def stock_when_compiled(name: str, ours, stock):
     """Inside ``torch.compile``: stock where this call removes nothing, else ``ours`` run eagerly.
     (It reports the stock signature, which ``generate`` reads.)"""
 

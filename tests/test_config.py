@@ -221,8 +221,9 @@ def test_the_public_surface_is_one_way_in():
     assert not set(illava.PRESETS) & set(illava.METHODS)
     assert {"image", "video", "encoder-only", "llm-only", "off"} == set(illava.PRESETS)
     assert {"illava", "fastv", "pdrop", "tome", "visionzip", "divprune", "random", "pool"} <= set(illava.METHODS)
-    for gone in ("preset", "resolve_config", "method_config", "InvertedScores"):
+    for gone in ("preset", "method_config", "InvertedScores"):
         assert not hasattr(illava, gone), gone
+    assert "resolve_config" not in illava.__all__ and "resolve_config" not in dir(illava)  # deprecated, unlisted
     from illava.testing import InvertedScores
 
     assert issubclass(InvertedScores, illava.Policy)
@@ -246,6 +247,17 @@ def test_an_unknown_name_lists_presets_and_methods_separately():
     assert presets == list(illava.PRESETS) and methods == list(illava.METHODS)
     with pytest.raises(ValueError, match="presets: image, video"):
         illava.apply(model, "turbo")
+
+
+def test_resolve_config_is_a_deprecated_alias_of_configure():
+    """``resolve_config`` (``configure``'s name before 0.2.0, which removed it without an alias) is
+    back for the 0.3 releases as a deprecated alias: it warns and gives what ``configure`` gives."""
+    model = _meta_onevision()
+    with pytest.warns(DeprecationWarning, match=r"illava\.configure"):
+        cfg = illava.resolve_config(model, "video", llm_keep_ratio=0.4)
+    assert cfg == illava.configure(model, "video", llm_keep_ratio=0.4)
+    with pytest.warns(DeprecationWarning):
+        assert illava.resolve_config(model) == illava.configure(model, "image")
 
 
 def test_configure_takes_a_preset_a_method_with_its_knob_or_a_config():

@@ -34,12 +34,8 @@ def adapter_for(model) -> Adapter:
     raise TypeError(f"illava does not support {type(model).__name__}; supported model classes: {', '.join(supported)}")
 
 
-def adapter_for_config(config) -> Adapter:
-    """The adapter of a model configuration (``config.model_type``)."""
-    return adapter_for_type(config.model_type)
-
-
 def adapter_for_type(model_type: str) -> Adapter:
+    """The adapter of a model type (``config.model_type``); ``TypeError`` if none serves it."""
     for adapter in ADAPTERS:
         if model_type in adapter.config_types:
             return adapter

@@ -3,7 +3,7 @@
 Adding a family = one adapter file (a subclass of ``Adapter``), its tooling file
 (``illava/tools/families/<family>.py``), its tests, and one line in each registry
 (``illava/adapters/__init__.py``, ``illava/tools/families/__init__.py``). Nothing outside the
-adapters asks which family a model is; the runtime (``illava.hf.encoder``, ``illava.llm``,
+adapters asks which family a model is; the runtime (``illava.hf.encoder``, ``illava.hf.llm``,
 ``illava.api``, ``illava.methods``) only calls what is declared here.
 
 An adapter says:
@@ -77,9 +77,6 @@ class Adapter:
         layer mixin and ``keep_first``)."""
         return self
 
-    def family(self, model) -> str:
-        return model.config.model_type
-
     def parts(self, model) -> Parts:
         inner = model.model
         return Parts(inner, inner.vision_tower, inner.language_model)
@@ -131,13 +128,17 @@ class Adapter:
 
     def patch(self, model, record) -> None:
         """Install the encoder stage and the layout of survivors (class swaps and hooks on ``record``):
-        ``model_mixin`` on the inner model, ``layer_mixin`` on every merge layer, then ``patch_more``."""
+        ``model_mixin`` on the inner model, ``layer_mixin`` on every merge layer (with the mixin's
+        ``_illava_pre_hook``, if any: ``illava.hf.encoder.PassMergeInputs``), then ``patch_more``."""
         record.swap(self.parts(model).inner, self.model_mixin)
         merge_layers = record.state.config.encoder_layers
         if merge_layers:  # without an encoder stage, any vision tower will do (LLaVA with DINOv2, ...)
             layers = self.encoder_layers(model)
+            hook = getattr(self.layer_mixin, "_illava_pre_hook", None)
             for i in merge_layers:
                 record.swap(layers[i], self.layer_mixin, layer=i)
+                if hook is not None:
+                    record.hook(layers[i], hook(record.state), "pre")
         self.patch_more(model, record)
 
     def patch_more(self, model, record) -> None:
@@ -169,8 +170,6 @@ class Adapter:
     def gather_decoder_inputs(self, kwargs: dict, index: torch.Tensor) -> None:
         """Gather decoder inputs aligned with the sequence (other than embeddings and positions)
         with the kept tokens ``index`` ``(B, L')`` at the decoder input."""
-
-    # ------------------------------------------------------------------ transitional
 
 
 def require_strategy(model, config: IllavaConfig, wanted: str, stage: str, why: str) -> None:

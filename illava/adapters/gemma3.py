@@ -6,7 +6,7 @@ What is patched (``illava.remove`` undoes all of it):
   stage, ``unit = 16``);
 - the inner ``Gemma3Model`` gets ``IllavaGemma3Model`` (layout of survivors, feature calls,
   placeholder bookkeeping, and what the decoder side needs to rebuild Gemma's masks);
-- the decoder-side hooks of ``illava.llm``.
+- the decoder-side hooks of ``illava.hf.llm`` (the LLM stage).
 
 Gemma 3 encodes every image (and every pan-and-scan crop) as one 896 px square: 64x64 = 4096
 SigLIP patches, read at the last layer (after the post-layernorm); the projector averages every
@@ -29,7 +29,7 @@ SigLIP patches, read at the last layer (after the post-layernorm); the projector
 Decoder side. Gemma 3 builds its masks in the inner model and hands the decoder one mask per layer
 type: image tokens attend to each other both ways within one image (``token_type_ids``; causal
 elsewhere), and sliding-window layers (5 of every 6; window 1024) are ``window AND (causal OR
-image)``. When tokens are removed, ``illava.llm`` rebuilds them for the shorter sequence from the
+image)``. When tokens are removed, ``illava.hf.masks`` rebuilds them for the shorter sequence from the
 2D mask and ``token_type_ids`` this model received (``decoder_masks``): the bidirectional block of
 an image is its surviving tokens; sliding windows are measured in *stock* positions (a query attends
 to the survivors among the keys the unreduced model's query attends to; counting kept slots instead

@@ -33,10 +33,11 @@ import torch
 from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
+    PassMergeInputs,
     attention_and_scores,
     current_call,
+    merge_inputs,
     merge_layer,
-    needs_scores,
     proportional_bias,
     recording,
     scores_from_cls,
@@ -68,25 +69,28 @@ class IllavaInternVisionLayer:
     in block order after its attention. Disabled: stock forward.
     """
 
-    def forward(self, hidden_states):
+    _illava_pre_hook = PassMergeInputs  # what the layer reads from its encoder call, checkpointed with it
+
+    def forward(self, hidden_states, **kwargs):
         patch = self._illava
         state = patch.state
+        inputs = merge_inputs(state, kwargs)
         if not state.config.encoder_active:
-            return super().forward(hidden_states)
+            return super().forward(hidden_states, **kwargs)
         attn = self.attention
         hidden = self.layernorm_before(hidden_states)
         b, n, _ = hidden.shape
         q, k = attn.q_norm(attn.q_proj(hidden)), attn.k_norm(attn.k_proj(hidden))
         v = attn.v_proj(hidden)
         q, k, v = (t.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        bias = proportional_bias(state, n, state.adapter.unit, state.adapter.keep_first)
+        bias = proportional_bias(state, n, state.adapter.unit, state.adapter.keep_first, inputs.trace)
         cls = scores_from_cls(state, state.adapter.keep_first)
         out, received, projected = attention_and_scores(
-            attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias, cls, needs_scores(state)
+            attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias, cls, inputs.scores, inputs.collecting
         )
         if not projected:
             out = attn.projection_dropout(attn.projection_layer(out.reshape(b, n, -1)))
-        hidden = merge_layer(state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1))
+        hidden = merge_layer(state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1), inputs.trace)
         layer_output = self.dropout(self.mlp(self.layernorm_after(hidden)))
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output

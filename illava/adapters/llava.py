@@ -4,7 +4,7 @@ What is patched (``illava.remove`` undoes all of it):
 - the CLIP layers listed in ``encoder_layers`` get ``illava.hf.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaModel`` gets ``IllavaLlavaModel`` (layout of survivors, feature calls,
   placeholder bookkeeping);
-- the decoder-side hooks of ``illava.llm``.
+- the decoder-side hooks of ``illava.hf.llm`` (the LLM stage).
 
 LLaVA-1.5 encodes one 336 px view per image (the processor pads the image to a square and resizes
 it): a CLS token and 24x24 patches. The model reads the hidden states of the penultimate layer

@@ -6,7 +6,7 @@ What is patched (``illava.remove`` undoes all of it):
   shared with LLaVA-1.5: the CLS token is never removed, scores come from all tokens);
 - the inner ``LlavaNextModel`` gets ``IllavaLlavaNextModel`` (layout of survivors, feature calls,
   placeholder bookkeeping);
-- the decoder-side hooks of ``illava.llm``.
+- the decoder-side hooks of ``illava.hf.llm`` (the LLM stage).
 
 LLaVA-1.6 encodes every image as a 336 px base view plus 336 px crops on a grid chosen from
 ``image_grid_pinpoints`` (AnyRes). Every view is a CLS token and 24x24 patches; the model reads

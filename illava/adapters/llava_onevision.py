@@ -4,7 +4,7 @@ What is patched (``illava.remove`` undoes all of it):
 - the SigLIP layers listed in ``encoder_layers`` get ``illava.hf.encoder.IllavaViTLayer`` (the encoder stage);
 - the inner ``LlavaOnevisionModel`` gets ``IllavaLlavaOnevisionModel`` (layout of survivors,
   feature calls, placeholder bookkeeping);
-- the decoder-side hooks of ``illava.llm``.
+- the decoder-side hooks of ``illava.hf.llm`` (the LLM stage).
 
 Unit of removal: a patch. Layout of survivors (the authors reshaped survivors into a fake square
 grid; we place every survivor at the patch it came from, its own position):

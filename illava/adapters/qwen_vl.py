@@ -91,6 +91,9 @@ class VisionRun:
         self.companions: dict[int, tuple[torch.Tensor, int]] = {}
         self.steps: list[tuple[int, list]] = []  # (blocks after, [(old rows, new rows, weights)] per group)
         self.probed: set[int] = set()  # merge layers whose weights were probed
+        # merge layers whose attention ran as the stock module while transformers collected attention
+        # maps (read again by the recomputation of gradient checkpointing, which collects nothing)
+        self.collecting: dict[int, bool] = {}
 
     def before(self, layer: int) -> Blocks:
         done = [k for k in self.after if k < layer]
@@ -156,7 +159,8 @@ class IllavaQwenVisionBlock:
             )
             outputs.append(out[0])
             received.append(score[0])
-        if collecting_attentions():  # transformers records what the stock attention module returns
+        collecting = run.collecting.setdefault(layer, collecting_attentions())
+        if collecting:  # transformers records what the stock attention module returns
             kwargs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
             hidden = hidden_states + attn(hidden, cu_seqlens=cu, position_embeddings=position_embeddings, **kwargs)
         else:
@@ -250,7 +254,7 @@ def _record_step(run: VisionRun, layer: int, blocks: Blocks, frames: list[_Frame
     assigns = [frame.assign.cpu() for frame in frames]
     step = torch.cat([torch.where(a >= 0, a + start, -1) for a, start in zip(assigns, starts_new.tolist())])
     before = torch.full((run.assign.shape[0],), float("nan"))
-    before[blocks.block_ids] = torch.cat([frame.scores for frame in frames]).cpu()
+    before[blocks.block_ids] = torch.cat([frame.scores for frame in frames]).detach().cpu()  # as CropTrace.step
     run.assign = compose_assign(run.assign[None], step[None])[0]
     ids = run.after[layer].block_ids
     run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))

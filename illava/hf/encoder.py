@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..config import keep_count
 from ..merge import attention_with_received_scores
+from ..patch import Hook, stock_when_compiled
 from ..plan import encoder as plan
 from ..plan.encoder import CropTrace, block_order, cls_received, size_bias
 from ..state import EncoderCall, IllavaState, UnitTrace
@@ -149,6 +150,7 @@ def attention_and_scores(
     bias=None,
     cls: bool = False,
     scores: bool = True,
+    collecting: bool | None = None,
 ):
     """Attention output and the attention each token receives.
 
@@ -157,9 +159,11 @@ def attention_and_scores(
     attention, the stock attention module runs instead (``eager_call()``), so the map of a merge
     layer is recorded like any other layer's. ``cls``: the attention received from the first token
     (the CLS token) instead of from every query (``illava.plan.encoder.cls_received``). ``scores=False``
-    (a policy that ignores them, ToMe): fused attention, the scores zeros.
+    (a policy that ignores them, ToMe): fused attention, the scores zeros. ``collecting``: whether
+    transformers collects attention maps in this forward (``None``: ask, ``collecting_attentions``).
     """
-    if collecting_attentions() and attn.config._attn_implementation == "eager" and bias is None:
+    collecting = collecting_attentions() if collecting is None else collecting
+    if collecting and attn.config._attn_implementation == "eager" and bias is None:
         out, weights = eager_call()
         received = weights[:, :, 0].float().mean(1) if cls else weights.float().mean(dim=(1, 2))
         return out, received, True
@@ -230,11 +234,14 @@ def vit_attention_half(
     unit: int = 1,
     keep_first: int = 0,
     names: ViTNames = CLIP_VIT,
+    inputs: MergeInputs | None = None,
 ):
     """The attention half of a pre-norm ViT layer (its parts named by ``names``) that also gives
     the attention each token receives: ``(hidden after the attention residual, received scores, keys
     averaged over heads)``; the caller merges, then runs the MLP half (``vit_mlp_half``). ``unit`` /
-    ``keep_first``: as ``proportional_bias``."""
+    ``keep_first``: as ``proportional_bias``; ``inputs``: what the layer reads from its encoder call
+    (``merge_inputs``; ``None``: the call in progress)."""
+    inputs = inputs if inputs is not None else merge_inputs(state, {})
     if attention_mask is not None:
         raise NotImplementedError("illava: the encoder stage does not support an attention mask in the vision encoder")
     attn = getattr(layer, names.attention)
@@ -242,11 +249,10 @@ def vit_attention_half(
     shape = (*hidden.shape[:-1], -1, attn.head_dim)
     projections = (getattr(attn, names.q), getattr(attn, names.k), getattr(attn, names.v))
     q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in projections)
-    bias = proportional_bias(state, hidden.shape[1], unit=unit, keep_first=keep_first)
-    scale = getattr(attn, names.scale)
-    cls, wanted = scores_from_cls(state, keep_first), needs_scores(state)
+    bias = proportional_bias(state, hidden.shape[1], unit, keep_first, inputs.trace)
+    scale, cls = getattr(attn, names.scale), scores_from_cls(state, keep_first)
     out, received, projected = attention_and_scores(
-        attn, hidden, q, k, v, scale, lambda: attn(hidden), bias, cls, wanted
+        attn, hidden, q, k, v, scale, lambda: attn(hidden), bias, cls, inputs.scores, inputs.collecting
     )
     if not projected:
         out = getattr(attn, names.out)(out.reshape(*hidden.shape[:-1], -1))
@@ -259,12 +265,14 @@ def vit_mlp_half(layer, hidden: torch.Tensor, names: ViTNames = CLIP_VIT) -> tor
     return hidden + names.branch(layer, names.scale2, out)
 
 
-def proportional_bias(state: IllavaState, n: int, unit: int = 1, keep_first: int = 0) -> torch.Tensor | None:
+def proportional_bias(
+    state: IllavaState, n: int, unit: int = 1, keep_first: int = 0, trace: CropTrace | None = None
+) -> torch.Tensor | None:
     """``log(size)`` of every token as an additive attention bias ``(crops, 1, 1, n)`` when the
-    policy asks for proportional attention (ToMe) and earlier merges made tokens of several units."""
+    policy asks for proportional attention (ToMe) and earlier merges made tokens of several units
+    (``trace``: the call's trace before the layer, ``MergeInputs.trace``)."""
     if not state.policy.proportional_attention:
         return None
-    trace = crop_trace(state)
     return size_bias(trace.sizes if trace is not None else None, n, unit, keep_first)
 
 
@@ -287,11 +295,13 @@ def merge_units(
     unit: int = 1,
     keep_first: int = 0,
     keys: torch.Tensor | None = None,
+    trace: CropTrace | None = None,
 ) -> torch.Tensor:
-    """``illava.plan.encoder.merge_units`` at encoder ``layer`` of the call in progress: its
-    ``CropTrace`` (``work["crops"]``) goes in and out, the step's token counts go to its statistics."""
+    """``illava.plan.encoder.merge_units`` at encoder ``layer``: ``trace`` (the call's ``CropTrace``
+    before the layer, ``MergeInputs.trace``) goes in; in the call in progress the trace after it goes
+    to ``work["crops"]`` and the step's token counts to its statistics (not in a recomputation by
+    gradient checkpointing: that call has ended, ``current_call`` is ``None``)."""
     call = current_call(state)
-    trace = call.work.get("crops") if call is not None else None
     out, trace = plan.merge_units(
         state.config, state.policy, layer, hidden, received, unit, keep_first, keys, trace, recording(state)
     )
@@ -304,18 +314,67 @@ def merge_units(
     return out
 
 
-def merge_layer(state: IllavaState, layer: int, hidden: torch.Tensor, received: torch.Tensor, keys: torch.Tensor):
+def merge_layer(
+    state: IllavaState,
+    layer: int,
+    hidden: torch.Tensor,
+    received: torch.Tensor,
+    keys: torch.Tensor,
+    trace: CropTrace | None = None,
+):
     """The merge of a ViT layer of the adapter's geometry (``adapter.unit`` tokens per unit after
     ``adapter.keep_first`` kept tokens): at the first merge layer, units of ``k x k`` patches
     (``unit = k * k > 1``) are made consecutive (block order; attention does not depend on token
-    order, positions were added at the embeddings), then ``merge_units``."""
+    order, positions were added at the embeddings), then ``merge_units`` (``trace``: the call's
+    trace before the layer)."""
     unit, keep_first = state.adapter.unit, state.adapter.keep_first
     if unit > 1 and layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
         side = round((hidden.shape[1] - keep_first) ** 0.5)
         patches = block_order(side, round(unit**0.5), hidden.device) + keep_first
         order = torch.cat([torch.arange(keep_first, device=hidden.device), patches])
         hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
-    return merge_units(state, layer, hidden, received, unit, keep_first, keys)
+    return merge_units(state, layer, hidden, received, unit, keep_first, keys, trace)
+
+
+MERGE_INPUTS = "illava_merge_inputs"  # the keyword argument ``PassMergeInputs`` adds to a merge layer's call
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a ViT merge layer reads from its encoder call: the call's ``CropTrace`` before the layer
+    (``None``: before its first merge), whether the attention every token receives is measured
+    (``needs_scores``) and whether transformers collects attention maps (``collecting_attentions``)."""
+
+    trace: CropTrace | None
+    scores: bool
+    collecting: bool
+
+
+def merge_inputs(state: IllavaState, kwargs: dict) -> MergeInputs:
+    """The ``MergeInputs`` of a merge layer's forward: taken out of its keyword arguments
+    (``PassMergeInputs``), or read from the call in progress (no hook ran: inside ``torch.compile``,
+    or the layer called by hand)."""
+    given = kwargs.pop(MERGE_INPUTS, None)
+    if given is not None:
+        return given
+    return MergeInputs(crop_trace(state), needs_scores(state), collecting_attentions())
+
+
+class PassMergeInputs(Hook):
+    """Pre-hook on a ViT merge layer: its ``MergeInputs`` as a keyword argument of its forward.
+
+    transformers' gradient checkpointing (``GradientCheckpointingLayer``) checkpoints a layer's
+    ``forward`` with the keyword arguments of the call and runs it again during backward, after the
+    encoder call has ended (``current_call`` is ``None`` then, and nothing is collected). Handed
+    over this way, the recomputation reads what the forward read, and makes the same merge (the
+    same sizes and grid, the same attention path); the forward without checkpointing is unchanged.
+    """
+
+    def __call__(self, module, args, kwargs):
+        if not self.state.config.encoder_active or current_call(self.state) is None:
+            return None
+        kwargs[MERGE_INPUTS] = merge_inputs(self.state, {})
+        return args, kwargs
 
 
 class IllavaViTLayer:
@@ -329,14 +388,18 @@ class IllavaViTLayer:
     """
 
     _illava_names: ViTNames = CLIP_VIT
+    _illava_pre_hook = PassMergeInputs  # what the layer reads from its encoder call, checkpointed with it
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         state = self._illava.state
+        inputs = merge_inputs(state, kwargs)
         if not state.config.encoder_active:
             return super().forward(hidden_states, attention_mask, **kwargs)
         names, unit, keep_first = self._illava_names, state.adapter.unit, state.adapter.keep_first
-        hidden, received, keys = vit_attention_half(self, state, hidden_states, attention_mask, unit, keep_first, names)
-        hidden = merge_layer(state, self._illava.layer, hidden, received, keys)
+        hidden, received, keys = vit_attention_half(
+            self, state, hidden_states, attention_mask, unit, keep_first, names, inputs
+        )
+        hidden = merge_layer(state, self._illava.layer, hidden, received, keys, inputs.trace)
         return vit_mlp_half(self, hidden, names)
 
 
@@ -366,8 +429,9 @@ class FeatureCalls:
             return
         for kind in ("image", "video"):
             stock = getattr(original, f"get_{kind}_features", None)
-            if stock is not None:
-                setattr(cls, f"get_{kind}_features", _feature_call(kind, stock))
+            if stock is not None:  # guarded for torch.compile as the overrides in the mixin are
+                name = f"get_{kind}_features"
+                setattr(cls, name, stock_when_compiled(name, _feature_call(kind, stock), stock))
 
     def forward(self, *args, **kwargs):
         """Stock; the swap wraps it (``illava.patch``): inside ``torch.compile`` a call that removes

@@ -5,7 +5,7 @@ attention implementations and cache objects do the work. Per decoder call (a pre
 step, or the continuation of a cached conversation) one ``Chunk`` holds what the hooks share:
 
 - ``DecoderInput`` (pre-hook on the decoder) removes the placeholder slots whose feature the
-  encoder stage removed (their rows are NaN, ``illava.encoder.stock_count_features``), per sample,
+  encoder stage removed (their rows are NaN, ``illava.hf.encoder.stock_count_features``), per sample,
   keeping each row's padding side; positions are renumbered as if the prompt had been built with
   fewer placeholders (``adapter.renumber_positions``, LLaVA-style) or kept (M-RoPE: the survivors'
   own positions);

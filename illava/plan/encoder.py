@@ -150,7 +150,9 @@ class CropTrace:
             crops, units = assign.shape
             owner = torch.where(assign >= 0, positions.gather(1, assign.clamp(min=0)), -1)
             full = torch.full((crops, units), float("nan"), device=scores.device)
-            records.append((layer, owner.cpu(), full.scatter(1, before, scores.float()).cpu()))
+            # detached: a record is for pictures, and it saves nothing for backward (gradient
+            # checkpointing's recomputation, which records nothing, must save what the forward saved)
+            records.append((layer, owner.cpu(), full.scatter(1, before, scores.detach().float()).cpu()))
         return CropTrace(positions, assign, merged_sizes(self.sizes, res, before.shape[1]), records)
 
     def call_layers(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
