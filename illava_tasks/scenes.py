@@ -1,0 +1,220 @@
+"""Scenes: several objects per image, where detail matters (issue 39). The generator and its fixed splits.
+
+Every scene is drawn from a seed, so the splits ship as code, not data: 224x224 images (the real-weights
+LLaVA's DINOv2-S/14 input: 16x16 patches of 14 px) with 2 to 6 non-overlapping objects, each a shape
+(circle, square, triangle) in a colour (red, green, blue, yellow, purple, orange), from large (84 px)
+down to one or two patches (14-28 px), on a plain or a textured background (noise or stripes).
+
+Question kinds, one-word answers (scored on the first answer token, as easy-VQA):
+
+- ``count``: "how many circles?", "how many red shapes?" (answers "0" to "6");
+- ``attribute``: the colour or the shape of a uniquely described object ("what colour is the
+  triangle?" when there is one triangle; "what shape is the blue shape?");
+- ``relation``: "what colour is the shape left of the green circle?" (left / right / above / below,
+  asked only when exactly one object lies on that side of a unique reference);
+- ``presence``: "is there a red square?", yes and no balanced;
+- ``smallest``: the colour or shape of the smallest object (asked only when it is clearly smallest).
+
+``test_split()`` is the fixed test split (seed 2026, 1,200 questions); ``train_split(n)`` draws
+training scenes from another seed stream. ``chance(split)`` is each kind's chance level: the share of
+its most common answer (what a model that ignores the image can reach).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+SIZE = 224
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+}
+KINDS = ("count", "attribute", "relation", "presence", "smallest")
+TEST_SEED = 2026
+TRAIN_SEED = 7
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+    x: int  # centre
+    y: int
+    size: int  # side of the bounding box, pixels
+
+    def box(self) -> tuple[int, int, int, int]:
+        h = self.size // 2
+        return (self.x - h, self.y - h, self.x + h, self.y + h)
+
+
+@dataclass
+class Scene:
+    seed: int
+    things: list[Thing]
+    background: str  # "plain", "noise" or "stripes"
+    tint: tuple[int, int, int]
+    questions: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, question, answer)
+
+    def image(self) -> Image.Image:
+        """The scene drawn (deterministic: the same pixels for the same scene)."""
+        img = Image.new("RGB", (SIZE, SIZE), self.tint)
+        draw = ImageDraw.Draw(img)
+        rng = random.Random(self.seed * 31 + 1)
+        if self.background == "noise":
+            for _ in range(900):
+                x, y = rng.randrange(SIZE), rng.randrange(SIZE)
+                shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in self.tint)
+                draw.rectangle((x, y, x + 2, y + 2), fill=shade)
+        elif self.background == "stripes":
+            darker = tuple(max(0, c - 35) for c in self.tint)
+            for x in range(-SIZE, SIZE, 12):
+                draw.line((x, 0, x + SIZE, SIZE), fill=darker, width=3)
+        for t in self.things:
+            rgb = COLOURS[t.colour]
+            x0, y0, x1, y1 = t.box()
+            if t.shape == "circle":
+                draw.ellipse((x0, y0, x1, y1), fill=rgb)
+            elif t.shape == "square":
+                draw.rectangle((x0, y0, x1, y1), fill=rgb)
+            else:
+                draw.polygon([(t.x, y0), (x1, y1), (x0, y1)], fill=rgb)
+        return img
+
+
+def _place(rng: random.Random, n: int) -> list[Thing] | None:
+    things: list[Thing] = []
+    for _ in range(n):
+        for _ in range(200):
+            size = rng.choice((14, 20, 28, 40, 56, 84)) if rng.random() < 0.7 else rng.randint(14, 84)
+            h = size // 2 + 2
+            x, y = rng.randint(h, SIZE - h), rng.randint(h, SIZE - h)
+            if all(abs(x - t.x) > (size + t.size) // 2 + 4 or abs(y - t.y) > (size + t.size) // 2 + 4 for t in things):
+                things.append(Thing(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), x, y, size))
+                break
+        else:
+            return None
+    return things
+
+
+def _describe(t: Thing, things: list[Thing]) -> str | None:
+    """The shortest description that names ``t`` alone ("the triangle", "the red shape", "the red
+    triangle"), or None."""
+    if sum(o.shape == t.shape for o in things) == 1:
+        return f"the {t.shape}"
+    if sum(o.colour == t.colour for o in things) == 1:
+        return f"the {t.colour} shape"
+    if sum(o.shape == t.shape and o.colour == t.colour for o in things) == 1:
+        return f"the {t.colour} {t.shape}"
+    return None
+
+
+SIDES = {
+    "left of": lambda o, r: o.x < r.x - (o.size + r.size) // 2,
+    "right of": lambda o, r: o.x > r.x + (o.size + r.size) // 2,
+    "above": lambda o, r: o.y < r.y - (o.size + r.size) // 2,
+    "below": lambda o, r: o.y > r.y + (o.size + r.size) // 2,
+}
+
+
+def _questions(rng: random.Random, things: list[Thing]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    # count: by shape or by colour, mostly of what is there (zero counts included, one time in five)
+    present = rng.random() < 0.8
+    if rng.random() < 0.5:
+        shape = rng.choice(things).shape if present else rng.choice(SHAPES)
+        out.append(("count", f"how many {shape}s are there?", str(sum(t.shape == shape for t in things))))
+    else:
+        colour = rng.choice(things).colour if present else rng.choice(tuple(COLOURS))
+        out.append(("count", f"how many {colour} shapes are there?", str(sum(t.colour == colour for t in things))))
+    # attribute of a uniquely described object: its colour when named by its shape, its shape when
+    # named by its colour (an object named by both has nothing left to ask)
+    described = [(t, d) for t in things if (d := _describe(t, things)) is not None]
+    askable = [(t, d) for t, d in described if d in (f"the {t.shape}", f"the {t.colour} shape")]
+    if askable:
+        t, d = rng.choice(askable)
+        if d == f"the {t.shape}":
+            out.append(("attribute", f"what colour is {d}?", t.colour))
+        else:
+            out.append(("attribute", f"what shape is {d}?", t.shape))
+    # relation: exactly one object on one side of a unique reference
+    relations = []
+    for ref, d in described:
+        for side, test in SIDES.items():
+            hits = [o for o in things if o is not ref and test(o, ref)]
+            if len(hits) == 1:
+                relations.append((side, d, hits[0]))
+    if relations:
+        side, d, hit = rng.choice(relations)
+        out.append(("relation", f"what colour is the shape {side} {d}?", hit.colour))
+    # presence, yes and no balanced
+    if rng.random() < 0.5:
+        t = rng.choice(things)
+        out.append(("presence", f"is there a {t.colour} {t.shape}?", "yes"))
+    else:
+        absent = [(c, s) for c in COLOURS for s in SHAPES if not any(t.colour == c and t.shape == s for t in things)]
+        c, s = rng.choice(absent)
+        out.append(("presence", f"is there a {c} {s}?", "no"))
+    # the smallest object, when it is clearly the smallest
+    by_size = sorted(things, key=lambda t: t.size)
+    if by_size[1].size >= 1.5 * by_size[0].size:
+        t = by_size[0]
+        if rng.random() < 0.5:
+            out.append(("smallest", "what colour is the smallest shape?", t.colour))
+        else:
+            out.append(("smallest", "what shape is the smallest shape?", t.shape))
+    return out
+
+
+def scene(seed: int) -> Scene:
+    """The scene of ``seed`` with its questions (2 to 6 objects; deterministic)."""
+    rng = random.Random(seed)
+    while True:
+        n = rng.randint(2, 6)
+        things = _place(rng, n)
+        if things is not None:
+            break
+    background = rng.choice(("plain", "plain", "noise", "stripes"))
+    tint = tuple(rng.randint(200, 250) for _ in range(3))
+    s = Scene(seed, things, background, tint)
+    s.questions = _questions(rng, things)
+    return s
+
+
+def chance(split) -> dict[str, float]:
+    """Per kind, the share of its most common answer in ``split`` (the best image-blind guess)."""
+    from collections import Counter
+
+    out = {}
+    for kind in KINDS:
+        answers = Counter(a for _, k, _, a in split if k == kind)
+        if answers:
+            out[kind] = answers.most_common(1)[0][1] / sum(answers.values())
+    return out
+
+
+def _split(first_seed: int, questions: int) -> list[tuple[Scene, str, str, str]]:
+    out = []
+    seed = first_seed
+    while len(out) < questions:
+        s = scene(seed)
+        out.extend((s, kind, q, a) for kind, q, a in s.questions)
+        seed += 1
+    return out[:questions]
+
+
+def test_split(questions: int = 1200) -> list[tuple[Scene, str, str, str]]:
+    """The fixed test split: (scene, kind, question, answer), scenes from seed ``TEST_SEED * 100_000``."""
+    return _split(TEST_SEED * 100_000, questions)
+
+
+def train_split(questions: int) -> list[tuple[Scene, str, str, str]]:
+    """Training questions from another seed stream (never the test scenes)."""
+    return _split(TRAIN_SEED * 100_000, questions)
