@@ -163,7 +163,7 @@ def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
     model as it is set up: stock or with illava applied), from one forward of the prompt."""
     from PIL import Image
 
-    from illava.tools.inputs import build
+    from illava.tools.inputs import build, for_model
 
     out = []
     with torch.inference_mode():
@@ -171,8 +171,7 @@ def predict(model, tokenizer, processor, rows, batch: int = 64) -> torch.Tensor:
             chunk = rows[start : start + batch]
             images = [Image.open(p).convert("RGB") for _, _, p in chunk]
             inputs = build(model.config, tokenizer, [prompt(q) for q, _, _ in chunk], images, image_processor=processor)
-            dtype = next(model.parameters()).dtype
-            inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in dict(inputs).items()}
+            inputs = for_model(inputs, model)
             logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), -1))
     return torch.cat(out)
@@ -335,7 +334,7 @@ def compare_methods(
     from PIL import Image
 
     from illava.tools.budget import solve_all
-    from illava.tools.inputs import build
+    from illava.tools.inputs import build, for_model
 
     api.remove(model)
     stock = predict(model, tokenizer, processor, rows)
@@ -343,9 +342,7 @@ def compare_methods(
     probe_inputs = build(
         model.config, tokenizer, [prompt(probe[0])], [Image.open(probe[2]).convert("RGB")], image_processor=processor
     )
-    dtype = next(model.parameters()).dtype
-    probe_inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in dict(probe_inputs).items()}
-    solved = solve_all(model, methods, budgets, probe_inputs, progress=solved_progress)
+    solved = solve_all(model, methods, budgets, for_model(probe_inputs, model), progress=solved_progress)
     stock_tokens = solved[0].tokens["stock"] if solved else 0
 
     def score(name, target, share, knob, reached, tokens, log_probs, config):

@@ -144,7 +144,7 @@ def run_demo(
 
     from .budget import solve
     from .flops import prefill_flops
-    from .inputs import build
+    from .inputs import build, for_model
 
     say = progress or (lambda message: None)
     reference = None
@@ -157,9 +157,10 @@ def run_demo(
         say(f"loading the {'real-weights LLaVA (DINOv2-S/14 + SmolLM2-135M)' if str(model) == 'real' else model} model")
         loaded = load(model)
     net, tokenizer, processor = loaded
-    inputs = build(net.config, tokenizer, [easy_vqa.prompt(question)], [image], image_processor=processor)
+    inputs = for_model(
+        build(net.config, tokenizer, [easy_vqa.prompt(question)], [image], image_processor=processor), net
+    )
     dtype = next(net.parameters()).dtype
-    inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in dict(inputs).items()}
     method, share = recommended
     say(f"solving {method} to {share:.0%} of stock prefill FLOPs on this input")
     solved = solve(net, method, share, dict(inputs))

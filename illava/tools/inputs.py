@@ -102,6 +102,16 @@ def placeholder_inputs(config, images=(), videos=(), text_tokens: int = 32, imag
     return build(config, PlaceholderTokenizer(config), [prompt], images, videos, image_processor)
 
 
+def for_model(inputs: dict, model) -> dict:
+    """``inputs`` on ``model``'s device, their floating tensors (pixels) in its dtype."""
+    first = next(model.parameters())
+
+    def moved(v: torch.Tensor) -> torch.Tensor:
+        return v.to(first.device, first.dtype if torch.is_floating_point(v) else v.dtype)
+
+    return {k: moved(v) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+
+
 def repeat_batch(inputs: dict, times: int) -> dict:
     """The same sample ``times`` times (every tensor concatenated along its first dimension)."""
     if times == 1:

@@ -57,9 +57,9 @@ def lift(scores: torch.Tensor, top: float = TOP_SHARE) -> float:
     return float(scores.topk(k).values.sum() / total) / (k / scores.numel())
 
 
-def layer_profile(model, inputs: dict) -> Profile:
+def layer_profile(model, inputs: dict, images: int = 0) -> Profile:
     """The lift of every mergeable encoder layer of ``model`` on ``inputs`` (model inputs holding
-    images). The model's own illava state is restored afterwards."""
+    ``images`` images). The model's own illava state is restored afterwards."""
     from ..adapters import adapter_for
 
     layers = tuple(adapter_for(model).mergeable_layers(model))
@@ -79,7 +79,6 @@ def layer_profile(model, inputs: dict) -> Profile:
         for layer, _, scores in unit_trace.layers:
             for crop in torch.split(scores, sizes):
                 lifts[layer].append(lift(crop))
-    images = int(inputs.get("pixel_values", torch.empty(0)).shape[0]) if "pixel_values" in inputs else 0
     return Profile(layers, tuple(sum(v) / len(v) if v else 1.0 for v in lifts.values()), images)
 
 
@@ -122,20 +121,13 @@ def measure(model, tokenizer, image_processor=None, images=None, prompt: str | N
     """``layer_profile`` of ``model`` on ``images`` (default: ``sample_images()``), one image per
     sample, with the chat format of the shipped models (``prompt``: a ``<image>`` marker and a
     question); remembered for ``measured_layers``."""
-    from .inputs import build
+    from .inputs import build, for_model
 
     images = list(images) if images is not None else sample_images()
     prompt = prompt or "<|im_start|>user\n<image>\nwhat is in the image?<|im_end|>\n<|im_start|>assistant\n"
     inputs = build(model.config, tokenizer, [prompt] * len(images), images, image_processor=image_processor)
-    first = next(model.parameters())
-    inputs = {
-        k: v.to(first.device, first.dtype if torch.is_floating_point(v) else v.dtype)
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in dict(inputs).items()
-    }
-    profile = layer_profile(model, inputs)
-    profile.images = len(images)
+    inputs = for_model(inputs, model)
+    profile = layer_profile(model, inputs, len(images))
     _MEASURED[model] = profile
     return profile
 
