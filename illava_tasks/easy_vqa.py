@@ -333,47 +333,48 @@ def compare_methods(
     answer, mean KL divergence of the first answer token's distribution from stock's."""
     from PIL import Image
 
-    from illava.tools.budget import solve_all
     from illava.tools.inputs import build, for_model
+    from illava_tasks.compare import agreement_and_kl, settings
 
-    api.remove(model)
-    stock = predict(model, tokenizer, processor, rows)
     probe = rows[0]
     probe_inputs = build(
         model.config, tokenizer, [prompt(probe[0])], [Image.open(probe[2]).convert("RGB")], image_processor=processor
     )
-    solved = solve_all(model, methods, budgets, for_model(probe_inputs, model), progress=solved_progress)
-    stock_tokens = solved[0].tokens["stock"] if solved else 0
-
-    def score(name, target, share, knob, reached, tokens, log_probs, config):
-        ok = correct(tokenizer, rows, log_probs)
-        kl = (stock.exp() * (stock - log_probs)).sum(-1)
-        return MethodScore(
-            name, target, share, knob, reached, tokens, ok[in_all].float().mean().item(),
-            ok[in_open].float().mean().item(), (log_probs.argmax(-1) == stock.argmax(-1)).float().mean().item(),
-            kl.mean().item(), config, by_kind(rows, ok),
-        )  # fmt: skip
-
-    tokens = {"stock": stock_tokens, "after_encoder": stock_tokens, "after_llm": stock_tokens}
-    scores = [score("stock", 1.0, 1.0, None, True, tokens, stock, "stock")]
-    if progress:
-        progress(scores[-1])
-    done: dict[str, torch.Tensor] = {}  # a budget out of reach repeats the floor's configuration
-    for s in solved:
-        key = f"{s.config!s} {s.config.policy!r}"
-        if key not in done:
-            api.apply(model, s.config)
-            done[key] = predict(model, tokenizer, processor, rows)
-        log_probs = done[key]
-        scores.append(score(s.method, s.target, s.share, s.knob, s.reached, s.tokens, log_probs, str(s.config)))
+    scores = []
+    stock = None
+    for s in settings(
+        model, methods, budgets, for_model(probe_inputs, model),
+        lambda: predict(model, tokenizer, processor, rows), progress=solved_progress,
+    ):  # fmt: skip
+        stock = s.log_probs if stock is None else stock
+        ok = correct(tokenizer, rows, s.log_probs)
+        agree, kl = agreement_and_kl(stock, s.log_probs)
+        scores.append(
+            MethodScore(
+                s.method,
+                s.target,
+                s.share,
+                s.knob,
+                s.reached,
+                s.visual_tokens,
+                ok[in_all].float().mean().item(),
+                ok[in_open].float().mean().item(),
+                agree,
+                kl,
+                s.config,
+                by_kind(rows, ok),
+            )  # fmt: skip
+        )
         if progress:
             progress(scores[-1])
-    api.remove(model)
     return scores
 
 
-def plot_methods(scores: list[MethodScore], path: str) -> None:
-    """Accuracy (open questions) and KL from stock vs share of stock prefill FLOPs, a line per method."""
+def plot_methods(
+    scores, path: str, field: str = "accuracy_open", title: str = "easy-VQA model", what: str = "open questions"
+) -> None:
+    """Accuracy (``field``: open questions) and KL from stock vs share of stock prefill FLOPs, a line per
+    method (also for the scenes task's scores)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -391,10 +392,10 @@ def plot_methods(scores: list[MethodScore], path: str) -> None:
             style |= {"color": "black", "ls": ":", "marker": "x" if method == "random" else "s"}
         else:
             style["color"] = next(colours)
-        left.plot(x, [100 * s.accuracy_open for s in points], **style)
+        left.plot(x, [100 * getattr(s, field) for s in points], **style)
         right.plot(x, [max(s.kl, 1e-6) for s in points], **style)
-    left.axhline(100 * stock.accuracy_open, color="black", lw=0.8, label="stock")
-    left.set_ylabel("accuracy, open questions (%)")
+    left.axhline(100 * getattr(stock, field), color="black", lw=0.8, label="stock")
+    left.set_ylabel(f"accuracy, {what} (%)")
     right.set_ylabel("mean KL(stock || method), first answer token (nats)")
     right.set_yscale("log")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -407,7 +408,7 @@ def plot_methods(scores: list[MethodScore], path: str) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
     left.legend(fontsize=7, ncol=2)
-    fig.suptitle("easy-VQA model: methods at matched prefill FLOPs")
+    fig.suptitle(f"{title}: methods at matched prefill FLOPs")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

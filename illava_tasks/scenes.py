@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -40,6 +41,7 @@ COLOURS = {
 KINDS = ("count", "attribute", "relation", "presence", "smallest")
 TEST_SEED = 2026
 TRAIN_SEED = 7
+MODEL_DIR = Path(__file__).parent / "models" / "real-scenes"
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ SIDES = {
 }
 
 
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _questions(rng: random.Random, things: list[Thing]) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     # count: by shape or by colour, mostly of what is there (zero counts included, one time in five)
@@ -157,11 +163,11 @@ def _questions(rng: random.Random, things: list[Thing]) -> list[tuple[str, str, 
     # presence, yes and no balanced
     if rng.random() < 0.5:
         t = rng.choice(things)
-        out.append(("presence", f"is there a {t.colour} {t.shape}?", "yes"))
+        out.append(("presence", f"is there {_a(t.colour)} {t.colour} {t.shape}?", "yes"))
     else:
         absent = [(c, s) for c in COLOURS for s in SHAPES if not any(t.colour == c and t.shape == s for t in things)]
         c, s = rng.choice(absent)
-        out.append(("presence", f"is there a {c} {s}?", "no"))
+        out.append(("presence", f"is there {_a(c)} {c} {s}?", "no"))
     # the smallest object, when it is clearly the smallest
     by_size = sorted(things, key=lambda t: t.size)
     if by_size[1].size >= 1.5 * by_size[0].size:
@@ -218,3 +224,161 @@ def test_split(questions: int = 1200) -> list[tuple[Scene, str, str, str]]:
 def train_split(questions: int) -> list[tuple[Scene, str, str, str]]:
     """Training questions from another seed stream (never the test scenes)."""
     return _split(TRAIN_SEED * 100_000, questions)
+
+
+def training_questions(s: Scene, draws: int = 4) -> list[tuple[str, str, str]]:
+    """More questions about one training scene: ``draws`` independent draws of the question rules
+    (the scene's own first), without repeats. The test split asks one draw per scene."""
+    out = {q: (k, q, a) for k, q, a in s.questions}
+    for d in range(1, draws):
+        rng = random.Random(s.seed * 1_000 + d)
+        for k, q, a in _questions(rng, s.things):
+            out.setdefault(q, (k, q, a))
+    return list(out.values())
+
+
+PATCH = 14
+
+
+def patch_labels(s: Scene) -> tuple[list[int], list[int]]:
+    """Per 14 px patch of the 224 px image (row-major, 256), the colour (1-6, 0: background) and the
+    shape (1-3, 0: background) of the object covering most of it, when that covers at least a fifth
+    of the patch. Training targets for an auxiliary head (``training/train_scenes.py``)."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for n, t in enumerate(s.things, 1):
+        x0, y0, x1, y1 = t.box()
+        if t.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=n)
+        elif t.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=n)
+        else:
+            draw.polygon([(t.x, y0), (x1, y1), (x0, y1)], fill=n)
+    pixels = mask.load()
+    colours, shapes = [], []
+    side = SIZE // PATCH
+    for py in range(side):
+        for px in range(side):
+            counts: dict[int, int] = {}
+            for y in range(py * PATCH, (py + 1) * PATCH):
+                for x in range(px * PATCH, (px + 1) * PATCH):
+                    v = pixels[x, y]
+                    if v:
+                        counts[v] = counts.get(v, 0) + 1
+            best = max(counts, key=counts.get) if counts else 0
+            if best and counts[best] * 5 >= PATCH * PATCH:
+                t = s.things[best - 1]
+                colours.append(1 + tuple(COLOURS).index(t.colour))
+                shapes.append(1 + SHAPES.index(t.shape))
+            else:
+                colours.append(0)
+                shapes.append(0)
+    return colours, shapes
+
+
+def prompt(question: str) -> str:
+    """The prompt the scenes model was trained with (easy-VQA's: ChatML, one image, the question)."""
+    return f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def predict(model, tokenizer, processor, rows, batch: int = 32):
+    """Log-probabilities ``(len(rows), vocab)`` of the first answer token of every (scene, kind,
+    question, answer) row, from one forward of its prompt (the model as it is set up)."""
+    import torch
+
+    from illava.tools.inputs import build, for_model
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            images = [s.image() for s, _, _, _ in chunk]
+            inputs = build(
+                model.config, tokenizer, [prompt(q) for _, _, q, _ in chunk], images, image_processor=processor
+            )
+            inputs = for_model(inputs, model)
+            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            out.append(torch.log_softmax(logits.float(), -1))
+    return torch.cat(out)
+
+
+def correct(tokenizer, rows, log_probs):
+    """Whether the argmax of every row is the first token of its answer (bool tensor)."""
+    import torch
+
+    from illava_tasks.easy_vqa import answer_token
+
+    ids = {a: answer_token(tokenizer, a) for a in {r[3] for r in rows}}
+    return log_probs.argmax(-1) == torch.tensor([ids[r[3]] for r in rows])
+
+
+def by_kind(rows, ok) -> dict[str, float]:
+    """Accuracy per question kind, in ``KINDS`` order, of the kinds present in ``rows``."""
+    out = {}
+    for kind in KINDS:
+        picked = [n for n, r in enumerate(rows) if r[1] == kind]
+        if picked:
+            out[kind] = ok[picked].float().mean().item()
+    return out
+
+
+def load(path: str | Path | None = None):
+    """(model, tokenizer, image processor) of the real-weights LLaVA trained on scenes
+    (``training/train_scenes.py``; the shipped projector and adapters, or those of ``path``)."""
+    from illava_tasks import real
+
+    return real.load(path if path is not None else MODEL_DIR)
+
+
+@dataclass
+class SceneScore:
+    method: str
+    target: float  # share of stock prefill FLOPs asked for (1.0: stock)
+    share: float  # achieved
+    knob: float | None
+    reached: bool
+    visual_tokens: dict
+    accuracy: float
+    kinds: dict  # accuracy per kind
+    agreement: float  # share of questions answered as stock answers them
+    kl: float  # mean KL(stock || setting) of the first answer token, nats
+    config: str
+
+
+def compare(
+    model, tokenizer, processor, rows, methods, budgets, progress=None, solved_progress=None
+) -> list[SceneScore]:
+    """Stock, then every method of ``methods`` at every FLOPs share of ``budgets`` (knobs solved on the
+    first question: every scene is one 224 px image), scored on the answers (per kind) and against
+    stock (agreement, KL of the first answer token)."""
+    from illava.tools.inputs import build, for_model
+    from illava_tasks.compare import agreement_and_kl, settings
+
+    probe = build(model.config, tokenizer, [prompt(rows[0][2])], [rows[0][0].image()], image_processor=processor)
+    scores: list[SceneScore] = []
+    stock = None
+    for s in settings(
+        model, methods, budgets, for_model(probe, model),
+        lambda: predict(model, tokenizer, processor, rows), progress=solved_progress,
+    ):  # fmt: skip
+        stock = s.log_probs if stock is None else stock
+        ok = correct(tokenizer, rows, s.log_probs)
+        agree, kl = agreement_and_kl(stock, s.log_probs)
+        scores.append(
+            SceneScore(
+                s.method,
+                s.target,
+                s.share,
+                s.knob,
+                s.reached,
+                s.visual_tokens,
+                ok.float().mean().item(),
+                by_kind(rows, ok),
+                agree,
+                kl,
+                s.config,
+            )  # fmt: skip
+        )
+        if progress:
+            progress(scores[-1])
+    return scores

@@ -5,6 +5,9 @@ import hashlib
 import re
 from collections import Counter
 
+import pytest
+import torch
+
 from illava_tasks import scenes
 
 
@@ -45,7 +48,7 @@ def test_every_answer_follows_from_the_objects():
             n = sum(t.shape == what or t.colour == what for t in things)
             assert a == str(n), (q, a, things)
         elif kind == "presence":
-            colour, shape = re.match(r"is there a (\w+) (\w+)\?", q).groups()
+            colour, shape = re.match(r"is there an? (\w+) (\w+)\?", q).groups()
             assert a == ("yes" if any(t.colour == colour and t.shape == shape for t in things) else "no")
         elif kind == "smallest":
             small = min(things, key=lambda t: t.size)
@@ -64,3 +67,88 @@ def test_every_answer_follows_from_the_objects():
             assert len(refs) == 1, (q, things)
             hits = [o for o in things if o is not refs[0] and scenes.SIDES[side](o, refs[0])]
             assert len(hits) == 1 and a == hits[0].colour, (q, a, things)
+
+
+def test_patch_labels_mark_the_patches_an_object_covers():
+    things = [scenes.Thing("square", "blue", 35, 35, 28), scenes.Thing("circle", "red", 161, 161, 56)]
+    s = scenes.Scene(1, things, "plain", (230, 230, 230))
+    colours, shapes = scenes.patch_labels(s)
+    assert len(colours) == len(shapes) == 256
+    blue = 1 + list(scenes.COLOURS).index("blue")
+    # the 28 px square centred at (35, 35) covers x, y in 21..49: patches 1..3 of rows 1..3 (a fifth or more)
+    covered = {(n // 16, n % 16) for n, c in enumerate(colours) if c == blue}
+    assert covered == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}, covered
+    assert {shapes[r * 16 + c] for r, c in covered} == {1 + scenes.SHAPES.index("square")}
+    red = [n for n, c in enumerate(colours) if c == 1 + list(scenes.COLOURS).index("red")]
+    # the 56 px circle spans x, y in 133..189: patches 9..13 (5 x 5); the corner patches lie outside it
+    cells = {(n // 16, n % 16) for n in red}
+    assert all(9 <= r <= 13 and 9 <= c <= 13 for r, c in cells) and (11, 11) in cells and 17 <= len(cells) <= 21
+    assert not cells & {(9, 9), (9, 13), (13, 9), (13, 13)} and all(shapes[n] == 1 for n in red)
+    assert sum(c > 0 for c in colours) == len(covered) + len(red)
+
+
+def test_training_questions_are_more_draws_of_the_same_rules():
+    for s in [scenes.scene(scenes.TRAIN_SEED * 100_000 + n) for n in range(40)]:
+        more = scenes.training_questions(s, draws=4)
+        texts = [q for _, q, _ in more]
+        assert len(texts) == len(set(texts)) and set(s.questions) <= set(more)
+        for kind, question, answer in more:  # each follows from the objects (the rules' own checks)
+            if kind == "count" and "shapes" in question:
+                colour = question.split()[2]
+                assert answer == str(sum(t.colour == colour for t in s.things))
+            if kind == "presence":
+                colour, shape = re.match(r"is there an? (\w+) (\w+)\?", question).groups()
+                assert (answer == "yes") == any(t.colour == colour and t.shape == shape for t in s.things)
+
+
+def _tiny_scenes_model():
+    """A tiny random LLaVA with the real model's layout (DINOv2 grid at 224 px, Llama decoder)."""
+    from test_real_llava import _tiny_parts
+    from transformers import LlavaForConditionalGeneration
+
+    from illava.tools import realparts as rp
+
+    config, tokenizer = _tiny_parts()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    return model, tokenizer, rp.processor_for(tokenizer, config).image_processor
+
+
+def test_eval_scenes_command_tables_per_kind_with_chance_and_standard_errors(tmp_path, monkeypatch):
+    """`illava eval scenes` (its plumbing, on a tiny random stand-in of the real model): stock per kind
+    beside each kind's chance level; with --methods, every method at each budget, agreement, KL, the
+    JSON report and the plot; bad options fail in one line before any work."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from illava.tools.cli import app
+
+    tiny = _tiny_scenes_model()
+    loaded = []
+    monkeypatch.setattr(scenes, "load", lambda path=None: loaded.append(path) or tiny)
+    runner = CliRunner()
+    plain = runner.invoke(app, ["eval", "scenes", "--limit", "12", "--dtype", "float32"], env={"COLUMNS": "250"})
+    assert plain.exit_code == 0, plain.output
+    assert "chance (most common answer)" in plain.output and "stock" in plain.output and "± " in plain.output
+    assert loaded == [None]  # --model real: the shipped folder
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    args = ["eval", "scenes", "--model", str(tmp_path), "--limit", "12", "--methods", "tome,random-encoder"]
+    args += ["--budgets", "0.6", "--json", str(out), "--plot", str(png), "--dtype", "float32"]
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert loaded[-1] == tmp_path
+    report = json.loads(out.read_text())
+    rows = scenes.test_split()[:12]
+    assert report["questions"] == 12 and report["chance"] == scenes.chance(rows)
+    assert report["per_kind"] == {k: sum(r[1] == k for r in rows) for k in scenes.KINDS}
+    assert [s["method"] for s in report["scores"]] == ["stock", "tome", "random-encoder"]
+    stock, tome = report["scores"][0], report["scores"][1]
+    assert stock["agreement"] == 1.0 and stock["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert tome["share"] < 0.95 and tome["visual_tokens"]["after_encoder"] < stock["visual_tokens"]["stock"]
+    assert set(tome["kinds"]) == {k for k, n in report["per_kind"].items() if n}
+    assert png.stat().st_size > 1000
+    for bad, word in ((["--dtype", "float8"], "--dtype"), (["--plot", str(png)], "--methods"),
+                      (["--methods", "nope"], "unknown method"), (["--budgets", "2"], "--budgets")):  # fmt: skip
+        failed = runner.invoke(app, ["eval", "scenes", *bad], env={"COLUMNS": "250"})
+        assert failed.exit_code == 2 and word in failed.output, failed.output

@@ -832,6 +832,129 @@ def _compare_methods(net, tokenizer, processor, names, shares, limit, json_path,
         console.print(f"plot written to {plot}")
 
 
+@eval_app.command("scenes")
+def eval_scenes(
+    model_path: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="'real': DINOv2-S + SmolLM2 from their PyPI packages with the projector and LoRA adapters "
+            "trained here on scenes (illava_tasks/models/real-scenes); or a folder of training/train_scenes.py.",
+        ),
+    ] = REAL,
+    limit: Annotated[
+        int, typer.Option(min=10, max=1200, help="Questions of the fixed 1,200-question test split (its first N).")
+    ] = 300,
+    methods: Annotated[
+        str | None,
+        typer.Option(help="Compare methods at matched prefill FLOPs: 'all' or a comma-separated list (docs/peers.md)."),
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option(help="With --methods: shares of stock prefill FLOPs to solve every method's knob for.")
+    ] = "0.5,0.33,0.2,0.1",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 where this machine runs it natively, else float32), float32, bfloat16.")
+    ] = "auto",
+    plot: Annotated[Path | None, typer.Option(help="With --methods: write a PNG of accuracy vs FLOPs.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the scores (JSON) here.")] = None,
+) -> None:
+    """Accuracy per question kind (count, attribute, relation, presence, smallest) of the real-weights
+    LLaVA trained on scenes of 2-6 objects (illava_tasks.scenes), beside each kind's chance level; with
+    --methods, every method at matched prefill FLOPs with per-kind accuracy, agreement with stock and the
+    KL of the first answer token, each with its standard error."""
+    import json
+
+    import torch
+    from rich.progress import Progress
+
+    from illava_tasks import scenes
+    from illava_tasks.compare import stderr
+
+    names = _methods(methods)
+    shares = _levels(budgets, "--budgets")
+    if any(not 0 < x <= 1 for x in shares):
+        _fail(f"--budgets are shares of stock prefill FLOPs in (0, 1], got {budgets!r}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        _fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    _writable(json_path, "--json")
+    _writable(plot, "--plot")
+    if plot and not names:
+        _fail("--plot draws accuracy vs FLOPs of --methods; give --methods too")
+    if dtype == "auto":
+        from .demo import default_dtype
+
+        chosen_dtype = default_dtype()
+    else:
+        chosen_dtype = getattr(torch, dtype)
+    folder = None if model_path == REAL else Path(model_path)
+    with _loading(folder if folder is not None else scenes.MODEL_DIR):
+        net, tokenizer, processor = scenes.load(folder)
+    net = net.to(chosen_dtype)
+    rows = scenes.test_split()[:limit]
+    chance = scenes.chance(rows)
+    counts = {k: sum(r[1] == k for r in rows) for k in scenes.KINDS}
+    if "illava-measured" in names:
+        from . import schedule
+
+        with console.status("measuring the encoder's received attention per layer (illava-measured)..."):
+            profile = schedule.measure(net, tokenizer, processor)
+        lifts = ", ".join(f"L{layer} {value:.2f}" for layer, value in profile.table())
+        console.print(f"received-attention lift per encoder layer ({profile.images} sample photos): {lifts}")
+    with Progress(console=console, transient=True) as bar:
+        solving = bar.add_task("solving knobs for the budgets", total=len(names) * len(shares))
+        scoring = bar.add_task(f"scoring, {len(rows)} questions per setting", total=1 + len(names) * len(shares))
+        scores = scenes.compare(
+            net, tokenizer, processor, rows, names, shares,
+            progress=lambda s: bar.advance(scoring), solved_progress=lambda s: bar.advance(solving),
+        )  # fmt: skip
+    kinds = [k for k in scenes.KINDS if counts[k]]
+    table = Table(
+        title=f"scenes, {len(rows)} test questions ({chosen_dtype}); accuracy ± standard error"
+        + ("; agreement and KL against stock's first answer token" if names else "")
+    )
+    columns = ["setting", "FLOPs share", "visual tokens (in -> enc -> LLM)", "all"]
+    columns += [f"{k} ({counts[k]})" for k in kinds] + (["agreement", "KL (nats)"] if names else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    table.add_row(
+        "chance (most common answer)",
+        "",
+        "",
+        "",
+        *[f"{100 * chance[k]:.1f}%" for k in kinds],
+        *([""] * 2 * bool(names)),
+    )
+    for sc in scores:
+        v = sc.visual_tokens
+        name = sc.method if sc.method == "stock" else f"{sc.method} @ {100 * sc.target:g}%"
+        table.add_row(
+            name,
+            f"{100 * sc.share:.1f}%" + ("" if sc.reached else " (floor)"),
+            f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}",
+            f"{100 * sc.accuracy:.1f} ± {100 * stderr(sc.accuracy, len(rows)):.1f}",
+            *[f"{100 * sc.kinds[k]:.1f} ± {100 * stderr(sc.kinds[k], counts[k]):.1f}" for k in kinds],
+            *([f"{100 * sc.agreement:.1f}%", f"{sc.kl:.4f}"] if names else []),
+        )
+    console.print(table)
+    if json_path:
+        report = {
+            "task": "scenes",
+            "questions": len(rows),
+            "per_kind": counts,
+            "chance": chance,
+            "dtype": str(chosen_dtype),
+            "budgets": shares,
+            "scores": [vars(sc) for sc in scores],
+        }
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"scores written to {json_path}")
+    if plot:
+        from illava_tasks.easy_vqa import plot_methods
+
+        plot_methods(scores, str(plot), field="accuracy", title="scenes model", what="all kinds")
+        console.print(f"plot written to {plot}")
+
+
 @eval_app.command("digits")
 def eval_digits(
     per_kind: Annotated[int, typer.Option(min=5, help="Test questions of each kind (fixed seed).")] = 200,
