@@ -29,6 +29,9 @@ def configure(
     - an ``IllavaConfig``, used as given.
 
     Keyword ``overrides`` replace fields of the result (``recycle="cluster"``, ``llm_layers=(4,)``).
+    ``encoder_layers="measured"`` moves the result's encoder merges (as many layers) to those the
+    measured rule picks from the profile ``illava.tools.schedule.measure`` remembered for ``model``
+    (docs/method.md, "Where the encoder stage merges").
     """
     adapter = adapter_for(model)
     if config is None:
@@ -46,10 +49,22 @@ def configure(
         cfg = config
     else:
         raise TypeError(f"config must be a preset name, a method name or an IllavaConfig, got {type(config).__name__}")
+    if isinstance(overrides.get("encoder_layers"), str):
+        cfg = _measured(model, cfg, overrides.pop("encoder_layers"))
     cfg = cfg.replace(**overrides) if overrides else cfg
     cfg.check_against(**adapter.dimensions(model).as_dict())
     adapter.check(model, cfg)
     return cfg
+
+
+def _measured(model, cfg: IllavaConfig, how: str) -> IllavaConfig:
+    from .plan.schedule import measured_layers
+
+    if how != "measured":
+        raise ValueError(f"encoder_layers takes layer indices or 'measured', got {how!r}")
+    if not cfg.encoder_layers:
+        raise ValueError("encoder_layers='measured': this configuration has no encoder stage to move")
+    return cfg.replace(encoder_layers=measured_layers(model, len(cfg.encoder_layers)))
 
 
 def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "image", **overrides) -> IllavaConfig:

@@ -83,7 +83,7 @@ class _AdapterTarget(Target):
         return self._adapter.preset(self._model, name)
 
     def measured_layers(self, count: int) -> tuple[int, ...]:
-        from .tools.schedule import measured_layers  # the tools extra: the profile is measured on images
+        from .plan.schedule import measured_layers
 
         return measured_layers(self._model, count)
 

@@ -75,6 +75,16 @@ def test_illava_measured_moves_the_merges_to_the_measured_layers():
     assert len(measured.encoder_layers) == len(plain.encoder_layers)
     assert measured.encoder_layers[0] == min(3, 5 - len(plain.encoder_layers))
     assert measured.encoder_removal == plain.encoder_removal and measured.llm_layers == plain.llm_layers
+    # every preset and method takes the measured layers as an option
+    for name in ("image", "encoder-only", "tome", "illava-encoder"):
+        base = illava.configure(model, name)
+        moved = illava.configure(model, name, encoder_layers="measured")
+        assert moved == base.replace(encoder_layers=schedule.measured_layers(model, len(base.encoder_layers)))
+        assert moved.encoder_layers[0] == min(3, 5 - len(base.encoder_layers)), (name, moved.encoder_layers)
+    with pytest.raises(ValueError, match="no encoder stage"):
+        illava.configure(model, "llm-only", encoder_layers="measured")
+    with pytest.raises(ValueError, match="'measured'"):
+        illava.configure(model, "image", encoder_layers="latest")
 
 
 def test_the_random_encoder_control_has_the_stages_layers_and_counts():
