@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from . import tuned
 from .adapters import adapter_for
 from .config import PRESETS, IllavaConfig
 from .hf.llm import LLMStage
@@ -26,7 +27,9 @@ def configure(
     - a method name (``METHODS``: ``illava``, ``fastv``, ``pdrop``, ``tome``, ``visionzip``,
       ``divprune``, ``random``, ``pool``, ...; docs/peers.md) at its published default, or at
       ``knob`` (its one budget knob, e.g. the share of visual tokens FastV keeps);
-    - an ``IllavaConfig``, used as given.
+    - an ``IllavaConfig``, used as given;
+    - the path of a file written by ``illava tune`` (``"tuned.json"``): the setting it chose, refused
+      when the file was tuned for another family or size (``illava.tuned``).
 
     Keyword ``overrides`` replace fields of the result (``recycle="cluster"``, ``llm_layers=(4,)``).
     ``encoder_layers="measured"`` moves the result's encoder merges (as many layers) to those the
@@ -36,6 +39,13 @@ def configure(
     adapter = adapter_for(model)
     if config is None:
         config = "image"
+    if tuned.is_tuned_path(config):
+        if knob is not None:
+            raise TypeError(f"knob={knob!r}: a tuned file carries its own knob")
+        data = tuned.read(config)
+        tuned.check_model(data, {"model_type": model.config.model_type, **adapter.dimensions(model).as_dict()}, config)
+        config, knob, fields = tuned.spec_of(data)
+        overrides = {**fields, **overrides}
     if isinstance(config, str) and config in METHODS:
         cfg = REGISTRY[config].config(model, knob)
     elif knob is not None:

@@ -677,6 +677,153 @@ def _print_report(report: dict) -> None:
         console.print(sweep)
 
 
+@app.command()
+def tune(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A model folder or hub id, or a shipped model: 'real' (real-weights LLaVA, easy-VQA), "
+            "'real-scenes' (the same parts trained on scenes), 'easy-vqa' (the small model)."
+        ),
+    ],
+    inputs: Annotated[
+        Path,
+        typer.Option(
+            help='A JSONL of {"image" | "video": file, "prompt": text} (files relative to it), or a folder of images.'
+        ),
+    ],
+    budget: Annotated[
+        float | None, typer.Option(help="Pick the best candidate at this share of stock prefill FLOPs (0-1].")
+    ] = None,
+    agreement: Annotated[
+        float | None,
+        typer.Option(
+            help="Pick the cheapest candidate whose answers agree with stock's on at least this share (0.99)."
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated methods to try (default: every method and preset).")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="transformers, or vllm: only candidates the vLLM plugin serves (no LLM stage).")
+    ] = "transformers",
+    out: Annotated[Path, typer.Option(help="The tuned file to write.")] = Path("tuned.json"),
+    prompt: Annotated[str, typer.Option(help="The prompt of every image of an --inputs folder.")] = (
+        "Describe the image in one word."
+    ),
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N inputs only.")] = None,
+    tokens: Annotated[int, typer.Option(min=1, help="Answer tokens compared with stock's (greedy).")] = 8,
+    batch: Annotated[int, typer.Option(min=1, help="Inputs per forward.")] = 10,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 where native, else float32), float32, bfloat16.")] = "auto",
+) -> None:
+    """Choose the setting for your model and your inputs, without labels: every candidate is solved to the
+    FLOPs budget and scored by how far its outputs move from stock's (answer agreement, first-token KL);
+    the pick goes to a file that illava.apply(model, FILE) and the vLLM plugin (ILLAVA_VLLM=FILE) take."""
+    import time
+
+    from rich.progress import Progress
+
+    from . import tune as t
+
+    if budget is not None and agreement is not None:
+        _fail("give --budget or --agreement, not both")
+    if budget is not None and not 0 < budget <= 1:
+        _fail(f"--budget is a share of stock prefill FLOPs in (0, 1], got {budget}")
+    if agreement is None and budget is None:
+        agreement = 0.99
+    if agreement is not None and not 0 < agreement <= 1:
+        _fail(f"--agreement is a share in (0, 1], got {agreement}")
+    if engine not in ("transformers", "vllm"):
+        _fail(f"--engine must be transformers or vllm, got {engine!r}")
+    names = _methods(methods)
+    _writable(out, "--out")
+    try:
+        rows = t.read_inputs(inputs, prompt, limit)
+    except ValueError as error:
+        _fail(str(error))
+    net, tokenizer, processor, name = _load_for_tune(model, dtype)
+    began = time.time()
+    budgets = (budget,) if budget is not None else t.AGREEMENT_GRID
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("tuning", total=None)
+        try:
+            stock, candidates = t.tune(
+                net, tokenizer, processor, rows, budgets=budgets, methods=names, engine=engine, tokens=tokens,
+                batch=batch, progress=lambda message: bar.update(task, description=message),
+            )  # fmt: skip
+        except ValueError as error:
+            _fail(f"cannot tune on these inputs: {str(error).splitlines()[0]}")
+    seconds = time.time() - began
+    rule = {"budget": budget} if budget is not None else {"agreement": agreement}
+    try:
+        pick = t.choose(candidates, **rule)
+    except ValueError as error:
+        pick = None
+        reason = str(error)
+    ranked = sorted(candidates, key=lambda c: (-c.agreement, c.kl, c.share))
+    table = Table(
+        title=f"{name}: {len(candidates)} candidates on {len(rows)} inputs ({engine}); agreement of the first {tokens} "
+        f"answer tokens with stock, KL of the first token; {seconds:.0f} s"
+    )
+    for column in ("candidate", "FLOPs share", "visual tokens", "agreement", "KL (nats)", "prefill speedup", ""):
+        table.add_column(column, justify="left" if column in ("candidate", "") else "right")
+    for c in ranked:
+        v = c.visual_tokens
+        tokens_text = f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}" if v else ""
+        table.add_row(
+            c.name, f"{100 * c.share:.1f}%" + ("" if c.reached else " (floor)"), tokens_text,
+            f"{100 * c.agreement:.1f}%", f"{c.kl:.4f}", f"{c.prefill_speedup:.2f}x", "<- pick" if c is pick else "",
+        )  # fmt: skip
+    console.print(table)
+    if pick is None:
+        _fail(reason)
+    t.save(out, net, name, pick, candidates, engine=engine, rule=rule, inputs=len(rows), tokens=tokens, seconds=seconds)
+    console.print(
+        f"picked {pick.name}: {100 * pick.agreement:.1f}% agreement, KL {pick.kl:.4f}, {100 * pick.share:.1f}% of "
+        f"stock prefill FLOPs, {pick.prefill_speedup:.2f}x measured prefill speedup; written to {out}\n"
+        f"use it: illava.apply(model, {str(out)!r})"
+        + (f"  or  ILLAVA_VLLM={out} vllm serve ..." if engine == "vllm" else "")
+    )
+
+
+def _load_for_tune(model: str, dtype: str):
+    """(model, tokenizer, image processor, name) of a shipped name, a real-parts folder, or a folder / hub id."""
+    import torch
+
+    from ..adapters import adapter_for
+    from .demo import default_dtype
+
+    if dtype not in ("auto", "float32", "bfloat16"):
+        _fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    chosen = default_dtype() if dtype == "auto" else getattr(torch, dtype)
+    folder = Path(model)
+    with _loading(model):
+        if model in ("real", "real-scenes", "easy-vqa") and not folder.exists():
+            from illava_tasks import easy_vqa, real, scenes
+
+            loader = {"real": real.load, "real-scenes": scenes.load, "easy-vqa": easy_vqa.load}[model]
+            net, tokenizer, processor = loader()
+        elif (folder / "projector.safetensors").exists():
+            from illava_tasks import real
+
+            net, tokenizer, processor = real.load(folder)
+        elif folder.exists() or model.count("/") == 1:
+            from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+            net = AutoModelForImageTextToText.from_pretrained(model).eval()
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            try:
+                processor = AutoImageProcessor.from_pretrained(model)
+            except (OSError, ValueError, ImportError):
+                processor = None  # the family's default image processor (illava.tools.families)
+        else:
+            _fail(f"model {model!r} is neither a shipped model (real, real-scenes, easy-vqa), a folder nor a hub id")
+        adapter_for(net)
+    if model == "easy-vqa":
+        chosen = torch.float32  # trained in it; too small for bfloat16 to matter
+    return net.to(chosen), tokenizer, processor, model
+
+
 @eval_app.command("easy-vqa")
 def eval_easy_vqa(
     limit: Annotated[int, typer.Option(min=10, help="Test questions (a fixed random subset; 9673 = all).")] = 1000,

@@ -9,7 +9,9 @@ environment variable ``ILLAVA_VLLM`` (a name or JSON); the field wins when both 
   ``random``),
 - or a mapping: ``{"preset" | "method": NAME, "knob": VALUE, FIELD: VALUE, ...}`` (field overrides,
   as ``illava.configure(model, NAME, KNOB, **fields)``), or only ``IllavaConfig`` fields
-  (``{"encoder_layers": [5, 6], "encoder_removal": 72}``).
+  (``{"encoder_layers": [5, 6], "encoder_removal": 72}``),
+- or the path of a file written by ``illava tune --engine vllm`` (``tuned.json``: its spec, refused
+  when it was tuned for another family or size).
 
 The plugin runs the encoder stage (and the feature stage of DivPrune / random): vLLM assigns
 positions and KV slots before the model runs, so the LLM stage cannot run; a configuration with
@@ -23,6 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from .. import tuned
 from ..config import PRESETS, IllavaConfig, scale_preset
 from ..methods import REGISTRY, Target
 from ..presets import snap_to_blocks
@@ -45,7 +48,7 @@ class Family:
     """What the plugin needs of a served model: its dimensions (as the transformers backend's
     adapter reads them), its unit of removal, the layers where it may merge, its preset table."""
 
-    name: str  # the config's model_type
+    name: str  # how messages name the family
     encoder_depth: int
     tokens_per_crop: int  # 0: dynamic resolution
     llm_depth: int
@@ -55,6 +58,7 @@ class Family:
     mergeable: tuple[int, ...]
     llm_stage_in_presets: bool = True
     snap: tuple[int, ...] | None = None  # Qwen2.5-VL: scaled preset layers move to these blocks
+    model_type: str = ""  # the configuration's model_type (what a tuned file names)
 
 
 def spec_of(hf_config) -> object | None:
@@ -78,6 +82,21 @@ def resolve(spec, family: Family) -> IllavaConfig | None:
     what to change for what the plugin cannot serve."""
     if spec is None:
         return None
+    if tuned.is_tuned_path(spec):  # a file of `illava tune`: its spec, for the model it was tuned for
+        data = tuned.read(spec)
+        identity = {
+            "model_type": family.model_type or family.name,
+            "encoder_depth": family.encoder_depth,
+            "tokens_per_crop": family.tokens_per_crop,
+            "llm_depth": family.llm_depth,
+            "feature_layer": family.feature_layer,
+            "unit": family.unit,
+        }
+        try:
+            tuned.check_model(data, identity, spec)
+        except ValueError as error:
+            raise ValueError(f"illava.vllm: {error}") from None
+        spec = data["spec"]
     if isinstance(spec, str):
         name, knob, fields = spec, None, {}
     elif isinstance(spec, dict):
@@ -180,12 +199,13 @@ def _preset(name: str, family: Family) -> IllavaConfig:
 def _method(name: str, knob, family: Family) -> IllavaConfig:
     """A method of ``illava.methods.REGISTRY`` built on the family's dimensions, as it is built on a
     transformers model (the same builders, defaults and knobs)."""
-    if name.startswith("illava") and _preset("image", family).llm_layers:
+    config = REGISTRY[name].config(_Target(family), knob)
+    if name.startswith("illava") and config.llm_layers:
         raise ValueError(
             f"illava.vllm: the method {name!r} scales the 'image' preset, whose LLM stage vLLM cannot run; "
-            "use the preset 'encoder-only' (the encoder stage of 'image')"
+            "use 'illava-encoder' (its encoder stage alone) or the preset 'encoder-only'"
         )
-    return REGISTRY[name].config(_Target(family), knob)
+    return config
 
 
 class _Target(Target):

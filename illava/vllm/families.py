@@ -17,6 +17,7 @@ def llava(hf_config) -> Family:
     feature_layer = min(layer % (depth + 1) for layer in layers) - 1
     return Family(
         name="LLaVA-1.5",
+        model_type=hf_config.model_type,
         encoder_depth=depth,
         tokens_per_crop=(vc.image_size // vc.patch_size) ** 2,
         llm_depth=tc.num_hidden_layers,
@@ -35,6 +36,7 @@ def qwen_vl(hf_config) -> Family:
     full = tuple(vc.fullatt_block_indexes) if windowed else None
     return Family(
         name="Qwen2.5-VL" if windowed else "Qwen2-VL",
+        model_type=hf_config.model_type,
         encoder_depth=vc.depth,
         tokens_per_crop=0,
         llm_depth=tc.num_hidden_layers,
