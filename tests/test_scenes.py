@@ -152,3 +152,28 @@ def test_eval_scenes_command_tables_per_kind_with_chance_and_standard_errors(tmp
                       (["--methods", "nope"], "unknown method"), (["--budgets", "2"], "--budgets")):  # fmt: skip
         failed = runner.invoke(app, ["eval", "scenes", *bad], env={"COLUMNS": "250"})
         assert failed.exit_code == 2 and word in failed.output, failed.output
+
+
+def test_training_conversations_label_only_the_answers():
+    """``train_scenes.conversation``: the first turn is the evaluation's prompt with the image's
+    placeholders; labels are -100 except on each answer and its end token."""
+    import sys
+    from pathlib import Path
+
+    from illava.tools import realparts as rp
+    from illava.tools.inputs import word_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import train_scenes as T
+
+    tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [rp.IMAGE_TOKEN]})
+    qas = [("count", "how many circles are there?", "2"), ("presence", "is there a red square?", "no")]
+    ids, labels = T.conversation(tokenizer, qas, image_tokens=4)
+    assert len(ids) == len(labels)
+    first = tokenizer(scenes.prompt(qas[0][1]).replace("<image>", rp.IMAGE_TOKEN * 4), add_special_tokens=False)
+    assert ids[: len(first.input_ids)] == first.input_ids
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [tokenizer(a, add_special_tokens=False).input_ids + [end] for _, _, a in qas]
+    assert [t for t in labels if t != -100] == answers[0] + answers[1]
+    assert ids.count(tokenizer.convert_tokens_to_ids(rp.IMAGE_TOKEN)) == 4

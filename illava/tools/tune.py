@@ -8,7 +8,7 @@ the same inputs. So:
 2. every candidate, each solved to the FLOPs budget(s) on the first input (``illava.tools.budget``),
    runs on every input: agreement of its greedy answer with stock's (the share of inputs whose first
    ``tokens`` tokens are equal), the mean KL(stock || candidate) of the first token, its prefill FLOPs
-   share and its measured prefill time (summed over the inputs, as a speedup over stock's);
+   share and its measured prefill time (the first two batches, as a speedup over stock's);
 3. ``choose`` picks: with a budget, the candidate of highest agreement (then lowest KL) among those
    within it; with an agreement target, the cheapest candidate (lowest FLOPs share, then lowest KL)
    keeping at least that agreement.
@@ -141,24 +141,25 @@ def _frames(path: str):
 class Outputs:
     answers: list[tuple[int, ...]]  # the first ``tokens`` greedy tokens of every input
     log_probs: torch.Tensor  # (inputs, vocab) first token
-    seconds: float  # prefill time, summed over the batches
+    seconds: float  # prefill time of the timed batches
 
 
-def run_inputs(model, prepared: list[dict], tokens: int) -> Outputs:
-    """One timed prefill per batch (the first token's distribution), then greedy generation of
-    ``tokens`` tokens (the answer); the model as it is set up."""
+def run_inputs(model, prepared: list[dict], tokens: int, timing_batches: int = 2) -> Outputs:
+    """Greedy generation of ``tokens`` tokens per input (the answer; the first step's logits: the
+    first token's distribution), then the prefill timed on the first ``timing_batches`` batches (the
+    faster of two runs each); the model as it is set up."""
     answers: list[tuple[int, ...]] = []
     probs = []
-    seconds = 0.0
     with torch.inference_mode():
         for inputs in prepared:
-            start = time.perf_counter()
-            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-            seconds += time.perf_counter() - start
-            probs.append(torch.log_softmax(logits.float(), -1))
-            generated = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, pad_token_id=_pad(model))
-            new = generated[:, inputs["input_ids"].shape[1] :]
+            out = model.generate(
+                **inputs, max_new_tokens=tokens, do_sample=False, pad_token_id=_pad(model),
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+            probs.append(torch.log_softmax(out.logits[0].float(), -1))
+            new = out.sequences[:, inputs["input_ids"].shape[1] :]
             answers += [tuple(row.tolist()) for row in new]
+    seconds = min(_timed(model, prepared[:timing_batches]) for _ in range(2))
     return Outputs(answers, torch.cat(probs), seconds)
 
 
@@ -258,7 +259,7 @@ def tune(
         c.agreement = sum(a == b for a, b in zip(got.answers, stock.answers)) / len(stock.answers)
         c.kl = (stock.log_probs.exp() * (stock.log_probs - got.log_probs)).sum(-1).mean().item()
         c.prefill_seconds = got.seconds
-    stock.seconds = min(stock.seconds, _timed(model, prepared))  # stock again after the candidates: its faster run
+    stock.seconds = min(stock.seconds, _timed(model, prepared[:2]))  # stock again after the candidates: its faster run
     for c in out:
         got = done[c.config]
         c.prefill_speedup = stock.seconds / got.seconds if got.seconds else 0.0
