@@ -198,3 +198,10 @@ def test_tune_command_refusals(inputs, tmp_path):
     else:
         assert strict.exit_code == 2 and "no candidate keeps 100%" in strict.output
         assert not (tmp_path / "t.json").exists()
+
+
+def test_answers_are_cut_at_their_end_token():
+    """Padding after the end token depends on the rest of the batch; agreement must not."""
+    assert t._answer([5, 6, 2, 0, 0, 0], {2}) == (5, 6, 2)
+    assert t._answer([5, 6, 2], {2, 9}) == (5, 6, 2)
+    assert t._answer([5, 6, 7], {2}) == (5, 6, 7)

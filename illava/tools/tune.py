@@ -150,6 +150,7 @@ def run_inputs(model, prepared: list[dict], tokens: int, timing_batches: int = 2
     faster of two runs each); the model as it is set up."""
     answers: list[tuple[int, ...]] = []
     probs = []
+    ends = _ends(model)
     with torch.inference_mode():
         for inputs in prepared:
             out = model.generate(
@@ -158,9 +159,23 @@ def run_inputs(model, prepared: list[dict], tokens: int, timing_batches: int = 2
             )  # fmt: skip
             probs.append(torch.log_softmax(out.logits[0].float(), -1))
             new = out.sequences[:, inputs["input_ids"].shape[1] :]
-            answers += [tuple(row.tolist()) for row in new]
+            answers += [_answer(row.tolist(), ends) for row in new]
     seconds = min(_timed(model, prepared[:timing_batches]) for _ in range(2))
     return Outputs(answers, torch.cat(probs), seconds)
+
+
+def _ends(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _answer(ids: list[int], ends: set[int]) -> tuple[int, ...]:
+    """The generated ids up to and including the first end token (what follows is padding, whose
+    length depends on the other inputs of the batch)."""
+    for n, token in enumerate(ids):
+        if token in ends:
+            return tuple(ids[: n + 1])
+    return tuple(ids)
 
 
 def _pad(model) -> int:
