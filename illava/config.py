@@ -106,17 +106,17 @@ class IllavaConfig:
     ) -> IllavaConfig:
         """The preset ``name`` (``PRESETS``) of a model family (a ``config.model_type``) scaled to
         the given dimensions, without a model; ``illava.configure(model, name)`` reads them from one."""
-        from .adapters import adapter_for_type
+        from .families import record_for  # the family records: data, no engine
 
-        adapter = adapter_for_type(family)
+        record = record_for(family)
         return scale_preset(
             name,
-            adapter.presets[family],
+            record.table(family),
             encoder_depth=encoder_depth,
             tokens_per_crop=tokens_per_crop,
             llm_depth=llm_depth,
             llm_stage=llm_stage,
-            unit=adapter.unit,
+            unit=record.unit,
             **overrides,
         )
 

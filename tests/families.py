@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from illava.families import record_for
 from illava.tools.architectures import tiny_config, tiny_configs
 from illava.tools.inputs import build, word_tokenizer
 
@@ -65,12 +66,13 @@ class Family:
         )
 
 
-# named after the tiny configuration: the model type, or the model type and its variant (llava_dinov2)
+# named after the tiny configuration: the model type, or the model type and its variant (llava_dinov2);
+# videos where the family record says the family takes them
 FAMILIES = [
     Family(
         n.removeprefix("tiny-").replace("-", "_").replace(".", "_"),
         n,
-        videos=n not in ("tiny-llava", "tiny-llava-dinov2", "tiny-llava-next", "tiny-gemma3"),
+        videos=record_for(tiny_config(n).model_type).takes_video,
     )
     for n in sorted(tiny_configs())
 ]

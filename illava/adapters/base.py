@@ -1,26 +1,26 @@
 """The adapter interface: everything illava knows about one model family, in one place.
 
-Adding a family = one adapter file (a subclass of ``Adapter``), its tooling file
-(``illava/tools/families/<family>.py``), its tests, and one line in each registry
-(``illava/adapters/__init__.py``, ``illava/tools/families/__init__.py``). Nothing outside the
-adapters asks which family a model is; the runtime (``illava.hf.encoder``, ``illava.hf.llm``,
-``illava.api``, ``illava.methods``) only calls what is declared here.
+What a family *is* lives in its record (``illava.families``: the classes and model types it
+matches, its unit, the leading tokens never removed, how positions follow the survivors, the
+layers that can merge, its preset table and its dimensions), read by every engine. An adapter is
+``record`` (``Adapter.__init_subclass__`` copies ``model_classes``, ``config_types``, ``unit``,
+``keep_first``, ``renumber_positions`` and ``presets`` from it; ``dimensions``,
+``mergeable_layers``, ``llm_stage_in_presets``, ``adjust_preset`` and ``preset`` ask it) plus what
+only the transformers backend needs. Adding a family: CONTRIBUTING.md. Nothing outside the adapters
+asks which family a model is; the runtime (``illava.hf.encoder``, ``illava.hf.llm``, ``illava.api``)
+only calls what is declared here.
 
 An adapter says:
 
-1. **which classes it serves** (``model_classes``, ``config_types``);
+1. **its record** (``record``: ``illava.families``), and so which classes it serves;
 2. **its parts** (``parts``: the inner multimodal model, the vision tower, the decoder; and
    ``scoring_attention``: the attention module of a decoder layer);
-3. **its dimensions and presets** (``dimensions``; ``presets``: the authors' settings or our own
-   choice by the same principle, with the reference dimensions they were chosen for);
-4. **its unit of removal** (``unit``: 1 for a patch, 4 for a 2x2 block that a patch merger or a
-   pixel shuffle folds into one LLM token, 16 for a 4x4 block a pooling folds; ``keep_first``:
-   encoder tokens before the units that are never removed, a CLS token) and how the encoder
+3. **its dimensions and presets**, the record's (``dimensions``, ``preset``);
+4. **its unit of removal**, the record's (``unit``, ``keep_first``), and how the encoder
    stage runs (``patch``: the merge layers and the layout of survivors, producing features at the
    stock count with NaN rows for removed tokens, ``illava.hf.encoder.stock_count_features``);
-5. **how survivors are positioned for the LLM** (``renumber_positions``: as if the prompt had fewer
-   placeholders, or the survivors' own positions, e.g. M-RoPE) and how the features split into
-   images / videos (``item_lengths``);
+5. **how survivors are positioned for the LLM** (``renumber_positions``, the record's) and how the
+   features split into images / videos (``item_lengths``);
 6. **the scoring query/key of its decoder attention** (``query_key``; default: Llama-style RoPE);
 7. **extra decoder inputs** that must be gathered with the kept tokens (``gather_decoder_inputs``,
    e.g. Qwen3-VL's deepstack features; default: none), and the decoder's padding mask and
@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import IllavaConfig, scale_preset
+from ..config import IllavaConfig
+from ..families import Dimensions, Record
+from ..presets import preset
 
 
 @dataclass
@@ -48,27 +50,24 @@ class Parts:
     decoder: torch.nn.Module  # the language model (decoder stack with ``.layers``)
 
 
-@dataclass
-class Dimensions:
-    encoder_depth: int
-    tokens_per_crop: int  # 0: dynamic resolution, checked per frame at run time
-    llm_depth: int
-    feature_layer: int  # last encoder layer whose output the model reads
-    unit: int = 1
-
-    def as_dict(self) -> dict:
-        return vars(self).copy()
-
-
 class Adapter:
     """Base of every family adapter; the defaults fit Llama-style decoders."""
 
+    record: Record | None = None  # the family (illava.families); the next six come from it
     model_classes: tuple[str, ...] = ()
     config_types: tuple[str, ...] = ()
     unit = 1
     keep_first = 0  # encoder tokens of a crop before its units, never removed (a CLS token: 1)
     renumber_positions = True
     presets: dict[str, dict] = {}  # config type -> {"reference": dims, "image": settings, "video": settings}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        record = cls.__dict__.get("record")
+        if record is not None:
+            cls.model_classes, cls.config_types = record.model_classes, record.model_types
+            cls.unit, cls.keep_first, cls.renumber_positions = record.unit, record.keep_first, record.renumber_positions
+            cls.presets = record.presets
 
     # ------------------------------------------------------------------ parts and dimensions
     def for_model(self, model) -> Adapter:
@@ -82,38 +81,25 @@ class Adapter:
         return Parts(inner, inner.vision_tower, inner.language_model)
 
     def dimensions(self, model) -> Dimensions:
-        raise NotImplementedError
+        return self.record.dimensions(model.config)
 
     def scoring_attention(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.self_attn
 
     def mergeable_layers(self, model) -> tuple[int, ...]:
         """The encoder layers where the encoder stage may merge (up to the feature layer)."""
-        return tuple(range(self.dimensions(model).feature_layer + 1))
+        return self.record.mergeable_layers(model.config)
 
     # ------------------------------------------------------------------ presets and checks
-    def presets_for(self, model) -> dict:
-        return self.presets[model.config.model_type]
-
     def llm_stage_in_presets(self, model) -> bool:
-        return True
+        return self.record.llm_stage_in_presets(model.config)
 
     def preset(self, model, name: str) -> IllavaConfig:
-        """The preset ``name`` scaled to ``model``."""
-        dims = self.dimensions(model)
-        cfg = scale_preset(
-            name,
-            self.presets_for(model),
-            encoder_depth=dims.encoder_depth,
-            tokens_per_crop=dims.tokens_per_crop,
-            llm_depth=dims.llm_depth,
-            llm_stage=self.llm_stage_in_presets(model),
-            unit=dims.unit,
-        )
-        return self.adjust_preset(model, cfg)
+        """The preset ``name`` scaled to ``model`` (``illava.presets.preset`` on its configuration)."""
+        return preset(model.config, name, self.record)
 
     def adjust_preset(self, model, config: IllavaConfig) -> IllavaConfig:
-        return config
+        return self.record.adjust_preset(model.config, config)
 
     def check(self, model, config: IllavaConfig) -> None:
         """Raise ``ValueError`` for a configuration this family cannot run."""

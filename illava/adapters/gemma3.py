@@ -60,6 +60,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
+from ..families import GEMMA3_KERNEL as KERNEL
+from ..families import gemma3_geometry as geometry
 from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
@@ -69,17 +72,7 @@ from ..hf.encoder import (
     stock_count_features,
     unit_trace,
 )
-from .base import Adapter, Dimensions
-
-KERNEL = 4  # the pooling of every released Gemma 3: 64x64 patches -> 16x16 tokens
-UNIT = KERNEL * KERNEL
-
-
-def geometry(config) -> tuple[int, int]:
-    """(patches per side, pooling kernel) of an image."""
-    vc = config.vision_config
-    side = vc.image_size // vc.patch_size
-    return side, side // int(config.mm_tokens_per_image**0.5)
+from .base import Adapter
 
 
 class IllavaGemma3Model(FeatureCalls):
@@ -148,44 +141,9 @@ def _unit_trace(call, trace, images: int, blocks_side: int, device) -> None:
 
 
 class Gemma3Adapter(Adapter):
-    model_classes = ("Gemma3ForConditionalGeneration",)
-    config_types = ("gemma3",)
-    unit = UNIT
+    record = families.GEMMA3  # presets: LLM merge layers after a global-attention layer
     model_mixin = IllavaGemma3Model
     layer_mixin = IllavaViTLayer
-    renumber_positions = True
-    # reference: Gemma-3-4B (SigLIP 27 layers at 896 px, 4096 patches; 34 decoder layers). No "video"
-    # entry: Gemma 3 takes no video, the "video" preset is the "image" one.
-    presets = {
-        "gemma3": {
-            "reference": {"encoder_depth": 27, "tokens_per_crop": 4096, "llm_depth": 34},
-            "image": {
-                "encoder_layers": (5, 6, 7, 8),
-                "encoder_removal": 512,
-                "llm_layers": (12,),
-                "llm_keep_ratio": 0.7,
-            },
-        }
-    }
-
-    def dimensions(self, model) -> Dimensions:
-        vc, tc = model.config.vision_config, model.config.text_config
-        side, _ = geometry(model.config)
-        return Dimensions(vc.num_hidden_layers, side * side, tc.num_hidden_layers, vc.num_hidden_layers - 1, unit=UNIT)
-
-    def adjust_preset(self, model, config):
-        """LLM merge layers move to the nearest layer that follows a global-attention layer (ties:
-        the earlier one), so that the scoring query sees the whole prompt."""
-        types = getattr(model.config.text_config, "layer_types", None) or []
-        after_global = [i + 1 for i, t in enumerate(types) if t == "full_attention" and i + 1 < len(types)]
-        if not config.llm_layers or not after_global:
-            return config
-        moved = tuple(
-            dict.fromkeys(min(after_global, key=lambda k: (abs(k - layer), k)) for layer in config.llm_layers)
-        )
-        if len(moved) != len(config.llm_layers):
-            return config
-        return config.replace(llm_layers=moved)
 
     def check(self, model, config) -> None:
         from transformers import SiglipVisionModel

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
+from ..families import internvl_patch_side as patch_side
 from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
@@ -46,12 +48,7 @@ from ..hf.encoder import (
 )
 from ..patch import Hook
 from ..plan import encoder as plan
-from .base import Adapter, Dimensions, require_strategy
-
-
-def patch_side(config) -> int:
-    vc = config.vision_config
-    return vc.image_size[0] // vc.patch_size[0]
+from .base import Adapter, require_strategy
 
 
 def block_order(side: int, device=None) -> torch.Tensor:
@@ -156,30 +153,9 @@ def _unit_trace(call, tiles: int, side: int, device) -> None:
 
 
 class InternVLAdapter(Adapter):
-    model_classes = ("InternVLForConditionalGeneration",)
-    config_types = ("internvl",)
-    unit = 4
-    keep_first = 1  # InternViT's CLS token
+    record = families.INTERNVL  # keep_first: InternViT's CLS token
     model_mixin = IllavaInternVLModel
     layer_mixin = IllavaInternVisionLayer
-    renumber_positions = True
-    # reference: InternVL2.5-8B (InternViT-300M, 24 layers, 1024 patches per tile; 32 decoder layers)
-    presets = {
-        "internvl": {
-            "reference": {"encoder_depth": 24, "tokens_per_crop": 1024, "llm_depth": 32},
-            "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 128, "llm_layers": (9,),
-                      "llm_keep_ratio": 0.7},
-            "video": {"encoder_layers": (3, 4, 5, 6), "encoder_removal": 128, "llm_layers": (2,),
-                      "llm_keep_ratio": 0.7},
-        }
-    }  # fmt: skip
-
-    def dimensions(self, model) -> Dimensions:
-        vc, tc = model.config.vision_config, model.config.text_config
-        depth = vc.num_hidden_layers
-        # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l
-        feature_layer = model.config.vision_feature_layer % (depth + 1) - 1
-        return Dimensions(depth, patch_side(model.config) ** 2, tc.num_hidden_layers, feature_layer, unit=self.unit)
 
     def check(self, model, config) -> None:
         if config.encoder_layers and model.config.vision_feature_layer != -1:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
 from ..hf.encoder import (
     FeatureCalls,
     IllavaViTLayer,
@@ -54,9 +55,8 @@ from ..hf.encoder import (
     unit_trace,
 )
 from ..plan.encoder import CropTrace
-from ..presets import LLAVA
-from .base import Adapter, Dimensions
-from .llava_family import VIT_TOWERS, fit_to_tower, registers, require_tower, vit_dimensions
+from .base import Adapter
+from .llava_family import VIT_TOWERS, fit_to_tower, registers, require_tower
 
 
 def patch_side(config) -> int:
@@ -129,17 +129,9 @@ def _unit_trace(call, trace, images: int, grid: tuple[int, int], head: int, devi
 
 
 class LlavaAdapter(Adapter):
-    model_classes = ("LlavaForConditionalGeneration",)
-    config_types = ("llava",)
-    unit = 1
-    keep_first = 1  # CLIP's CLS token (DINOv2: CLS + registers, ``for_model``)
-    renumber_positions = True
+    record = families.LLAVA  # keep_first: CLIP's CLS token (DINOv2: CLS + registers, ``for_model``)
     model_mixin = IllavaLlavaModel
     layer_mixin = IllavaViTLayer
-    presets = LLAVA  # illava.presets: the table the vLLM plugin reads too
-
-    def dimensions(self, model) -> Dimensions:
-        return vit_dimensions(model)
 
     def encoder_layers(self, model):
         encoder = self.parts(model).vision.encoder

@@ -1,5 +1,5 @@
-"""Pieces shared by the LLaVA-style families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): the
-dimensions of a ViT read at ``vision_feature_layer``, the vision towers of the encoder stage (CLIP;
+"""Pieces shared by the LLaVA-style families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision; their
+dimensions are their records', ``illava.families.vit_dimensions``): the vision towers of the encoder stage (CLIP;
 DINOv2 for LLaVA-1.5) and their check, and the AnyRes layout of survivors (a base view + crops on a
 grid: LLaVA-NeXT and LLaVA-OneVision)."""
 
@@ -11,6 +11,7 @@ import math
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
+from ..families import registers  # noqa: F401 - the tools and tests read it here
 from ..hf.encoder import (
     CropTrace,
     IllavaDinov2Layer,
@@ -22,21 +23,6 @@ from ..hf.encoder import (
     stock_count_features,
     unit_trace,
 )
-from .base import Dimensions
-
-
-def vit_dimensions(model, unit: int = 1) -> Dimensions:
-    """Dimensions of a model whose vision tower (``num_hidden_layers``, square ``image_size`` of
-    ``patch_size`` patches) is read at ``vision_feature_layer`` (one layer or several)."""
-    vc, tc = model.config.vision_config, model.config.text_config
-    depth = vc.num_hidden_layers
-    layers = model.config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    # hidden_states[i] is the output of layer i-1; a merge at layer l changes outputs >= l, and
-    # every selected hidden state must see the same tokens
-    feature_layer = min(layer % (depth + 1) for layer in layers) - 1
-    return Dimensions(depth, (vc.image_size // vc.patch_size) ** 2, tc.num_hidden_layers, feature_layer, unit=unit)
-
 
 # vision towers of the encoder stage: tower class -> (layer mixin, what the error message calls it)
 VIT_TOWERS = {
@@ -51,13 +37,6 @@ def tower_class(model) -> str:
     return type(model.model.vision_tower).__name__
 
 
-def registers(vision_config) -> int:
-    """Register tokens of a DINOv2 tower (after the CLS token, before the patches; 0 for others)."""
-    if getattr(vision_config, "model_type", None) == "dinov2_with_registers":
-        return int(vision_config.num_register_tokens)
-    return 0
-
-
 def fit_to_tower(adapter, model):
     """``adapter`` fitted to a LLaVA-style model's vision tower: DINOv2's layer mixin, and CLS +
     register tokens kept (``keep_first``); ``adapter`` itself for CLIP and towers it cannot run."""
@@ -66,7 +45,7 @@ def fit_to_tower(adapter, model):
         return adapter
     fitted = copy.copy(adapter)
     fitted.layer_mixin = VIT_TOWERS[kind][0]
-    fitted.keep_first = 1 + registers(model.config.vision_config)
+    fitted.keep_first = adapter.record.keep_first_of(model.config)  # CLS + registers
     return fitted
 
 

@@ -38,9 +38,10 @@ LLaVA-NeXT (this class) takes no video: ``video`` is the ``image`` preset.
 
 from __future__ import annotations
 
+from .. import families
 from ..hf.encoder import FeatureCalls, IllavaViTLayer
-from .base import Adapter, Dimensions, require_strategy
-from .llava_family import AnyResLayout, require_clip, vit_dimensions
+from .base import Adapter, require_strategy
+from .llava_family import AnyResLayout, require_clip
 
 
 class IllavaLlavaNextModel(AnyResLayout, FeatureCalls):
@@ -60,24 +61,9 @@ class IllavaLlavaNextModel(AnyResLayout, FeatureCalls):
 
 
 class LlavaNextAdapter(Adapter):
-    model_classes = ("LlavaNextForConditionalGeneration",)
-    config_types = ("llava_next",)
-    unit = 1
-    keep_first = 1  # CLIP's CLS token, in the encoder only (dropped by the "default" strategy)
+    record = families.LLAVA_NEXT
     model_mixin = IllavaLlavaNextModel
     layer_mixin = IllavaViTLayer
-    renumber_positions = True
-    # reference: LLaVA-1.6-Vicuna-7B (CLIP ViT-L/14-336, 24 layers, 576 patches per view;
-    # Vicuna-7B, 32 layers). No "video" entry: this class takes no video, "video" is "image".
-    presets = {
-        "llava_next": {
-            "reference": {"encoder_depth": 24, "tokens_per_crop": 576, "llm_depth": 32},
-            "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 72, "llm_layers": (9,), "llm_keep_ratio": 0.7},
-        }
-    }
-
-    def dimensions(self, model) -> Dimensions:
-        return vit_dimensions(model)
 
     def check(self, model, config) -> None:
         require_clip(model, config, "LLaVA")  # the same CLIP encoder stage as LLaVA-1.5

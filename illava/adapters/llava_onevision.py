@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from .. import families
 from ..hf.encoder import (
     CropTrace,
     FeatureCalls,
@@ -38,8 +39,8 @@ from ..hf.encoder import (
     stock_argument,
     unit_trace,
 )
-from .base import Adapter, Dimensions, require_strategy
-from .llava_family import AnyResLayout, vit_dimensions
+from .base import Adapter, require_strategy
+from .llava_family import AnyResLayout
 
 
 class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
@@ -110,23 +111,9 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
 
 
 class LlavaOnevisionAdapter(Adapter):
-    model_classes = ("LlavaOnevisionForConditionalGeneration",)
-    config_types = ("llava_onevision",)
+    record = families.LLAVA_ONEVISION
     model_mixin = IllavaLlavaOnevisionModel
     layer_mixin = IllavaViTLayer
-    unit = 1
-    renumber_positions = True
-    # the authors' settings for LLaVA-OneVision-7B (docs/method.md)
-    presets = {
-        "llava_onevision": {
-            "reference": {"encoder_depth": 26, "tokens_per_crop": 729, "llm_depth": 28},
-            "image": {"encoder_layers": (5, 6, 7, 8), "encoder_removal": 92, "llm_layers": (8,), "llm_keep_ratio": 0.7},
-            "video": {"encoder_layers": (3, 4, 5, 6), "encoder_removal": 92, "llm_layers": (2,), "llm_keep_ratio": 0.7},
-        }
-    }
-
-    def dimensions(self, model) -> Dimensions:
-        return vit_dimensions(model)
 
     def check(self, model, config) -> None:
         require_strategy(model, config, "full", "the encoder stage", "every encoder token is a patch")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
 from ..hf.encoder import current_call, stock_argument, stock_count_features
 from ..hf.llm import merged_sequence
 from ..patch import Hook
@@ -145,18 +146,8 @@ class IllavaQwen3TextModel:
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
-    model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    config_types = ("qwen3_vl", "qwen3_vl_moe")
+    record = families.QWEN3_VL  # presets: Qwen2-VL-7B's relative depths in Qwen3-VL-8B
     model_mixin = IllavaQwen3VLModel
-    # Our choice, by the principle of Qwen2-VL-7B's published settings (blocks 12-15 of 32 remove 16%
-    # each; LLM layers 6, 7, 8 of 28 keep 0.9): the same relative depths in Qwen3-VL-8B (27 blocks,
-    # 36 decoder layers). Merges after deepstack block 8 recycle the deepstack features alike.
-    _TABLE = {
-        "reference": {"encoder_depth": 27, "tokens_per_crop": 0, "llm_depth": 36},
-        "image": {"encoder_layers": (10, 11, 12, 13), "encoder_removal": 0.16,
-                  "llm_layers": (8, 9, 10), "llm_keep_ratio": 0.9},
-    }  # fmt: skip
-    presets = {"qwen3_vl": _TABLE, "qwen3_vl_moe": _TABLE}
 
     def check(self, model, config) -> None:
         super().check(model, config)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from transformers.vision_utils import get_vision_window_index
 
+from .. import families
 from ..hf.encoder import (
     FeatureCalls,
     collecting_attentions,
@@ -38,9 +39,8 @@ from ..hf.encoder import (
 from ..merge import attention_with_received_scores, compose_assign
 from ..patch import Hook
 from ..plan import encoder as plan
-from ..presets import QWEN_VL, qwen_vl_llm_stage, snap_to_blocks
 from ..state import UnitTrace
-from .base import Adapter, Dimensions
+from .base import Adapter
 
 
 def rope_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -343,36 +343,13 @@ class IllavaQwenVLModel(FeatureCalls):
 
 
 class QwenVLAdapter(Adapter):
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    config_types = ("qwen2_vl", "qwen2_5_vl")
-    unit = 4
-    renumber_positions = False
-    presets = QWEN_VL  # illava.presets: the table the vLLM plugin reads too
+    record = families.QWEN_VL  # merges, snapped presets: Qwen2.5-VL's full-attention blocks only
 
     def parts(self, model):
         from .base import Parts
 
         inner = model.model
         return Parts(inner, inner.visual, inner.language_model)
-
-    def dimensions(self, model) -> Dimensions:
-        vc, tc = model.config.vision_config, model.config.text_config
-        return Dimensions(vc.depth, 0, tc.num_hidden_layers, vc.depth - 1, unit=self.unit)
-
-    def mergeable_layers(self, model) -> tuple[int, ...]:
-        full = getattr(model.model.visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: full attention only
-        layers = super().mergeable_layers(model)
-        return tuple(layer for layer in layers if full is None or layer in full)
-
-    def llm_stage_in_presets(self, model) -> bool:
-        return qwen_vl_llm_stage(model.config.text_config.hidden_size)
-
-    def adjust_preset(self, model, config):
-        full = getattr(model.model.visual, "fullatt_block_indexes", None)
-        if full is None or not config.encoder_layers:
-            return config
-        # scaled preset layers snap to the nearest full-attention blocks
-        return config.replace(encoder_layers=snap_to_blocks(config.encoder_layers, full))
 
     def check(self, model, config) -> None:
         full = getattr(model.model.visual, "fullatt_block_indexes", None)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import tuned
-from ..config import PRESETS, IllavaConfig, scale_preset
+from ..config import PRESETS, IllavaConfig
 from ..methods import REGISTRY, Target
-from ..presets import snap_to_blocks
+from ..presets import preset
 
 ENV = "ILLAVA_VLLM"
 FIELD = "illava"
@@ -45,8 +45,9 @@ MEASURED_METHODS = ("illava-measured",)  # the layer profile is measured with th
 
 @dataclass(frozen=True)
 class Family:
-    """What the plugin needs of a served model: its dimensions (as the transformers backend's
-    adapter reads them), its unit of removal, the layers where it may merge, its preset table."""
+    """What the plugin needs of a served model, read from its family record (``illava.families``,
+    ``illava.vllm.families``): its dimensions, its unit of removal, the layers where it may merge,
+    and the configuration its presets scale to (``illava.presets.preset``)."""
 
     name: str  # how messages name the family
     encoder_depth: int
@@ -54,11 +55,9 @@ class Family:
     llm_depth: int
     feature_layer: int
     unit: int
-    table: dict
     mergeable: tuple[int, ...]
-    llm_stage_in_presets: bool = True
-    snap: tuple[int, ...] | None = None  # Qwen2.5-VL: scaled preset layers move to these blocks
     model_type: str = ""  # the configuration's model_type (what a tuned file names)
+    hf_config: object = field(default=None, compare=False, repr=False)  # what presets scale to
 
 
 def spec_of(hf_config) -> object | None:
@@ -182,18 +181,7 @@ def _fields(fields: dict) -> dict:
 
 
 def _preset(name: str, family: Family) -> IllavaConfig:
-    config = scale_preset(
-        name,
-        family.table,
-        encoder_depth=family.encoder_depth,
-        tokens_per_crop=family.tokens_per_crop,
-        llm_depth=family.llm_depth,
-        llm_stage=family.llm_stage_in_presets,
-        unit=family.unit,
-    )
-    if family.snap is not None and config.encoder_layers:  # as the adapter's adjust_preset
-        config = config.replace(encoder_layers=snap_to_blocks(config.encoder_layers, family.snap))
-    return config
+    return preset(family.hf_config, name)  # as the transformers backend's adapters scale it
 
 
 def _method(name: str, knob, family: Family) -> IllavaConfig:
