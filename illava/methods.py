@@ -45,11 +45,11 @@ class Method:
     build: Callable[[object, float], IllavaConfig]
 
     def config(self, model, value: float | None = None) -> IllavaConfig:
-        """The method's configuration for ``model`` (a transformers model, or a ``Target``: the
-        dimensions of a model served elsewhere, e.g. by vLLM) at ``value`` of its knob."""
+        """The method's configuration for ``model`` (a ``Target``: the dimensions of a served model, or
+        a model of an engine that registered its targets, ``register_target``: a transformers model
+        once ``illava.adapters`` is imported) at ``value`` of its knob."""
         value = self.default if value is None else value
-        target = model if isinstance(model, Target) else _AdapterTarget(model)
-        return self.build(target, float(value)).replace(preset=self.name)
+        return self.build(target_of(model), float(value)).replace(preset=self.name)
 
 
 class Target:
@@ -70,22 +70,31 @@ class Target:
         raise ValueError("illava-measured: the measured layer schedule needs the transformers backend")
 
 
-class _AdapterTarget(Target):
-    def __init__(self, model):
-        from .adapters import adapter_for
+# how the engines turn their models into targets (``register_target``); the methods import no engine
+_TARGET_MAKERS: list[Callable[[object], Target | None]] = []
 
-        self._model, self._adapter = model, adapter_for(model)
-        self.unit = self._adapter.unit
-        self.mergeable = tuple(self._adapter.mergeable_layers(model))
-        self.llm_depth = self._adapter.dimensions(model).llm_depth
 
-    def preset(self, name: str) -> IllavaConfig:
-        return self._adapter.preset(self._model, name)
+def register_target(make: Callable[[object], Target | None]) -> None:
+    """Let ``Method.config`` take an engine's models: ``make(model)`` gives the model's ``Target``, or
+    ``None`` for a model that is not the engine's (the transformers backend registers its own in
+    ``illava.adapters``)."""
+    if make not in _TARGET_MAKERS:
+        _TARGET_MAKERS.append(make)
 
-    def measured_layers(self, count: int) -> tuple[int, ...]:
-        from .plan.schedule import measured_layers
 
-        return measured_layers(self._model, count)
+def target_of(model) -> Target:
+    """``model`` as the methods' builders read it: a ``Target`` as it is, else the first registered
+    engine's; ``TypeError`` when no engine takes it."""
+    if isinstance(model, Target):
+        return model
+    for make in _TARGET_MAKERS:
+        target = make(model)
+        if target is not None:
+            return target
+    raise TypeError(
+        f"illava.methods: no engine takes a {type(model).__name__}; give a Target, or import the engine first "
+        "(transformers models: illava.configure, or import illava.adapters)"
+    )
 
 
 def scale_reduction(base: IllavaConfig, level: float, unit: int = 1) -> IllavaConfig:

@@ -1,7 +1,10 @@
-"""The family adapters (``illava.adapters.base`` documents the interface) and their registry."""
+"""The family adapters (``illava.adapters.base`` documents the interface), their registry, and the
+methods' view of a transformers model (``AdapterTarget``, registered with ``illava.methods``)."""
 
 from __future__ import annotations
 
+from ..config import IllavaConfig
+from ..methods import Target, register_target
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
@@ -41,3 +44,24 @@ def adapter_for_type(model_type: str) -> Adapter:
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.config_types)
     raise TypeError(f"illava does not support model type {model_type!r}; supported: {', '.join(supported)}")
+
+
+class AdapterTarget(Target):
+    """What the methods' builders (``illava.methods``) read of a transformers model, from its adapter."""
+
+    def __init__(self, model):
+        self._model, self._adapter = model, adapter_for(model)
+        self.unit = self._adapter.unit
+        self.mergeable = tuple(self._adapter.mergeable_layers(model))
+        self.llm_depth = self._adapter.dimensions(model).llm_depth
+
+    def preset(self, name: str) -> IllavaConfig:
+        return self._adapter.preset(self._model, name)
+
+    def measured_layers(self, count: int) -> tuple[int, ...]:
+        from ..plan.schedule import measured_layers
+
+        return measured_layers(self._model, count)
+
+
+register_target(AdapterTarget)  # Method.config(model, knob) takes a transformers model
