@@ -1,6 +1,6 @@
 """Train the real-weights LLaVA on the scenes task (``illava_tasks.scenes``, issue 39), on the CPU.
 
-    python training/train_scenes.py                                  # the shipped recipe (2 cores, ~1 h)
+    python training/train_scenes.py                                  # the shipped recipe (2 idle cores, ~35 min)
     python training/train_scenes.py --steps 20 --scenes 64 --out /tmp/s --eval 40   # a quick try
 
 The same parts and the same stock ``LlavaForConditionalGeneration`` as ``training/train_real.py``
@@ -110,12 +110,14 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/illava-real-cache"))
     parser.add_argument("--scenes", type=int, default=2000, help="training scenes")
     parser.add_argument("--draws", type=int, default=4, help="draws of the question rules per training scene")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=600, help="length of the learning-rate schedule")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--stop-after", type=int, default=0, help="stop after so many steps of the schedule")
+    parser.add_argument(
+        "--stop-after", type=int, default=300, help="stop after so many steps of the schedule (0: run it all)"
+    )
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
@@ -124,6 +126,15 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="start the projector and the adapters from the shipped easy-VQA model's",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="start the projector and adapters from this folder's (a checkpoint of this script) instead",
+    )
+    parser.add_argument(
+        "--start-step", type=int, default=0, help="with --resume: the schedule's step to go on from (fresh AdamW)"
     )
     parser.add_argument("--aux", type=float, default=1.0, help="weight of the per-patch colour and shape heads")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,7 +149,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     begin = time.time()
 
-    warm = real.load_projector(real.MODEL_DIR) if args.warm else None
+    start_from = args.resume or (real.MODEL_DIR if args.warm else None)
+    warm = real.load_projector(start_from) if start_from is not None else None
     model, tokenizer, processor = realparts.assemble(warm, seed=args.seed)
     image_id = model.config.image_token_index
     for p in model.parameters():
@@ -149,15 +161,17 @@ def main() -> None:
     lora = None
     if args.lora_rank:
         lora = real.Lora(model.model.language_model, args.lora_rank, args.lora_alpha)
-        if args.warm:
-            tensors, scale = real.load_lora(real.MODEL_DIR)
+        if start_from is not None:
+            tensors, scale = real.load_lora(start_from)
             if abs(scale - lora.scale) > 1e-9:
                 raise SystemExit(f"--warm needs the easy-VQA adapters' scale {scale}, got alpha/rank {lora.scale}")
             with torch.no_grad():
                 for n, name in enumerate(lora.names):
                     lora.a[n].copy_(tensors[f"{name}.lora_A"].float())
                     lora.b[n].copy_(tensors[f"{name}.lora_B"].float())
-        print(f"LoRA rank {args.lora_rank} on {len(lora.names)} layers" + (" (warm start)" if args.warm else ""))
+        print(
+            f"LoRA rank {args.lora_rank} on {len(lora.names)} layers" + (f" (from {start_from})" if start_from else "")
+        )
     print(f"assembled in {time.time() - begin:.0f} s", flush=True)
 
     train = {}
@@ -203,8 +217,9 @@ def main() -> None:
     t = time.time()
     model.train()
     last = min(args.steps, args.stop_after or args.steps)
-    for step in range(last):
-        factor = min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    for step in range(args.start_step, last):
+        ramp = min(1.0, (step - args.start_step + 1) / args.warmup)  # a resumed run's AdamW starts afresh
+        factor = ramp * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * factor
         if len(order) < args.batch:
