@@ -1,6 +1,7 @@
 """Train the real-weights LLaVA on the scenes task (``illava_tasks.scenes``, issue 39), on the CPU.
 
-    python training/train_scenes.py                                  # the shipped recipe (2 idle cores, ~35 min)
+    python training/train_scenes.py --stop-after 300 --out /tmp/s300  # the shipped recipe, in two runs as it
+    python training/train_scenes.py --resume /tmp/s300 --start-step 300  #   was made (2 idle cores, ~55 min)
     python training/train_scenes.py --steps 20 --scenes 64 --out /tmp/s --eval 40   # a quick try
 
 The same parts and the same stock ``LlavaForConditionalGeneration`` as ``training/train_real.py``
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument(
-        "--stop-after", type=int, default=300, help="stop after so many steps of the schedule (0: run it all)"
+        "--stop-after", type=int, default=0, help="stop after so many steps of the schedule (0: run it all)"
     )
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
