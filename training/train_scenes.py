@@ -265,7 +265,7 @@ def main() -> None:
         print(f"test accuracy: {result}", flush=True)
     record = {
         "script": "training/train_scenes.py",
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "cache")},
+        "recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "cache")},
         "trained": f"multi_modal_projector; LoRA rank {args.lora_rank} (alpha {args.lora_alpha}) on "
         f"{', '.join(realparts.LORA_TARGETS)}; tower frozen" + ("; warm start from real-easy-vqa" if args.warm else ""),
         "scenes": len(chosen),
