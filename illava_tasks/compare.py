@@ -42,10 +42,9 @@ def settings(
     api.remove(model)
     stock = predict()
     solved = solve_all(model, methods, budgets, probe, progress=progress)
-    tokens = solved[0].tokens["stock"] if solved else 0
-    yield Setting(
-        "stock", 1.0, 1.0, None, True, {"stock": tokens, "after_encoder": tokens, "after_llm": tokens}, "stock", stock
-    )
+    tokens = solved[0].tokens["stock"] if solved else None  # counted by the solver; unknown without methods
+    counts = {} if tokens is None else {"stock": tokens, "after_encoder": tokens, "after_llm": tokens}
+    yield Setting("stock", 1.0, 1.0, None, True, counts, "stock", stock)
     done: dict[str, torch.Tensor] = {}
     try:
         for s in solved:

@@ -131,6 +131,7 @@ def test_eval_scenes_command_tables_per_kind_with_chance_and_standard_errors(tmp
     plain = runner.invoke(app, ["eval", "scenes", "--limit", "12", "--dtype", "float32"], env={"COLUMNS": "250"})
     assert plain.exit_code == 0, plain.output
     assert "chance (most common answer)" in plain.output and "stock" in plain.output and "± " in plain.output
+    assert "0 -> 0 -> 0" not in plain.output  # no method: the token counts are unknown, not zero
     assert loaded == [None]  # --model real: the shipped folder
     out, png = tmp_path / "s.json", tmp_path / "s.png"
     args = ["eval", "scenes", "--model", str(tmp_path), "--limit", "12", "--methods", "tome,random-encoder"]

@@ -1077,7 +1077,7 @@ def eval_scenes(
         table.add_row(
             name,
             f"{100 * sc.share:.1f}%" + ("" if sc.reached else " (floor)"),
-            f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}",
+            f"{v['stock']} -> {v['after_encoder']} -> {v['after_llm']}" if v else "-",
             f"{100 * sc.accuracy:.1f} ± {100 * stderr(sc.accuracy, len(rows)):.1f}",
             *[f"{100 * sc.kinds[k]:.1f} ± {100 * stderr(sc.kinds[k], counts[k]):.1f}" for k in kinds],
             *([f"{100 * sc.agreement:.1f}%", f"{sc.kl:.4f}"] if names else []),
