@@ -155,3 +155,88 @@ def test_units_after_is_the_count_the_merges_produce(policy, removal, layers):
         received = torch.rand(crops, hidden.shape[1])
         hidden, trace = merge_units(cfg, policy, layer, hidden, received, 1, keep_first, hidden.clone(), trace)
     assert hidden.shape[1] - keep_first == units_after(cfg, policy, side * side, 1, (side, side))
+
+
+# the kernels both engines run (issue 36: written once, in the plan layer)
+
+
+def _reference_attention(q, k, v, scale, bias=None):
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias
+    probs = logits.softmax(-1)
+    return (probs @ v.float()).transpose(1, 2), probs
+
+
+def test_attend_and_score_all_queries_cls_and_none():
+    from illava.plan.encoder import attend_and_score
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    bias = torch.randn(2, 1, 1, 5)
+    want, probs = _reference_attention(q, k, v, 0.5, bias)
+    out, received = attend_and_score(q, k, v, 0.5, bias)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(received, probs.mean(dim=(1, 2)))
+    out, received = attend_and_score(q, k, v, 0.5, bias, cls=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(received, probs[:, :, 0].mean(1))  # the CLS token's row alone
+    out, received = attend_and_score(q, k, v, 0.5, bias, scores=False)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert received.shape == (2, 5) and not received.any()
+
+
+def test_to_block_order_moves_every_stream_alike_and_keeps_the_cls_token():
+    from illava.plan.encoder import to_block_order
+
+    hidden = torch.arange(17.0)[None, :, None]  # CLS + 4x4 patches
+    received, keys = hidden[..., 0] * 10, hidden * 100
+    h, r, k = to_block_order(hidden, received, keys, unit=4, keep_first=1)
+    want = [0, 1, 2, 5, 6, 3, 4, 7, 8, 9, 10, 13, 14, 11, 12, 15, 16]
+    assert h[0, :, 0].tolist() == want
+    assert r[0].tolist() == [10 * x for x in want] and k[0, :, 0].tolist() == [100 * x for x in want]
+    assert to_block_order(hidden, received, keys, unit=1, keep_first=1)[0] is hidden
+
+
+def test_frames_attention_is_full_attention_inside_every_frame():
+    from illava.plan.encoder import frames_attention
+
+    torch.manual_seed(1)
+    unit = 4  # frames of 3, 2 and 3 blocks
+    bounds = [0, 12, 20, 32]
+    q, k, v = (torch.randn(32, 2, 4) for _ in range(3))
+    sizes = torch.tensor([1.0, 2, 1, 3, 1, 1, 2, 1])
+    out, received = frames_attention(q, k, v, bounds, 0.3, sizes, unit)
+    bias_all = sizes.repeat_interleave(unit).log()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        want, probs = _reference_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), 0.3, bias_all[a:b])
+        torch.testing.assert_close(out[a:b], want[0].reshape(b - a, -1))
+        torch.testing.assert_close(received[a:b], probs.mean(dim=(1, 2))[0])
+
+
+@pytest.mark.parametrize("policy", [Policy(), ToMe()])
+def test_merge_frames_equals_reducing_every_frame_alone(policy):
+    """Frames of one size merge together (a crop per frame): the same decisions as frame by frame."""
+    from illava.plan.encoder import merge_frames
+
+    torch.manual_seed(2)
+    unit, frames = 4, [4, 6, 4, 4]
+    cfg = config(8, recycle="rank")  # 8 tokens: 2 units of 4 per frame
+    n = sum(frames) * unit
+    hidden, received, keys = torch.randn(n, 3), torch.rand(n), torch.randn(n, 5)
+    sizes = torch.tensor([1.0, 2, 1, 1] + [1, 1, 3, 1, 1, 1] + [2, 2, 1, 1] + [1, 1, 1, 4])
+    step = merge_frames(cfg, policy, 3, hidden, received, keys, frames, unit, sizes)
+    assert step.counts == [2, 4, 2, 2]
+    start = 0
+    for f, size in enumerate(frames):
+        rows = slice(start * unit, (start + size) * unit)
+        one = reduce_units(
+            cfg, policy, 3, hidden[rows][None], received[rows][None], unit, 0, keys[rows][None],
+            sizes=sizes[start : start + size][None],
+        )  # fmt: skip
+        got = step.frames[f]
+        torch.testing.assert_close(got.tokens, one.hidden[0])
+        assert got.kept.tolist() == (start + one.result.kept[0]).tolist()
+        torch.testing.assert_close(got.sizes, merged_sizes(sizes[start : start + size][None], one.result, size)[0])
+        start += size
+    torch.testing.assert_close(step.tokens, torch.cat([f.tokens for f in step.frames]))

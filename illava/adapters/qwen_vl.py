@@ -23,7 +23,6 @@ contiguous, and empty windows vanish.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from transformers.vision_utils import get_vision_window_index
@@ -36,7 +35,7 @@ from ..hf.encoder import (
     recording,
     stock_count_features,
 )
-from ..merge import attention_with_received_scores, compose_assign
+from ..merge import compose_assign
 from ..patch import Hook
 from ..plan import encoder as plan
 from ..state import UnitTrace
@@ -147,109 +146,70 @@ class IllavaQwenVisionBlock:
         cos, sin = position_embeddings
         q, k = rope_vision(q, cos, sin), rope_vision(k, cos, sin)
         cu = run.cu_seqlens(blocks, True, hidden.device)
-        bounds = cu.tolist()
-        bias = None
-        if state.policy.proportional_attention and blocks.sizes is not None:  # ToMe: log(size) of every token
-            bias = plan.size_bias(blocks.sizes[None].to(hidden.device), n, run.unit)[0, 0, 0]
-        outputs, received = [], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            frame_bias = bias[a:b][None, None, None] if bias is not None else None
-            out, score = attention_with_received_scores(
-                *(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), attn.scaling, frame_bias
-            )
-            outputs.append(out[0])
-            received.append(score[0])
+        proportional = state.policy.proportional_attention and blocks.sizes is not None  # ToMe: log(size)
+        out, received = plan.frames_attention(
+            q, k, v, cu.tolist(), attn.scaling, blocks.sizes if proportional else None, run.unit
+        )
         collecting = run.collecting.setdefault(layer, collecting_attentions())
         if collecting:  # transformers records what the stock attention module returns
             kwargs["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
             hidden = hidden_states + attn(hidden, cu_seqlens=cu, position_embeddings=position_embeddings, **kwargs)
         else:
-            hidden = hidden_states + attn.proj(torch.cat(outputs).reshape(n, -1))
-        hidden = _merge_blocks(state, run, layer, blocks, hidden, torch.cat(received), position_embeddings, k.mean(1))
+            hidden = hidden_states + attn.proj(out)
+        hidden = _merge_blocks(state, run, layer, blocks, hidden, received, position_embeddings, k.mean(1))
         return hidden + self.mlp(self.norm2(hidden))
 
 
-class _Frame(NamedTuple):
-    """One frame after a merge step."""
-
-    kept: torch.Tensor  # its surviving blocks (indices into the blocks before the step)
-    tokens: torch.Tensor  # (kept * unit, D) hidden states
-    assign: torch.Tensor  # output block of every block before the step, -1: dropped
-    sizes: torch.Tensor  # original blocks every survivor stands for
-    scores: torch.Tensor  # the blocks' scores before the step
-
-
 def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, received, position_embeddings, keys):
-    """Remove and recycle whole 2x2 blocks, frame by frame: frames of one size and grid go through
-    ``illava.plan.encoder.reduce_units`` together (a crop per frame); the packed-sequence metadata
-    of the survivors is kept for the later blocks (``run.after``)."""
+    """Remove and recycle whole 2x2 blocks, frame by frame (``illava.plan.encoder.merge_frames``, as
+    vLLM does); the packed-sequence metadata of the survivors is kept for the later blocks
+    (``run.after``)."""
     unit, device = run.unit, hidden.device
-    starts = torch.tensor([0, *blocks.frame_blocks]).cumsum(0)[:-1]
-    sizes = blocks.sizes if blocks.sizes is not None else torch.ones(sum(blocks.frame_blocks))
     # companions (Qwen3-VL deepstack) follow this merge with the weights the policy combined blocks with
     probe = layer in run.probed or (layer not in run.after and bool(run.companions))
-    frames: dict[int, _Frame] = {}
-    groups = []  # (frames, their blocks before, weights)
-    sizes_seen = []  # (blocks per frame, frames)
-    for (size, grid), group in _frame_groups(run, blocks).items():
-        sizes_seen.append((size, group))
-        index = starts[group].to(device)[:, None] + torch.arange(size, device=device)  # (frames, blocks)
-        tokens = (index[..., None] * unit + torch.arange(unit, device=device)).flatten(1)
-        step = plan.reduce_units(
-            state.config, state.policy, layer, hidden[tokens], received[tokens], unit, 0, keys[tokens],
-            sizes=sizes.to(device)[index], grid=grid, with_weights=probe,
-        )  # fmt: skip
-        merged = plan.merged_sizes(sizes.to(device)[index], step.result, size)
-        kept = index.gather(1, step.result.kept)
-        for i, f in enumerate(group):
-            frames[f] = _Frame(kept[i], step.hidden[i], step.result.assign[i], merged[i], step.scores[i])
-        if probe:
-            groups.append((group, index, step.weights))
-    ordered = [frames[f] for f in range(len(blocks.frame_blocks))]
-    out = torch.cat([frame.tokens for frame in ordered])
+    raster = blocks is run.initial and run.window_index is None  # the block grids hold while in raster order
+    step = plan.merge_frames(
+        state.config, state.policy, layer, hidden, received, keys, blocks.frame_blocks, unit,
+        blocks.sizes, run.grids if raster else None, with_weights=probe,
+    )  # fmt: skip
+    out = step.tokens
     if layer in run.after:  # run again (gradient checkpointing): same decisions, nothing to record
         return out
-    kept_blocks = torch.cat([frame.kept for frame in ordered])
+    kept_blocks = step.kept
     token_index = (kept_blocks[:, None] * unit + torch.arange(unit, device=device)).flatten()
     kept_cpu = kept_blocks.cpu()
-    new_counts = [frame.kept.numel() for frame in ordered]
+    new_counts = step.counts
     run.after[layer] = Blocks(
         new_counts,
         blocks.block_ids[kept_cpu],
         blocks.window_of_block[kept_cpu] if blocks.window_of_block is not None else None,
         tuple(t[token_index] for t in position_embeddings),
-        torch.cat([frame.sizes for frame in ordered]).cpu(),
+        step.sizes.cpu(),
     )
     starts_new = torch.tensor([0, *new_counts]).cumsum(0)[:-1]
     if probe:
         run.probed.add(layer)
         steps = []
-        for group, index, weights in groups:
+        for group, index, weights in step.groups:
             rows = starts_new[group].to(device)[:, None] + torch.arange(weights.shape[1], device=device)
             steps.append((index, rows, weights))
         run.steps.append((sum(new_counts), steps))
     call = current_call(state)
     if call is not None:
         call.layers.append((layer, sum(blocks.frame_blocks) * unit, out.shape[0]))
-        for size, group in sizes_seen:
+        seen: dict[int, int] = {}
+        for size in blocks.frame_blocks:
+            seen[size] = seen.get(size, 0) + 1
+        for size, frames in seen.items():
             cap = plan.capped(state.config, state.policy, layer, size, unit)
             if cap is not None:
-                call.capped.append((layer, len(group), *cap))
+                call.capped.append((layer, frames, *cap))
         if recording(state):
-            _record_step(run, layer, blocks, ordered, starts_new)
+            _record_step(run, layer, blocks, step.frames, starts_new)
     return out
 
 
-def _frame_groups(run: VisionRun, blocks: Blocks) -> dict[tuple, list[int]]:
-    """Frames of one block count (and one block grid while blocks are in raster order) merge together."""
-    raster = blocks is run.initial and run.window_index is None
-    groups: dict[tuple, list[int]] = {}
-    for f, size in enumerate(blocks.frame_blocks):
-        groups.setdefault((size, run.grids[f] if raster else None), []).append(f)
-    return groups
-
-
-def _record_step(run: VisionRun, layer: int, blocks: Blocks, frames: list[_Frame], starts_new) -> None:
+def _record_step(run: VisionRun, layer: int, blocks: Blocks, frames: list[plan.FrameStep], starts_new) -> None:
     """``illava.tools.viz``: the owner of every original block after ``layer`` and the scores before."""
     assigns = [frame.assign.cpu() for frame in frames]
     step = torch.cat([torch.where(a >= 0, a + start, -1) for a, start in zip(assigns, starts_new.tolist())])

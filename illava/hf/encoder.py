@@ -27,13 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import keep_count
-from ..merge import attention_with_received_scores
 from ..patch import Hook, stock_when_compiled
 from ..plan import encoder as plan
-from ..plan.encoder import CropTrace, block_order, cls_received, size_bias
+from ..plan.encoder import CropTrace, size_bias
 from ..state import EncoderCall, IllavaState, UnitTrace
 
 
@@ -167,13 +165,7 @@ def attention_and_scores(
         out, weights = eager_call()
         received = weights[:, :, 0].float().mean(1) if cls else weights.float().mean(dim=(1, 2))
         return out, received, True
-    if not scores:
-        mask = None if bias is None else bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.transpose(1, 2).contiguous(), q.new_zeros(q.shape[0], q.shape[2], dtype=torch.float32), False
-    out, received = attention_with_received_scores(q, k, v, scale, bias)
-    if cls:
-        received = cls_received(q, k, scale, bias)
+    out, received = plan.attend_and_score(q, k, v, scale, bias, cls, scores)
     return out, received, False
 
 
@@ -186,7 +178,7 @@ def needs_scores(state: IllavaState) -> bool:
 def scores_from_cls(state: IllavaState, keep_first: int) -> bool:
     """Whether the encoder stage scores by the CLS token's attention: the policy asks for it and the
     tower has one (``keep_first`` > 0)."""
-    return keep_first > 0 and getattr(state.policy, "encoder_query", "all") == "cls"
+    return plan.scores_by_cls(state.policy, keep_first)
 
 
 @dataclass(frozen=True)
@@ -328,11 +320,8 @@ def merge_layer(
     order, positions were added at the embeddings), then ``merge_units`` (``trace``: the call's
     trace before the layer)."""
     unit, keep_first = state.adapter.unit, state.adapter.keep_first
-    if unit > 1 and layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
-        side = round((hidden.shape[1] - keep_first) ** 0.5)
-        patches = block_order(side, round(unit**0.5), hidden.device) + keep_first
-        order = torch.cat([torch.arange(keep_first, device=hidden.device), patches])
-        hidden, received, keys = hidden[:, order], received[:, order], keys[:, order]
+    if layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
+        hidden, received, keys = plan.to_block_order(hidden, received, keys, unit, keep_first)
     return merge_units(state, layer, hidden, received, unit, keep_first, keys, trace)
 
 

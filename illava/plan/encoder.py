@@ -17,7 +17,15 @@ the rest of the layer on the survivors.
   there (``Policy.max_removal``; an error only in strict mode); ``capped``: whether it caps;
 - ``units_after``: the units of a crop left after every merge layer (what a serving engine reserves
   placeholders for before the model runs: ``illava.vllm``);
-- ``block_order``: raster -> block order of the patches of a square crop (units of ``k x k``).
+- ``block_order``: raster -> block order of the patches of a square crop (units of ``k x k``);
+  ``to_block_order``: a merge layer's tokens put in it.
+
+The kernels both engines run (each on its own modules, with no copy of the computation):
+
+- ``attend_and_score``: a ViT merge layer's attention and the attention every token receives
+  (all queries, the CLS token's, or none);
+- ``frames_attention`` / ``merge_frames``: the attention and the merge step of the frames of a
+  packed sequence (Qwen-VL's vision blocks), frames of one size merged together.
 
 Nothing here imports transformers or the Hugging Face backend (``illava.state``, ``illava.patch``).
 """
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import removal_units
-from ..merge import MergeResult, compose_assign
+from ..merge import MergeResult, attention_with_received_scores, compose_assign
 from ..policy import DEFAULT as _DEFAULT_POLICY
 
 
@@ -254,3 +262,157 @@ def merge_units(
     )
     trace = trace if trace is not None else CropTrace.start(hidden.shape[0], units, hidden.device)
     return step.hidden, trace.step(layer, step.result, step.scores, record)
+
+
+def scores_by_cls(policy, keep_first: int) -> bool:
+    """Whether the encoder stage scores by the CLS token's attention: the policy asks for it
+    (``encoder_query == "cls"``: VisionZip) and the tower has one (``keep_first`` > 0)."""
+    return keep_first > 0 and getattr(policy, "encoder_query", "all") == "cls"
+
+
+def attend_and_score(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    cls: bool = False,
+    scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of a ViT merge layer and the attention every token receives, for both engines.
+
+    ``query`` / ``key`` / ``value`` ``(B, H, N, hd)``; ``bias``: additive, broadcastable to the logits
+    (ToMe's ``size_bias``). Returns the output ``(B, N, H, hd)`` and ``received`` ``(B, N)`` float32:
+    by default the mean over heads and queries of the softmax that made the output (one pass,
+    ``attention_with_received_scores``); ``cls``: the attention received from the first token instead
+    (``cls_received``: VisionZip on a tower with a CLS token); ``scores=False`` (a policy that ignores
+    them: ToMe): fused attention, the scores zeros."""
+    if not scores:
+        mask = None if bias is None else bias.to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous(), query.new_zeros(query.shape[0], query.shape[2], dtype=torch.float32)
+    out, received = attention_with_received_scores(query, key, value, scale, bias)
+    if cls:
+        received = cls_received(query, key, scale, bias)
+    return out, received
+
+
+def to_block_order(
+    hidden: torch.Tensor, received: torch.Tensor, keys: torch.Tensor, unit: int, keep_first: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens of square crops (``keep_first`` tokens, then patches in raster order) with the
+    patches of every ``k x k`` unit made consecutive (``unit = k * k``; block order, ``block_order``):
+    what a ViT merge layer does before its first merge when its units are blocks. Attention does not
+    depend on the order; positions were added at the embeddings. ``unit == 1``: unchanged."""
+    if unit == 1:
+        return hidden, received, keys
+    side = round((hidden.shape[1] - keep_first) ** 0.5)
+    patches = block_order(side, round(unit**0.5), hidden.device) + keep_first
+    order = torch.cat([torch.arange(keep_first, device=hidden.device), patches])
+    return hidden[:, order], received[:, order], keys[:, order]
+
+
+def frames_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    scale: float,
+    sizes: torch.Tensor | None = None,
+    unit: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention frame by frame over a packed sequence (Qwen-VL's vision blocks), with the attention
+    every token receives: ``query`` / ``key`` / ``value`` ``(S, H, hd)``, frame ``f`` the tokens
+    ``bounds[f]:bounds[f + 1]``; ``sizes`` ``(S // unit,)``: original units every unit stands for
+    (ToMe's proportional attention; ``None``: none). Returns the output ``(S, H * hd)`` and
+    ``received`` ``(S,)`` float32."""
+    n = query.shape[0]
+    bias = size_bias(sizes[None].to(query.device), n, unit)[0, 0, 0] if sizes is not None else None
+    outputs, received = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        frame_bias = bias[a:b][None, None, None] if bias is not None else None
+        out, score = attention_with_received_scores(
+            *(t[a:b].transpose(0, 1)[None] for t in (query, key, value)), scale, frame_bias
+        )
+        outputs.append(out[0])
+        received.append(score[0])
+    return torch.cat(outputs).reshape(n, -1), torch.cat(received)
+
+
+@dataclass
+class FrameStep:
+    """One frame after a merge step of ``merge_frames``."""
+
+    kept: torch.Tensor  # its surviving units (indices into all the units before the step)
+    tokens: torch.Tensor  # (kept * unit, D) hidden states
+    assign: torch.Tensor  # output unit (in the frame) of every unit of the frame before the step, -1: dropped
+    sizes: torch.Tensor  # original units every survivor stands for
+    scores: torch.Tensor  # the frame's units' scores before the step
+
+
+@dataclass
+class FramesStep:
+    """A merge step of the frames of a packed sequence (``merge_frames``)."""
+
+    frames: list[FrameStep]  # in order
+    # with weights: (frames, their units before (frames, units), the weights (frames, kept, units)) per group
+    groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return torch.cat([f.tokens for f in self.frames])
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return torch.cat([f.kept for f in self.frames])
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return torch.cat([f.sizes for f in self.frames])
+
+    @property
+    def counts(self) -> list[int]:
+        return [f.kept.numel() for f in self.frames]
+
+
+def merge_frames(
+    config,
+    policy,
+    layer: int,
+    hidden: torch.Tensor,
+    received: torch.Tensor,
+    keys: torch.Tensor,
+    frame_units: list[int],
+    unit: int,
+    sizes: torch.Tensor | None = None,
+    grids: list[tuple[int, int] | None] | None = None,
+    with_weights: bool = False,
+) -> FramesStep:
+    """One merge step of the frames of a packed sequence (Qwen-VL's vision blocks), the same in both
+    engines: frame ``f`` holds ``frame_units[f]`` consecutive units of ``unit`` tokens; ``hidden``
+    ``(S, D)``, ``received`` ``(S,)``, ``keys`` ``(S, K)``; ``sizes`` ``(units,)`` original units every
+    unit stands for (``None``: 1 each); ``grids``: every frame's unit grid while its units are in
+    raster order (``None``: not). Frames of one unit count and grid go through ``reduce_units``
+    together, a crop per frame; ``with_weights``: their combination weights too (``FramesStep.groups``)."""
+    device = hidden.device
+    starts = torch.tensor([0, *frame_units]).cumsum(0)[:-1]
+    sizes = (sizes if sizes is not None else torch.ones(sum(frame_units))).to(device)
+    groups: dict[tuple, list[int]] = {}
+    for f, size in enumerate(frame_units):
+        groups.setdefault((size, grids[f] if grids is not None else None), []).append(f)
+    frames: dict[int, FrameStep] = {}
+    weights = []
+    for (size, grid), group in groups.items():
+        index = starts[group].to(device)[:, None] + torch.arange(size, device=device)  # (frames, units)
+        tokens = (index[..., None] * unit + torch.arange(unit, device=device)).flatten(1)
+        step = reduce_units(
+            config, policy, layer, hidden[tokens], received[tokens], unit, 0, keys[tokens],
+            sizes=sizes[index], grid=grid, with_weights=with_weights,
+        )  # fmt: skip
+        merged = merged_sizes(sizes[index], step.result, size)
+        kept = index.gather(1, step.result.kept)
+        for i, f in enumerate(group):
+            frames[f] = FrameStep(kept[i], step.hidden[i], step.result.assign[i], merged[i], step.scores[i])
+        if with_weights:
+            weights.append((group, index, step.weights))
+    return FramesStep([frames[f] for f in range(len(frame_units))], weights)

@@ -5,9 +5,10 @@
   stage (DivPrune / random);
 - ``vit_merge_forward``: a pre-norm ViT layer of vLLM (CLIP's ``CLIPEncoderLayer``: ``layer_norm1``,
   ``self_attn.qkv_proj`` / ``out_proj``, ``layer_norm2``, ``mlp``) with the encoder stage: the
-  layer's own q and k give the attention every token receives, ``illava.plan.encoder.merge_units``
-  decides, the MLP runs on the survivors. The same computation as the transformers backend's
-  ``IllavaViTLayer`` (``illava.hf.encoder``), on vLLM's modules.
+  layer's own q and k give the attention every token receives (``illava.plan.encoder.attend_and_score``),
+  units of blocks are put in block order at the first merge (``to_block_order``),
+  ``illava.plan.encoder.merge_units`` decides, the MLP runs on the survivors. The kernels are the
+  ones the transformers backend's ``IllavaViTLayer`` (``illava.hf.encoder``) runs, on vLLM's modules.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from ..config import IllavaConfig, keep_count
-from ..merge import attention_with_received_scores
 from ..plan import encoder as plan
 from ..policy import Policy, policy_of
 
@@ -69,9 +69,11 @@ def vit_merge_forward(layer, stage: Stage, index: int, hidden_states: torch.Tens
     qkv, _ = attn.qkv_proj(x)
     q, k, v = (t.reshape(b, n, -1, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     bias = stage.bias(n)
-    out, received = attention_with_received_scores(q, k, v, attn.scale, bias)
-    if stage.keep_first > 0 and getattr(stage.policy, "encoder_query", "all") == "cls":  # VisionZip: CLS attention
-        received = plan.cls_received(q, k, attn.scale, bias)
+    cls, scores = plan.scores_by_cls(stage.policy, stage.keep_first), stage.policy.uses_encoder_scores
+    out, received = plan.attend_and_score(q, k, v, attn.scale, bias, cls, scores)
     out, _ = attn.out_proj(out.reshape(b, n, -1))
-    hidden = stage.merge(index, hidden_states + out, received, k.mean(1))
+    hidden, received, keys = hidden_states + out, received, k.mean(1)
+    if index == min(stage.config.encoder_layers):  # every patch still there, in raster order
+        hidden, received, keys = plan.to_block_order(hidden, received, keys, stage.unit, stage.keep_first)
+    hidden = stage.merge(index, hidden, received, keys)
     return hidden + layer.mlp(layer.layer_norm2(hidden))

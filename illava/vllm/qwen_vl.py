@@ -41,7 +41,6 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from ..merge import attention_with_received_scores
 from ..plan import encoder as plan
 from .config import resolve, spec_of
 from .encoder import Stage
@@ -128,42 +127,26 @@ def _qkv(attn, hidden, cos, sin):
 
 def _merge_block(blk, stage: Stage, layer: int, x, cos, sin, frames: list[int], grids, sizes):
     """A vision block with the encoder stage (``x`` ``(S, 1, D)``, frames contiguous): attention
-    frame by frame with the attention every token receives, whole 2x2 blocks removed per frame
-    (``reduce_units``, as the transformers backend does), the MLP on the survivors. Returns the
-    survivors' hidden states, their rotary embeddings, the surviving blocks (indices into the blocks
-    before) and their sizes."""
+    frame by frame with the attention every token receives, whole 2x2 blocks removed per frame, the
+    MLP on the survivors: the kernels of ``illava.plan.encoder`` (``frames_attention``,
+    ``merge_frames``) that the transformers backend runs. Returns the survivors' hidden states, their
+    rotary embeddings, the surviving blocks (indices into the blocks before) and their sizes."""
     attn, unit = blk.attn, stage.unit
     q, k, v = _qkv(attn, blk.norm1(x), cos, sin)
     scale = attn.hidden_size_per_attention_head**-0.5
-    starts = np.cumsum([0, *frames]) * unit
-    outs, received = [], []
-    for a, b in zip(starts[:-1], starts[1:]):
-        bias = None
-        if stage.policy.proportional_attention and sizes is not None:  # ToMe: log(size) of every token
-            bias = plan.size_bias(sizes[a // unit : b // unit][None], int(b - a), unit)
-        out, score = attention_with_received_scores(*(t[:, a:b].transpose(1, 2) for t in (q, k, v)), scale, bias)
-        outs.append(out[0])
-        received.append(score[0])
-    out, _ = attn.proj(torch.cat(outs).reshape(x.shape[0], 1, -1))
+    bounds = (np.cumsum([0, *frames]) * unit).tolist()
+    proportional = stage.policy.proportional_attention and sizes is not None  # ToMe: log(size) of every token
+    out, received = plan.frames_attention(q[0], k[0], v[0], bounds, scale, sizes if proportional else None, unit)
+    out, _ = attn.proj(out.reshape(x.shape[0], 1, -1))
     hidden = x + out
-    keys = k[0].mean(1)  # (S, head_dim), heads averaged
-    tokens, kept, new_sizes = [], [], []
-    for f, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
-        first = int(a) // unit
-        before = sizes[first : first + frames[f]][None] if sizes is not None else torch.ones(1, frames[f])
-        before = before.to(x.device)
-        step = plan.reduce_units(
-            stage.config, stage.policy, layer, hidden[a:b, 0][None], received[f][None], unit, 0, keys[a:b][None],
-            sizes=before, grid=grids[f] if grids is not None else None,
-        )  # fmt: skip
-        tokens.append(step.hidden[0])
-        kept.append(first + step.result.kept[0])
-        new_sizes.append(plan.merged_sizes(before, step.result, frames[f])[0])
-    kept = torch.cat(kept)
+    step = plan.merge_frames(
+        stage.config, stage.policy, layer, hidden[:, 0], received, k[0].mean(1), frames, unit, sizes, grids
+    )
+    kept = step.kept
     index = (kept[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
-    hidden = torch.cat(tokens)[:, None]
+    hidden = step.tokens[:, None]
     hidden = hidden + blk.mlp(blk.norm2(hidden))
-    return hidden, cos[index], sin[index], kept, torch.cat(new_sizes)
+    return hidden, cos[index], sin[index], kept, step.sizes
 
 
 class _Blocks:
