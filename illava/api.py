@@ -6,19 +6,20 @@ import warnings
 
 import torch
 
-from . import tuned
 from .adapters import adapter_for
-from .config import PRESETS, IllavaConfig
+from .config import IllavaConfig
 from .hf.llm import LLMStage
-from .methods import METHODS, REGISTRY
+from .methods import target_of
 from .patch import PatchRecord
+from .resolve import resolve
 from .state import IllavaState, Stats
 
 
 def configure(
     model: torch.nn.Module, config: IllavaConfig | str | None = "image", knob: float | None = None, **overrides
 ) -> IllavaConfig:
-    """The configuration ``apply`` would use for ``model``, checked against it.
+    """The configuration ``apply`` would use for ``model``, checked against it (``illava.resolve``,
+    the resolver the vLLM plugin shares, then the family adapter's checks).
 
     ``config`` is one of:
 
@@ -37,44 +38,9 @@ def configure(
     (docs/method.md, "Where the encoder stage merges").
     """
     adapter = adapter_for(model)
-    if config is None:
-        config = "image"
-    if tuned.is_tuned_path(config):
-        if knob is not None:
-            raise TypeError(f"knob={knob!r}: a tuned file carries its own knob")
-        data = tuned.read(config)
-        tuned.check_model(data, {"model_type": model.config.model_type, **adapter.dimensions(model).as_dict()}, config)
-        config, knob, fields = tuned.spec_of(data)
-        overrides = {**fields, **overrides}
-    if isinstance(config, str) and config in METHODS:
-        cfg = REGISTRY[config].config(model, knob)
-    elif knob is not None:
-        what = f"preset {config!r}" if isinstance(config, str) else "an IllavaConfig"
-        raise TypeError(f"knob={knob!r}: only a method takes a knob, not {what}; methods: {', '.join(METHODS)}")
-    elif isinstance(config, str) and config in PRESETS:
-        cfg = adapter.preset(model, config)
-    elif isinstance(config, str):
-        raise ValueError(unknown_name(config))
-    elif isinstance(config, IllavaConfig):
-        cfg = config
-    else:
-        raise TypeError(f"config must be a preset name, a method name or an IllavaConfig, got {type(config).__name__}")
-    if isinstance(overrides.get("encoder_layers"), str):
-        cfg = _measured(model, cfg, overrides.pop("encoder_layers"))
-    cfg = cfg.replace(**overrides) if overrides else cfg
-    cfg.check_against(**adapter.dimensions(model).as_dict())
+    cfg = resolve(target_of(model), "image" if config is None else config, knob, overrides)
     adapter.check(model, cfg)
     return cfg
-
-
-def _measured(model, cfg: IllavaConfig, how: str) -> IllavaConfig:
-    from .plan.schedule import measured_layers
-
-    if how != "measured":
-        raise ValueError(f"encoder_layers takes layer indices or 'measured', got {how!r}")
-    if not cfg.encoder_layers:
-        raise ValueError("encoder_layers='measured': this configuration has no encoder stage to move")
-    return cfg.replace(encoder_layers=measured_layers(model, len(cfg.encoder_layers)))
 
 
 def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "image", **overrides) -> IllavaConfig:
@@ -87,11 +53,6 @@ def resolve_config(model: torch.nn.Module, config: IllavaConfig | str | None = "
         stacklevel=2,
     )
     return configure(model, config, **overrides)
-
-
-def unknown_name(name: str) -> str:
-    """The message for a configuration name that is neither a preset nor a method."""
-    return f"{name!r} is an unknown method or preset name; presets: {', '.join(PRESETS)}; methods: {', '.join(METHODS)}"
 
 
 def apply(
@@ -125,7 +86,7 @@ def _patch(model: torch.nn.Module, cfg: IllavaConfig) -> None:
     model._illava = record
     parts = adapter.parts(model)
     adapter.patch(model, record)
-    LLMStage(state, parts.decoder, adapter).attach(record, parts.inner)
+    LLMStage(state, parts.decoder, adapter.decoder_family()).attach(record, parts.inner)
 
 
 def remove(model: torch.nn.Module) -> None:

@@ -43,6 +43,10 @@ class Method:
     low: float  # knob value with the least reduction
     high: float  # knob value with the most reduction
     build: Callable[[object, float], IllavaConfig]
+    # where it acts: "encoder" (inside the vision encoder), "features" (the projected tokens before the
+    # LLM), "llm" (inside the LLM); an engine's refusals derive from it (``illava.vllm.config``)
+    stages: tuple[str, ...] = ("encoder",)
+    measured: bool = False  # its encoder layers come from a profile measured on the model (``illava.tools.schedule``)
 
     def config(self, model, value: float | None = None) -> IllavaConfig:
         """The method's configuration for ``model`` (a ``Target``: the dimensions of a served model, or
@@ -53,14 +57,21 @@ class Method:
 
 
 class Target:
-    """What the methods' builders read of a model: ``unit`` (patch tokens removed together),
-    ``mergeable`` (encoder layers where the encoder stage may merge), ``llm_depth``, and its
-    ``preset(name)``. ``illava.vllm`` gives one for a served model; transformers models get theirs
-    from their adapter."""
+    """What the methods' builders and the resolver (``illava.resolve``) read of a model: ``unit``
+    (patch tokens removed together), ``mergeable`` (encoder layers where the encoder stage may merge),
+    ``llm_depth``, its ``dimensions`` (``illava.families.Dimensions``, what a configuration is checked
+    against), its ``model_type`` and its ``preset(name)``. ``illava.vllm`` gives one for a served
+    model; transformers models get theirs from their adapter."""
 
     unit: int
     mergeable: tuple[int, ...]
     llm_depth: int
+    dimensions: object  # ``illava.families.Dimensions``
+    model_type: str = ""
+
+    def identity(self) -> dict:
+        """What a tuned file is checked against (``illava.tuned.check_model``)."""
+        return {"model_type": self.model_type, **self.dimensions.as_dict()}
 
     def preset(self, name: str) -> IllavaConfig:
         raise NotImplementedError
@@ -160,10 +171,12 @@ def _last_layer(model: Target, keep: float, policy) -> IllavaConfig:
     return IllavaConfig(encoder_layers=(max(model.mergeable),), encoder_removal=round(1 - keep, 6), policy=policy)
 
 
+BOTH = ("encoder", "llm")  # iLLaVA's two stages (the LLM stage where the family's preset has one)
+
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("illava", "iLLaVA: encoder + LLM stages (image preset)", "level", 1.0, 0.0, 4.0, _illava),
+        Method("illava", "iLLaVA: encoder + LLM stages (image preset)", "level", 1.0, 0.0, 4.0, _illava, BOTH),
         *(
             Method(
                 f"illava-{mode}",
@@ -173,6 +186,7 @@ REGISTRY: dict[str, Method] = {
                 0.0,
                 4.0,
                 lambda model, level, mode=mode: _illava(model, level, mode),
+                BOTH,
             )
             for mode in ("rank", "cluster", "prune")
         ),
@@ -193,8 +207,19 @@ REGISTRY: dict[str, Method] = {
             0.0,
             4.0,
             lambda model, level: _illava_stage(model, level, "llm"),
+            ("llm",),
         ),
-        Method("illava-measured", "iLLaVA, encoder layers by measurement", "level", 1.0, 0.0, 4.0, _illava_measured),
+        Method(
+            "illava-measured",
+            "iLLaVA, encoder layers by measurement",
+            "level",
+            1.0,
+            0.0,
+            4.0,
+            _illava_measured,
+            BOTH,
+            measured=True,
+        ),
         Method(
             "random-encoder",
             "control: iLLaVA's encoder stage with random scores",
@@ -212,9 +237,10 @@ REGISTRY: dict[str, Method] = {
             0.0,
             4.0,
             lambda model, level: _illava(model, level).replace(policy=ToMeThenIllava()),
+            BOTH,
         ),
-        Method("fastv", "FastV: LLM layer 2, all-query attention, pruned", "keep", 0.5, 1.0, 0.02, _fastv),
-        Method("pdrop", "PyramidDrop: 3 LLM cuts, last-token attention", "keep", 0.5, 1.0, 0.05, _pdrop),
+        Method("fastv", "FastV: LLM layer 2, all-query attention, pruned", "keep", 0.5, 1.0, 0.02, _fastv, ("llm",)),
+        Method("pdrop", "PyramidDrop: 3 LLM cuts, last-token attention", "keep", 0.5, 1.0, 0.05, _pdrop, ("llm",)),
         Method("tome", "ToMe: bipartite merging in every encoder layer", "r", 8, 0, 64, _tome),
         Method(
             "visionzip",
@@ -233,6 +259,7 @@ REGISTRY: dict[str, Method] = {
             1.0,
             0.01,
             lambda model, keep: IllavaConfig(feature_keep=keep, policy=DivPrune()),
+            ("features",),
         ),  # fmt: skip
         Method(
             "random",
@@ -242,6 +269,7 @@ REGISTRY: dict[str, Method] = {
             1.0,
             0.01,
             lambda model, keep: IllavaConfig(feature_keep=keep, policy=RandomDrop()),
+            ("features",),
         ),  # fmt: skip
         Method(
             "pool",

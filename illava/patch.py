@@ -105,10 +105,14 @@ def stock_when_compiled(name: str, ours, stock):
 
 @dataclass
 class ModulePatch:
-    """What a swapped module knows: the shared state and, for layers, its index."""
+    """What a swapped module knows, given when it is swapped: the shared state, for layers their
+    index, and the geometry of the family's units (``unit`` tokens removed together after
+    ``keep_first`` tokens never removed), so that the layer's helpers never ask the adapter."""
 
     state: object
     layer: int | None = None
+    unit: int = 1
+    keep_first: int = 0
 
 
 class Hook:
@@ -147,7 +151,9 @@ class PatchRecord:
         rebound so that the patched forward runs on dispatched models too.
         """
         module.__class__ = swapped_class(mixin, type(module))
-        module._illava = ModulePatch(self.state, layer)
+        adapter = getattr(self.state, "adapter", None)
+        geometry = (adapter.unit, adapter.keep_first) if adapter is not None else (1, 0)
+        module._illava = ModulePatch(self.state, layer, *geometry)
         if hasattr(module, "_old_forward"):
             module._old_forward = types.MethodType(module.__class__.forward, module)
         self.swapped.append(module)

@@ -17,11 +17,15 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import IllavaConfig
 from .policy import Policy, policy_of
+
+if TYPE_CHECKING:
+    from .plan.encoder import CropTrace
 
 
 @dataclass
@@ -52,7 +56,11 @@ class EncoderCall:
     # removals capped on crops too small to give them: (layer, crops, tokens asked, removed per crop)
     capped: list[tuple[int, int, int, int]] = field(default_factory=list)
     trace: UnitTrace | None = None  # filled only while recording (``illava.tools.viz``)
-    work: dict = field(default_factory=dict)  # the adapter's bookkeeping during the call
+    # the bookkeeping of the merges during the call, one typed field per kind of family:
+    crop_trace: CropTrace | None = None  # crops of square ViTs: the trace after the last merge so far
+    vision_run: Any = None  # Qwen-VL / Qwen3-VL: the packed sequence after every merge (``adapters.qwen_vl.VisionRun``)
+    kept_blocks: torch.Tensor | None = None  # InternVL: the 2x2 blocks every tile keeps
+    video_slots: tuple[CropTrace, torch.Tensor] | None = None  # LLaVA-OneVision: frames' trace and pooled slots
 
     def as_stats(self) -> dict:
         out = {"kind": self.kind, "crops": self.crops, "tokens": self.tokens, "layers": list(self.layers)}

@@ -216,7 +216,7 @@ def test_the_record_gives_the_adapters_numbers(fam):
 )
 def test_the_vllm_family_agrees_with_the_record(arch, served):
     from illava.vllm import families as vllm_families
-    from illava.vllm.config import _preset
+    from illava.vllm.config import _Target
 
     config = tiny_config(arch)
     family = getattr(vllm_families, served)(config)
@@ -232,4 +232,5 @@ def test_the_vllm_family_agrees_with_the_record(arch, served):
     assert family.mergeable == record.mergeable_layers(config)
     assert (family.model_type, family.name) == (config.model_type, record.label(config.model_type))
     for name in PRESETS:
-        assert _preset(name, family) == preset(config, name)
+        assert _Target(family).preset(name) == preset(config, name)
+    assert _Target(family).dimensions == dims

@@ -78,3 +78,52 @@ def test_qwen2_vl_image_preset_without_llm_stage_is_served():
     model = _model("tiny-qwen2-vl")
     config = resolve("image", qwen_vl(model.config))
     assert config == illava.configure(model, "image") and not config.llm_layers
+
+
+@pytest.mark.parametrize("arch, family", [("tiny-llava", llava), ("tiny-qwen2-vl", qwen_vl)])
+def test_where_a_method_acts_is_what_its_configuration_does_and_what_vllm_serves(arch, family):
+    """``Method.stages`` (the one registry of where each method acts) says which stages the built
+    configuration turns on, and the plugin serves exactly the methods whose configuration has no LLM
+    stage on this family (refusing the others with the reason), the measured one excepted."""
+    from illava.methods import REGISTRY
+
+    model = _model(arch)
+    for name, method in REGISTRY.items():
+        if method.measured:
+            with pytest.raises(ValueError, match="profile measured with the transformers backend"):
+                resolve(name, family(model.config))
+            continue
+        config = illava.configure(model, name)
+        assert set(method.stages) <= {"encoder", "features", "llm"}
+        assert bool(config.encoder_layers) == ("encoder" in method.stages), name
+        assert config.features_active == ("features" in method.stages), name
+        if "llm" not in method.stages:
+            assert not config.llm_layers, name
+        if config.llm_layers or method.stages == ("llm",):  # the LLM stage: refused in vLLM, with the reason
+            with pytest.raises(ValueError, match="LLM"):
+                resolve(name, family(model.config))
+        else:
+            assert resolve(name, family(model.config)) == config, name
+
+
+def test_the_plugin_resolves_once_per_model_and_again_when_the_spec_changes(monkeypatch):
+    """``once_per_model`` (what the families' ``stage_of`` go through, tests_vllm) builds a served
+    model's stage once, not at every image the processor counts; again for another spec or model."""
+    from illava.vllm.config import once_per_model, spec_of
+    from illava.vllm.families import family
+
+    calls = []
+
+    def build(hf_config):
+        calls.append(spec_of(hf_config))
+        return resolve(spec_of(hf_config), family(hf_config))
+
+    monkeypatch.setenv("ILLAVA_VLLM", "encoder-only")
+    hf_config = _model("tiny-llava").config
+    made = [once_per_model(hf_config, build) for _ in range(5)]
+    assert len(calls) == 1 and all(m is made[0] for m in made)
+    monkeypatch.setenv("ILLAVA_VLLM", '{"method": "tome", "knob": 2}')
+    assert once_per_model(hf_config, build) == illava.configure(_model("tiny-llava"), "tome", 2)
+    assert len(calls) == 2
+    once_per_model(_model("tiny-llava").config, build)  # another served model: its own resolution
+    assert len(calls) == 3

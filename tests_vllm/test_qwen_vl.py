@@ -144,3 +144,37 @@ def test_survivor_positions_are_written_per_image_run_across_a_chunk_boundary():
     # a chunk that starts inside the second image (at slot 10): the rest of it only
     out, pos, _ = write_survivor_positions(ids, [b[1:]], positions, 10, 1)
     assert pos[:, 10:12].tolist() == [[9, 9], [10, 11], [10, 10]] and pos[:, 4:6].tolist() == positions[:, 4:6].tolist()
+
+
+def test_a_tuned_file_is_served_as_the_transformers_backend_applies_it(qwen2_vl, qwen_images, tmp_path):
+    """Issue 40: the file ``illava tune --engine vllm`` writes, given to the engine as the spec
+    (``--hf-overrides '{"illava": "tuned.json"}'``), serves the setting it chose: counts and tokens as
+    ``illava.apply(model, "tuned.json")`` in transformers. The plugin resolves it once per model."""
+    from transformers import AutoConfig
+
+    from illava import tuned
+    from illava.families import record_for
+    from illava.vllm.qwen_vl import stage_of
+
+    hf_config = AutoConfig.from_pretrained(qwen2_vl)
+    dims = record_for(hf_config.model_type).dimensions(hf_config)
+    path = str(tmp_path / "tuned.json")
+    model = {"name": "tiny-qwen2-vl", "model_type": hf_config.model_type, **dims.as_dict()}
+    tuned.write(path, {"spec": {"method": "tome", "knob": 1.5}, "model": model, "engine": "vllm"})
+    hf_config.illava = path
+    assert stage_of(hf_config) is stage_of(hf_config)  # resolved once, not per call
+    requests = [
+        {"prompt": chat("what is this?", MARKER), "images": [qwen_images["big"]]},
+        {"prompt": chat("compare them", MARKER, count=2), "images": [qwen_images["wide"], qwen_images["small"]]},
+    ]
+    out = run_vllm(qwen2_vl, requests, MAX_TOKENS, hf_overrides={"illava": path})
+    assert "results" in out, out.get("stderr", "")[-4000:]
+    expected = reference(qwen2_vl, [{**r, "illava": path, "max_tokens": MAX_TOKENS} for r in requests])
+    counts = [got["prompt_token_ids"].count(IMAGE_ID) for got in out["results"]]
+    assert counts == [want["visual_tokens"] for want in expected]
+    assert counts[0] < 16  # 4x4 blocks, fewer after ToMe
+    check_against_reference(out["results"], expected)
+    wrong = dict(model, llm_depth=model["llm_depth"] + 1)  # tuned for another size: refused, never applied
+    tuned.write(path, {"spec": {"method": "tome", "knob": 1.5}, "model": wrong, "engine": "vllm"})
+    out = run_vllm(qwen2_vl, [], 1, hf_overrides={"illava": path})
+    assert "error" in out and "was tuned for another model" in out["error"], out.get("error", "")[-3000:]

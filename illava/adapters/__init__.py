@@ -53,7 +53,9 @@ class AdapterTarget(Target):
         self._model, self._adapter = model, adapter_for(model)
         self.unit = self._adapter.unit
         self.mergeable = tuple(self._adapter.mergeable_layers(model))
-        self.llm_depth = self._adapter.dimensions(model).llm_depth
+        self.dimensions = self._adapter.dimensions(model)
+        self.llm_depth = self.dimensions.llm_depth
+        self.model_type = model.config.model_type
 
     def preset(self, name: str) -> IllavaConfig:
         return self._adapter.preset(self._model, name)

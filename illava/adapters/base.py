@@ -19,12 +19,14 @@ An adapter says:
 4. **its unit of removal**, the record's (``unit``, ``keep_first``), and how the encoder
    stage runs (``patch``: the merge layers and the layout of survivors, producing features at the
    stock count with NaN rows for removed tokens, ``illava.hf.encoder.stock_count_features``);
-5. **how survivors are positioned for the LLM** (``renumber_positions``, the record's) and how the
-   features split into images / videos (``item_lengths``);
-6. **the scoring query/key of its decoder attention** (``query_key``; default: Llama-style RoPE);
-7. **extra decoder inputs** that must be gathered with the kept tokens (``gather_decoder_inputs``,
-   e.g. Qwen3-VL's deepstack features; default: none), and the decoder's padding mask and
-   bidirectional blocks when the model prepares the masks itself (``decoder_masks``, Gemma 3);
+5. **what the LLM stage reads of it** (``decoder_family``: ``illava.hf.llm.DecoderFamily``, handed to
+   the stage's hooks when they are registered): how survivors are positioned (``renumber_positions``,
+   the record's), and, only where the family differs from the runtime's defaults, methods of these
+   names: how the features split into images / videos (``item_lengths``), the scoring query/key of
+   its decoder attention (``query_key``; default: Llama-style RoPE), extra decoder inputs gathered
+   with the kept tokens (``gather_decoder_inputs``, Qwen3-VL's deepstack features; default: none),
+   and the decoder's padding mask and bidirectional blocks when the model prepares the masks itself
+   (``decoder_masks``, Gemma 3);
 
 What only the tools need (bundled and tiny configurations, image processors, stock inputs without
 the combined processor, pictures of units, FLOPs dimensions) is not here: it is the family's
@@ -130,32 +132,20 @@ class Adapter:
     def patch_more(self, model, record) -> None:
         """Hooks and swaps of the family beyond ``patch``'s (default: none)."""
 
-    def item_lengths(self, kind: str, output) -> list[int] | None:
-        """Feature rows of every image / video in an encoder output (``pooler_output`` a list per
-        item, or a tensor with one row per item); ``None`` if the output does not tell."""
-        features = getattr(output, "pooler_output", None)
-        if isinstance(features, (list, tuple)):
-            return [int(f.shape[0]) for f in features]
-        if isinstance(features, torch.Tensor) and features.dim() == 3:
-            return [int(features.shape[1])] * features.shape[0]
-        return None
+    def decoder_family(self):
+        """What the LLM stage reads of the family (``illava.hf.llm.DecoderFamily``), handed to its hooks
+        when they are registered: ``scoring_attention`` and ``renumber_positions``, and of
+        ``query_key``, ``item_lengths``, ``decoder_masks``, ``gather_decoder_inputs`` the ones this
+        adapter defines (the runtime's defaults otherwise: Llama-style RoPE scoring, features split
+        by their output, the decoder's own 2D mask, no extra decoder inputs)."""
+        from ..hf.llm import DecoderFamily
 
-    def query_key(self, attn, hidden: torch.Tensor, position_embeddings, rows: torch.Tensor) -> tuple:
-        from ..hf.rope import rope_query_key
-
-        return rope_query_key(attn, hidden, position_embeddings, rows)
-
-    def decoder_masks(self, scope, kwargs: dict) -> tuple:
-        """The 2D padding mask (over cached + new tokens) of a decoder call, and ``(B, T)`` ids of the
-        blocks whose tokens attend to each other both ways, counted from the start of the sequence
-        (-1: none; ``None``: causal only). Default: the decoder's own 2D ``attention_mask``, causal.
-        Families whose model hands the decoder prepared masks (a mapping per layer type) recover
-        both from what their inner model received (``scope.model_inputs``)."""
-        return kwargs.get("attention_mask"), None
-
-    def gather_decoder_inputs(self, kwargs: dict, index: torch.Tensor) -> None:
-        """Gather decoder inputs aligned with the sequence (other than embeddings and positions)
-        with the kept tokens ``index`` ``(B, L')`` at the decoder input."""
+        given = {
+            name: getattr(self, name)
+            for name in ("query_key", "item_lengths", "decoder_masks", "gather_decoder_inputs")
+            if callable(getattr(self, name, None))
+        }
+        return DecoderFamily(self.scoring_attention, self.renumber_positions, **given)
 
 
 def require_strategy(model, config: IllavaConfig, wanted: str, stage: str, why: str) -> None:

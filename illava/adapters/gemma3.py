@@ -118,7 +118,7 @@ class IllavaGemma3Model(FeatureCalls):
             proj = self.multi_modal_projector
             pooled = hidden.view(images, -1, kernel * kernel, hidden.shape[-1]).mean(2)  # = AvgPool2d of a block
             features = torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(hidden)
-            trace = call.work.get("crops")
+            trace = call.crop_trace
             slots = trace.positions if trace is not None else torch.arange(blocks).expand(images, -1)
             out.pooler_output = torch.stack(
                 [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]

@@ -80,14 +80,17 @@ class IllavaInternVisionLayer:
         q, k = attn.q_norm(attn.q_proj(hidden)), attn.k_norm(attn.k_proj(hidden))
         v = attn.v_proj(hidden)
         q, k, v = (t.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        bias = proportional_bias(state, n, state.adapter.unit, state.adapter.keep_first, inputs.trace)
-        cls = scores_from_cls(state, state.adapter.keep_first)
+        bias = proportional_bias(state, n, patch.unit, patch.keep_first, inputs.trace)
+        cls = scores_from_cls(state, patch.keep_first)
         out, received, projected = attention_and_scores(
             attn, hidden, q, k, v, attn.scale, lambda: attn(hidden), bias, cls, inputs.scores, inputs.collecting
         )
         if not projected:
             out = attn.projection_dropout(attn.projection_layer(out.reshape(b, n, -1)))
-        hidden = merge_layer(state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1), inputs.trace)
+        hidden = merge_layer(
+            state, patch.layer, hidden_states + self.lambda_1 * out, received, k.mean(1), inputs.trace,
+            patch.unit, patch.keep_first,
+        )  # fmt: skip
         layer_output = self.dropout(self.mlp(self.layernorm_after(hidden)))
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output
@@ -104,7 +107,7 @@ class RasterSurvivors(Hook):
 
     def __call__(self, module, args, kwargs, output):
         call = current_call(self.state)
-        trace = call.work.get("crops") if call is not None else None
+        trace = call.crop_trace if call is not None else None
         if trace is None:
             return None
         hidden = output.last_hidden_state  # (tiles, 1 + 4 * kept blocks, D), block order
@@ -115,7 +118,7 @@ class RasterSurvivors(Hook):
         full[:, 0] = hidden[:, 0]
         full = full.scatter(1, (patches + 1)[..., None].expand(-1, -1, dim), hidden[:, 1:])
         output.last_hidden_state = full
-        call.work["kept_blocks"] = trace.positions
+        call.kept_blocks = trace.positions
         return output
 
 
@@ -130,7 +133,7 @@ class IllavaInternVLModel(FeatureCalls):
         if call is not None:
             call.crops, call.tokens = pixel_values.shape[0], pixel_values.shape[0] * (1 + side * side)
         out = stock(self, *args, **kwargs)
-        kept = call.work.get("kept_blocks") if call is not None else None
+        kept = call.kept_blocks if call is not None else None
         if kept is not None:  # the features of removed blocks: NaN rows, dropped at the decoder input
             features = out.pooler_output
             removed = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
@@ -145,7 +148,7 @@ def _unit_trace(call, tiles: int, side: int, device) -> None:
     """``illava.tools.viz``: units are the blocks of every tile in raster order; the feature row of a
     block is its tile's first row + the block's raster index (the pixel shuffle's order)."""
     blocks = (side // 2) ** 2
-    trace = call.work.get("crops") or CropTrace.start(tiles, blocks, device)
+    trace = call.crop_trace or CropTrace.start(tiles, blocks, device)
     rows = torch.arange(tiles)[:, None] * blocks
     assign = trace.assign.cpu()
     feature = torch.where(assign >= 0, trace.positions.cpu().gather(1, assign.clamp(min=0)) + rows, -1)

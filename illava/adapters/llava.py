@@ -97,10 +97,10 @@ class IllavaLlavaModel(FeatureCalls):
         if call is not None:
             images = pixel_values.shape[0]
             call.crops, call.item_crops = images, [1] * images
-            call.tokens = images * (state.adapter.keep_first + patches)
+            call.tokens = images * (self._illava.keep_first + patches)
         out = stock(self, *args, **kwargs)
         head = head_rows(self.config, stock_argument(stock, args, kwargs, "vision_feature_select_strategy"))
-        trace = call.work.get("crops") if call is not None else None
+        trace = call.crop_trace if call is not None else None
         if trace is not None:
             total = head + patches
             laid = []

@@ -86,9 +86,9 @@ class AnyResLayout:
             return stock(image_features, image_newline)
         side = self._side()
         crops = [f.shape[0] for f in image_features]
-        per_crop = self._illava.state.adapter.keep_first + side**2
+        per_crop = self._illava.keep_first + side**2
         call.crops, call.tokens, call.item_crops = sum(crops), sum(crops) * per_crop, crops
-        trace = call.work.get("crops")
+        trace = call.crop_trace
         # stock counts from stock code run on one-channel zeros (cheap, and always in sync)
         dummy = [f.new_zeros(f.shape[0], side**2, 1) for f in image_features]
         newline = image_newline[:1] if image_newline is not None else None
@@ -168,7 +168,7 @@ class AnyResLayout:
             positions = trace.positions[start : start + crops].cpu()
             dummy = torch.zeros(crops, positions.shape[1], 1)
             packed, slots = self._pack_survivors(dummy, positions, size.cpu(), newline, aspect, n)
-            if call.work.get("crops") is None and packed.shape[0] != n:
+            if call.crop_trace is None and packed.shape[0] != n:
                 slots = torch.full_like(slots, -1)  # stock pooled by interpolation: no exact mapping
             slots = torch.where(slots >= 0, slots + offset + n - packed.shape[0], -1)
             assign = trace.assign[start : start + crops].cpu()

@@ -56,7 +56,7 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
         if kind == "video" and call is not None:
             batch, frames = stock_argument(stock, args, kwargs, "pixel_values_videos").shape[:2]
             call.item_crops = [frames] * batch
-            if recording(self._illava.state) and "video_slots" in call.work:
+            if recording(self._illava.state) and call.video_slots is not None:
                 self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
         return out
 
@@ -72,7 +72,7 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
     # ---------------------------------------------------------------------------- videos
     def apply_pooling(self, image_features):
         call = current_call(self._illava.state)
-        trace = call.work.get("crops") if call is not None else None
+        trace = call.crop_trace if call is not None else None
         side = self._side()
         frames = image_features.shape[0]
         if call is not None:
@@ -86,7 +86,7 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
                     pool_survivors(p[:, None].float(), p // side, p % side, (side, side), (cells, cells))[3]
                     for p in trace.positions
                 ]
-                call.work["video_slots"] = (trace, torch.stack(slots))
+                call.video_slots = (trace, torch.stack(slots))
             return super().apply_pooling(image_features)
         k = image_features.shape[1]
         cells = math.ceil(math.sqrt(k) / 2)
@@ -96,11 +96,11 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
             means, _, _, slot = pool_survivors(f, p // side, p % side, (side, side), (cells, cells))
             pooled[i, : means.shape[0]] = means
             slots.append(slot)
-        call.work["video_slots"] = (trace, torch.stack(slots))
+        call.video_slots = (trace, torch.stack(slots))
         return pooled
 
     def _video_feature_rows(self, call, batch: int, frames: int, per_video: int) -> None:
-        trace, slots = call.work["video_slots"]
+        trace, slots = call.video_slots
         side = self._side()
         cells = math.ceil(side / 2) ** 2
         frame = torch.arange(batch * frames)

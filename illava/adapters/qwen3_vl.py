@@ -87,7 +87,7 @@ class IllavaDeepstackMerger:
     def forward(self, x):
         state = self._illava.state
         call = current_call(state) if state.config.encoder_active else None
-        run = call.work.get("run") if call is not None else None
+        run = call.vision_run if call is not None else None
         if run is None:
             return super().forward(x)
         run.companions[self._illava.layer] = (x, len(run.steps))
@@ -103,7 +103,7 @@ class FinishDeepstack(Hook):
 
     def __call__(self, module, args, kwargs, output):
         call = current_call(self.state)
-        run = call.work.get("run") if call is not None else None
+        run = call.vision_run if call is not None else None
         if run is None or not run.companions:
             return None
         total = sum(int(t * h * w) for t, h, w in run.grid_thw.tolist()) // run.unit

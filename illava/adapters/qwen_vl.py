@@ -116,7 +116,7 @@ def _run_of(state, position_embeddings) -> VisionRun | None:
     run = state.keyed.get(key)
     if run is None:
         call = current_call(state)
-        run = call.work.get("run") if call is not None else None
+        run = call.vision_run if call is not None else None
         if run is not None:
             state.keyed[key] = run
     return run
@@ -255,7 +255,7 @@ class StartRun(Hook):
         call = current_call(self.state)
         if call is not None:
             grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-            call.work["run"] = VisionRun(module, grid.cpu())
+            call.vision_run = VisionRun(module, grid.cpu())
         return None
 
 
@@ -265,7 +265,7 @@ class ScatterMerged(Hook):
 
     def __call__(self, module, args, kwargs, output):
         call = current_call(self.state)
-        run = call.work.get("run") if call is not None else None
+        run = call.vision_run if call is not None else None
         if run is None:
             return None
         total = sum(int(t * h * w) for t, h, w in run.grid_thw.tolist()) // run.unit

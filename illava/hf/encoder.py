@@ -11,7 +11,7 @@
 - layout helpers: ``pool_survivors``, ``rows_with_newlines``.
 - the pieces every family's patch is made of: ``IllavaViTLayer`` (a pre-norm ViT layer with the
   encoder stage: CLIP / SigLIP, and DINOv2 as ``IllavaDinov2Layer``; the parts of a layer are
-  ``ViTNames`` data, the adapter's ``unit`` / ``keep_first`` say the geometry), ``merge_layer`` (block
+  ``ViTNames`` data, the ``unit`` / ``keep_first`` the layer got at its swap say the geometry), ``merge_layer`` (block
   order at the first merge layer, then ``merge_units``), ``FeatureCalls`` (the model mixin running
   the feature calls in encoder calls and recording the placeholders).
 
@@ -271,7 +271,7 @@ def proportional_bias(
 def crop_trace(state: IllavaState) -> CropTrace | None:
     """The ``CropTrace`` of the encoder call in progress (``None`` before its first merge)."""
     call = current_call(state)
-    return call.work.get("crops") if call is not None else None
+    return call.crop_trace if call is not None else None
 
 
 def unit_trace(trace: CropTrace, grids: list[tuple[int, int]], feature: torch.Tensor) -> UnitTrace:
@@ -291,14 +291,14 @@ def merge_units(
 ) -> torch.Tensor:
     """``illava.plan.encoder.merge_units`` at encoder ``layer``: ``trace`` (the call's ``CropTrace``
     before the layer, ``MergeInputs.trace``) goes in; in the call in progress the trace after it goes
-    to ``work["crops"]`` and the step's token counts to its statistics (not in a recomputation by
+    to ``call.crop_trace`` and the step's token counts to its statistics (not in a recomputation by
     gradient checkpointing: that call has ended, ``current_call`` is ``None``)."""
     call = current_call(state)
     out, trace = plan.merge_units(
         state.config, state.policy, layer, hidden, received, unit, keep_first, keys, trace, recording(state)
     )
     if call is not None:
-        call.work["crops"] = trace
+        call.crop_trace = trace
         call.layers.append((layer, hidden.shape[0] * hidden.shape[1], out.shape[0] * out.shape[1]))
         cap = plan.capped(state.config, state.policy, layer, (hidden.shape[1] - keep_first) // unit, unit)
         if cap is not None:
@@ -313,13 +313,14 @@ def merge_layer(
     received: torch.Tensor,
     keys: torch.Tensor,
     trace: CropTrace | None = None,
+    unit: int = 1,
+    keep_first: int = 0,
 ):
-    """The merge of a ViT layer of the adapter's geometry (``adapter.unit`` tokens per unit after
-    ``adapter.keep_first`` kept tokens): at the first merge layer, units of ``k x k`` patches
-    (``unit = k * k > 1``) are made consecutive (block order; attention does not depend on token
-    order, positions were added at the embeddings), then ``merge_units`` (``trace``: the call's
-    trace before the layer)."""
-    unit, keep_first = state.adapter.unit, state.adapter.keep_first
+    """The merge of a ViT layer of the family's geometry (``unit`` tokens per unit after
+    ``keep_first`` kept tokens, given to the layer when it was swapped): at the first merge layer,
+    units of ``k x k`` patches (``unit = k * k > 1``) are made consecutive
+    (``illava.plan.encoder.to_block_order``), then ``merge_units`` (``trace``: the call's trace
+    before the layer)."""
     if layer == min(state.config.encoder_layers):  # every patch is still there, in raster order
         hidden, received, keys = plan.to_block_order(hidden, received, keys, unit, keep_first)
     return merge_units(state, layer, hidden, received, unit, keep_first, keys, trace)
@@ -384,11 +385,11 @@ class IllavaViTLayer:
         inputs = merge_inputs(state, kwargs)
         if not state.config.encoder_active:
             return super().forward(hidden_states, attention_mask, **kwargs)
-        names, unit, keep_first = self._illava_names, state.adapter.unit, state.adapter.keep_first
+        names, unit, keep_first = self._illava_names, self._illava.unit, self._illava.keep_first
         hidden, received, keys = vit_attention_half(
             self, state, hidden_states, attention_mask, unit, keep_first, names, inputs
         )
-        hidden = merge_layer(state, self._illava.layer, hidden, received, keys, inputs.trace)
+        hidden = merge_layer(state, self._illava.layer, hidden, received, keys, inputs.trace, unit, keep_first)
         return vit_mlp_half(self, hidden, names)
 
 

@@ -24,6 +24,7 @@ step, or the continuation of a cached conversation) one ``Chunk`` holds what the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,45 @@ from ..state import ForwardTrace, IllavaState, LLMLayerStats, VisualItem
 from .cache import IllavaDynamicCache, Session, open_session
 from .encoder import call_of
 from .masks import attention_mask, layer_kwargs, window
+from .rope import rope_query_key
+
+
+def item_lengths(kind: str, output) -> list[int] | None:
+    """Feature rows of every image / video in an encoder output (``pooler_output`` a list per item,
+    or a tensor with one row per item); ``None`` if the output does not tell."""
+    features = getattr(output, "pooler_output", None)
+    if isinstance(features, (list, tuple)):
+        return [int(f.shape[0]) for f in features]
+    if isinstance(features, torch.Tensor) and features.dim() == 3:
+        return [int(features.shape[1])] * features.shape[0]
+    return None
+
+
+def own_masks(scope, kwargs: dict) -> tuple:
+    """The decoder's own 2D ``attention_mask``, causal (no bidirectional blocks)."""
+    return kwargs.get("attention_mask"), None
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """What the LLM stage reads of a model's family, handed to its hooks when they are registered
+    (``Adapter.decoder_family``), so that no hook asks the adapter during a forward. The defaults
+    fit Llama-style decoders; a family gives its own where it differs:
+
+    - ``scoring_attention(layer)``: the attention module of a decoder layer (hooked to score);
+    - ``renumber_positions``: survivors renumbered (LLaVA-style) or keep their own (M-RoPE);
+    - ``query_key(attn, hidden, position_embeddings, rows)``: the scoring query / key (RoPE);
+    - ``item_lengths(kind, output)``: how the features split into images / videos;
+    - ``decoder_masks(scope, kwargs)``: the 2D padding mask and bidirectional blocks (Gemma 3);
+    - ``gather_decoder_inputs(kwargs, index)``: extra inputs gathered with the kept tokens (Qwen3-VL).
+    """
+
+    scoring_attention: Callable[[torch.nn.Module], torch.nn.Module]
+    renumber_positions: bool = True
+    query_key: Callable = rope_query_key
+    item_lengths: Callable = item_lengths
+    decoder_masks: Callable = own_masks
+    gather_decoder_inputs: Callable | None = None
 
 
 # ------------------------------------------------------------------------------------ the chunk
@@ -77,24 +117,24 @@ class Chunk:
 class LLMStage:
     """Attaches the decoder-side hooks of one model (see the module docstring)."""
 
-    def __init__(self, state: IllavaState, decoder: torch.nn.Module, adapter):
+    def __init__(self, state: IllavaState, decoder: torch.nn.Module, family: DecoderFamily):
         self.state = state
         self.decoder = decoder
-        self.adapter = adapter
+        self.family = family
 
     def attach(self, record: PatchRecord, inner: torch.nn.Module) -> None:
         opener = OpenScope(self.state)
         record.hook(inner, opener, "pre")
         record.hook(inner, CloseScope(self.state, opener), "post", always=True)
-        decoder_input = DecoderInput(self.state, self.adapter)
+        decoder_input = DecoderInput(self.state, self.family)
         record.hook(self.decoder, decoder_input, "pre")
         record.hook(self.decoder, DecoderOutput(self.state, decoder_input), "post", always=True)
         for i, layer in enumerate(self.decoder.layers):
             if i > 0:
                 record.hook(layer, LayerInput(self.state, self.decoder.config, i), "pre")
         for k in self.state.config.llm_layers:
-            attention = self.adapter.scoring_attention(self.decoder.layers[k - 1])
-            record.hook(attention, Score(self.state, self.adapter, k, window(self.decoder.config, k - 1)), "pre")
+            attention = self.family.scoring_attention(self.decoder.layers[k - 1])
+            record.hook(attention, Score(self.state, self.family, k, window(self.decoder.config, k - 1)), "pre")
 
 
 class OpenScope(Hook):
@@ -138,9 +178,9 @@ class _Input:
 
 
 class DecoderInput(Hook):
-    def __init__(self, state: IllavaState, adapter):
+    def __init__(self, state: IllavaState, family: DecoderFamily):
         super().__init__(state)
-        self.adapter = adapter
+        self.family = family
 
     def compiled(self, module, args, kwargs):
         _refuse_reduced_cache(kwargs)
@@ -186,7 +226,7 @@ class DecoderInput(Hook):
         # a model that prepares the decoder's masks itself (a mapping per layer type: Gemma 3) gets them
         # built again for the shorter sequence; the adapter knows the 2D mask and bidirectional blocks
         prepared = isinstance(kwargs.get("attention_mask"), dict)
-        mask, blocks = self.adapter.decoder_masks(scope, kwargs)
+        mask, blocks = self.family.decoder_masks(scope, kwargs)
         valid = torch.ones(b, q, dtype=torch.bool, device=device)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             valid = mask[:, -q:].to(device=device, dtype=torch.bool)
@@ -208,7 +248,7 @@ class DecoderInput(Hook):
         found = []
         for kind, mask in scope.placeholders.items():
             if tuple(mask.shape) == (b, q):
-                found.append((kind, mask, self.adapter.item_lengths(kind, scope.encoder_outputs.get(kind))))
+                found.append((kind, mask, self.family.item_lengths(kind, scope.encoder_outputs.get(kind))))
         return found
 
     def _chunk(self, module, kwargs: dict, cache, session, read: _Input, reduce_at: set[int]) -> Chunk:
@@ -266,14 +306,15 @@ class DecoderInput(Hook):
         kwargs["position_ids"] = plan.gather_positions(positions.to(valid.device), index)
         seq = read.seq.gather(index, valid)
         seq.index = torch.arange(index.shape[1], device=valid.device)[None].expand(index.shape[0], -1)
-        self.adapter.gather_decoder_inputs(kwargs, index)
+        if self.family.gather_decoder_inputs is not None:
+            self.family.gather_decoder_inputs(kwargs, index)
         return index, seq
 
     def _renumber(self, positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Positions as if the prompt had been built without the removed slots, for families that
         number that way; else the survivors keep theirs (only the text axis that serves masks moves)."""
         shift = shift.to(positions.dtype)
-        if self.adapter.renumber_positions:
+        if self.family.renumber_positions:
             return positions - shift
         if _text_positions(positions) is not None and positions.dim() == 3:
             return torch.cat([positions[:1] - shift, positions[1:]])
@@ -342,9 +383,9 @@ class Score(Hook):
     """Pre-hook on the attention of layer ``k-1``: the attention the last token of every sequence
     pays to every token (one query row per sequence), for the merge before layer ``k``."""
 
-    def __init__(self, state: IllavaState, adapter, k: int, window: int | None = None):
+    def __init__(self, state: IllavaState, family: DecoderFamily, k: int, window: int | None = None):
         super().__init__(state)
-        self.adapter = adapter
+        self.family = family
         self.k = k
         self.window = window  # layer k-1 attends over a sliding window (in stock positions)
 
@@ -359,11 +400,11 @@ class Score(Hook):
         with torch.no_grad():  # a selection signal: no gradient flows through which tokens are kept
             if self.state.policy.llm_query == "all":  # every query scores (FastV)
                 every = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-                query, key, scale = self.adapter.query_key(module, hidden, kwargs["position_embeddings"], every)
+                query, key, scale = self.family.query_key(module, hidden, kwargs["position_embeddings"], every)
                 received = received_from_all(query, key, scale, seq.mask, seq.segments)
                 chunk.scores[self.k] = received[:, None].expand(-1, rows.shape[1], -1)
             else:
-                query, key, scale = self.adapter.query_key(module, hidden, kwargs["position_embeddings"], rows)
+                query, key, scale = self.family.query_key(module, hidden, kwargs["position_embeddings"], rows)
                 chunk.scores[self.k] = query_scores(query, key, scale, seq.key_mask(rows, stock, self.window))
         return None
 

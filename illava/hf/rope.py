@@ -1,5 +1,5 @@
 """Post-RoPE queries and keys of a Llama-style decoder attention module: the LLM stage's scoring
-inputs (``Adapter.query_key``'s default)."""
+inputs (``illava.hf.llm.DecoderFamily.query_key``'s default)."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def encode(model, pixel_values: torch.Tensor) -> EncoderRun:
     call = getattr(out, "illava_call", None)
     head = adapter_for(model).keep_first
     b = tokens.shape[0]
-    trace = call.work.get("crops") if call is not None else None
+    trace = call.crop_trace if call is not None else None
     if trace is None:
         owner = torch.arange(patches).expand(b, patches) + head
         positions = None

@@ -193,9 +193,9 @@ def candidates_for(model, methods: list[str], engine: str) -> list[str]:
 
     names = list(methods) if methods else [m for m in METHODS if m not in EXCLUDED]
     if engine == "vllm":
-        from ..vllm.config import ENCODER_METHODS, FEATURE_METHODS
+        from ..vllm.config import SERVED_METHODS
 
-        names = [m for m in names if m in ENCODER_METHODS + FEATURE_METHODS]
+        names = [m for m in names if m in SERVED_METHODS]
     return names
 
 

@@ -23,24 +23,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import tuned
 from ..config import PRESETS, IllavaConfig
+from ..families import Dimensions
 from ..methods import REGISTRY, Target
 from ..presets import preset
+from ..resolve import resolve as shared_resolve
 
 ENV = "ILLAVA_VLLM"
 FIELD = "illava"
 
-# methods whose reduction happens before the LLM (their builders, on a family's dimensions)
-ENCODER_METHODS = (
-    "illava", "illava-rank", "illava-cluster", "illava-prune", "illava-encoder", "random-encoder", "tome-illava",
-    "tome", "visionzip", "pool",
-)  # fmt: skip
-FEATURE_METHODS = ("divprune", "random")
-LLM_METHODS = ("fastv", "pdrop", "illava-llm")
-MEASURED_METHODS = ("illava-measured",)  # the layer profile is measured with the transformers backend
+# where each method acts comes from the registry (``Method.stages``): the plugin serves those that cut
+# before the LLM (iLLaVA's variants where the family's preset has no LLM stage: checked on the result)
+LLM_METHODS = tuple(name for name, m in REGISTRY.items() if m.stages == ("llm",))
+MEASURED_METHODS = tuple(name for name, m in REGISTRY.items() if m.measured)  # profiled with transformers
+SERVED_METHODS = tuple(name for name in REGISTRY if name not in LLM_METHODS + MEASURED_METHODS)
 
 
 @dataclass(frozen=True)
@@ -76,62 +77,85 @@ def spec_of(hf_config) -> object | None:
     return spec
 
 
+_RESOLVED: dict[tuple[int, object], tuple[weakref.ref, str, object]] = {}
+
+
+def once_per_model(hf_config, build: Callable[[object], object]) -> object:
+    """``build(hf_config)`` (a family's stage, resolved from the model's spec), made once per served
+    model configuration and spec, not at every call of the processor or the model: the processor
+    asks for every image's token count. A configuration that cannot be weakly referenced is built
+    every time."""
+    spec = json.dumps(spec_of(hf_config), sort_keys=True, default=str)
+    key = (id(hf_config), build)
+    hit = _RESOLVED.get(key)
+    if hit is not None and hit[0]() is hf_config and hit[1] == spec:
+        return hit[2]
+    made = build(hf_config)
+    try:
+        ref = weakref.ref(hf_config)
+    except TypeError:
+        return made
+    for dead in [k for k, (r, _, _) in _RESOLVED.items() if r() is None]:
+        del _RESOLVED[dead]
+    _RESOLVED[key] = (ref, spec, made)
+    return made
+
+
 def resolve(spec, family: Family) -> IllavaConfig | None:
-    """The ``IllavaConfig`` of ``spec`` for ``family`` (``None``: off), checked; ``ValueError`` with
-    what to change for what the plugin cannot serve."""
+    """The ``IllavaConfig`` of ``spec`` for ``family`` (``None``: off), checked: the resolver of both
+    engines (``illava.resolve``) on the family's ``Target``, then the plugin's own refusals, each a
+    ``ValueError`` with what to change."""
     if spec is None:
         return None
+    target = _Target(family)
     if tuned.is_tuned_path(spec):  # a file of `illava tune`: its spec, for the model it was tuned for
-        data = tuned.read(spec)
-        identity = {
-            "model_type": family.model_type or family.name,
-            "encoder_depth": family.encoder_depth,
-            "tokens_per_crop": family.tokens_per_crop,
-            "llm_depth": family.llm_depth,
-            "feature_layer": family.feature_layer,
-            "unit": family.unit,
-        }
         try:
-            tuned.check_model(data, identity, spec)
+            tuned.check_model(tuned.read(spec), target.identity(), spec)
         except ValueError as error:
             raise ValueError(f"illava.vllm: {error}") from None
-        spec = data["spec"]
-    if isinstance(spec, str):
         name, knob, fields = spec, None, {}
+        what = tuned.spec_of(tuned.read(spec))[0]
+    elif isinstance(spec, str):
+        name, knob, fields = spec, None, {}
+        what = name
     elif isinstance(spec, dict):
         fields = dict(spec)
         name = fields.pop("preset", None) or fields.pop("method", None)
         knob = fields.pop("knob", None)
+        what = name
+        if name is None and knob is not None:
+            raise ValueError("illava.vllm: 'knob' needs a 'method'")
     else:
         raise ValueError(f"illava.vllm: the illava configuration must be a name or a mapping, got {spec!r}")
-    if name is None:
-        if knob is not None:
-            raise ValueError("illava.vllm: 'knob' needs a 'method'")
-        config = IllavaConfig(**_fields(fields))
-    elif name in PRESETS:
-        if knob is not None:
-            raise ValueError(f"illava.vllm: knob={knob!r}: only a method takes a knob, not preset {name!r}")
-        config = _preset(name, family).replace(**_fields(fields))
-    elif name in ENCODER_METHODS + FEATURE_METHODS:
-        config = _method(name, knob, family).replace(**_fields(fields))
-    elif name in MEASURED_METHODS:
+    if what in MEASURED_METHODS:
         raise ValueError(
-            f"illava.vllm: the method {name!r} picks its layers from a profile measured with the transformers backend "
+            f"illava.vllm: the method {what!r} picks its layers from a profile measured with the transformers backend "
             '(illava.tools.schedule.measure); give the layers it chose instead: {"method": "illava", '
             '"encoder_layers": [...]}'
         )
-    elif name in LLM_METHODS:
+    if what in LLM_METHODS:
         raise ValueError(
-            f"illava.vllm: the method {name!r} prunes inside the LLM (the LLM stage), which vLLM cannot run: "
+            f"illava.vllm: the method {what!r} prunes inside the LLM (the LLM stage), which vLLM cannot run: "
             "positions and KV slots are assigned before the model runs. Methods that cut before the LLM: "
-            f"{', '.join(ENCODER_METHODS + FEATURE_METHODS)}"
+            f"{', '.join(SERVED_METHODS)}"
         )
-    else:
+    if isinstance(what, str) and what not in PRESETS and what not in REGISTRY:
         raise ValueError(
-            f"illava.vllm: unknown preset or method {name!r}; presets: {', '.join(PRESETS)}; "
-            f"methods served in vLLM: {', '.join(ENCODER_METHODS + FEATURE_METHODS)}"
+            f"illava.vllm: unknown preset or method {what!r}; presets: {', '.join(PRESETS)}; "
+            f"methods served in vLLM: {', '.join(SERVED_METHODS)}"
         )
-    check(config, family, name)
+    if what in PRESETS and knob is not None:
+        raise ValueError(f"illava.vllm: knob={knob!r}: only a method takes a knob, not preset {what!r}")
+    try:
+        config = shared_resolve(target, name, knob, _fields(fields))
+    except ValueError as error:
+        raise ValueError(f"illava.vllm ({family.name}): {error}") from None
+    if isinstance(what, str) and what.startswith("illava") and what in REGISTRY and config.llm_layers:
+        raise ValueError(
+            f"illava.vllm: the method {what!r} scales the 'image' preset, whose LLM stage vLLM cannot run; "
+            "use 'illava-encoder' (its encoder stage alone) or the preset 'encoder-only'"
+        )
+    check(config, family, what)
     return config if config.enabled else None
 
 
@@ -144,16 +168,6 @@ def check(config: IllavaConfig, family: Family, name: str | None = None) -> None
             f"positions and KV slots are assigned before the model runs. Use {hint}; the plugin never drops "
             "the LLM stage silently"
         )
-    try:
-        config.check_against(
-            encoder_depth=family.encoder_depth,
-            tokens_per_crop=family.tokens_per_crop,
-            llm_depth=family.llm_depth,
-            feature_layer=family.feature_layer,
-            unit=family.unit,
-        )
-    except ValueError as error:
-        raise ValueError(f"illava.vllm ({family.name}): {error}") from None
     bad = [layer for layer in config.encoder_layers if layer not in family.mergeable]
     if bad:
         raise ValueError(
@@ -180,26 +194,16 @@ def _fields(fields: dict) -> dict:
     return out
 
 
-def _preset(name: str, family: Family) -> IllavaConfig:
-    return preset(family.hf_config, name)  # as the transformers backend's adapters scale it
-
-
-def _method(name: str, knob, family: Family) -> IllavaConfig:
-    """A method of ``illava.methods.REGISTRY`` built on the family's dimensions, as it is built on a
-    transformers model (the same builders, defaults and knobs)."""
-    config = REGISTRY[name].config(_Target(family), knob)
-    if name.startswith("illava") and config.llm_layers:
-        raise ValueError(
-            f"illava.vllm: the method {name!r} scales the 'image' preset, whose LLM stage vLLM cannot run; "
-            "use 'illava-encoder' (its encoder stage alone) or the preset 'encoder-only'"
-        )
-    return config
-
-
 class _Target(Target):
+    """A served model as the resolver and the methods' builders read it."""
+
     def __init__(self, family: Family):
         self.family = family
         self.unit, self.mergeable, self.llm_depth = family.unit, family.mergeable, family.llm_depth
+        self.model_type = family.model_type or family.name
+        self.dimensions = Dimensions(
+            family.encoder_depth, family.tokens_per_crop, family.llm_depth, family.feature_layer, family.unit
+        )
 
     def preset(self, name: str) -> IllavaConfig:
-        return _preset(name, self.family)
+        return preset(self.family.hf_config, name)  # as the transformers backend's adapters scale it

@@ -25,13 +25,13 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .config import resolve, spec_of
+from .config import once_per_model, resolve, spec_of
 from .encoder import Stage, vit_merge_forward
 from .families import llava as family
 from .serving import check_serving
 
 
-def stage_of(hf_config) -> Stage | None:
+def _build_stage(hf_config) -> Stage | None:
     """The stage of a served LLaVA (``None``: illava is off); ``ValueError`` for what cannot run."""
     config = resolve(spec_of(hf_config), family(hf_config))
     if config is None:
@@ -42,6 +42,12 @@ def stage_of(hf_config) -> Stage | None:
             f"{hf_config.vision_config.model_type!r}"
         )
     return Stage(config, unit=1, keep_first=1)  # CLIP's CLS token is never removed
+
+
+def stage_of(hf_config) -> Stage | None:
+    """The stage of a served LLaVA model (``None``: illava is off), resolved once per model
+    (``illava.vllm.config.once_per_model``); ``ValueError`` for what cannot run."""
+    return once_per_model(hf_config, _build_stage)
 
 
 def reduced_count(stage: Stage, hf_config, stock: int) -> int:

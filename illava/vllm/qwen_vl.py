@@ -42,19 +42,25 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from ..plan import encoder as plan
-from .config import resolve, spec_of
+from .config import once_per_model, resolve, spec_of
 from .encoder import Stage
 from .families import qwen_vl as family
 from .serving import check_serving
 
 
-def stage_of(hf_config) -> Stage | None:
+def _build_stage(hf_config) -> Stage | None:
     config = resolve(spec_of(hf_config), family(hf_config))
     if config is None:
         return None
     stage = Stage(config, unit=hf_config.vision_config.spatial_merge_size**2)
     stage.raster = hf_config.model_type == "qwen2_vl"  # Qwen2.5-VL's tower holds blocks in window order
     return stage
+
+
+def stage_of(hf_config) -> Stage | None:
+    """The stage of a served Qwen-VL model (``None``: illava is off), resolved once per model
+    (``illava.vllm.config.once_per_model``); ``ValueError`` for what cannot run."""
+    return once_per_model(hf_config, _build_stage)
 
 
 def image_count(stage: Stage, t: int, h: int, w: int, merge: int) -> int:
