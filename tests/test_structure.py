@@ -30,7 +30,7 @@ ENGINES = {
 # what every engine reads: none of them imports an engine or the tools
 NEUTRAL = (
     "illava.config", "illava.methods", "illava.policy", "illava.merge", "illava.peers", "illava.plan",
-    "illava.presets", "illava.families", "illava.tuned",
+    "illava.presets", "illava.families", "illava.tuned", "illava.resolve",
 )  # fmt: skip
 
 
@@ -234,3 +234,23 @@ def test_the_vllm_family_agrees_with_the_record(arch, served):
     for name in PRESETS:
         assert _Target(family).preset(name) == preset(config, name)
     assert _Target(family).dimensions == dims
+
+
+def test_the_merge_kernels_are_written_once_in_the_plan_layer():
+    """Issue 36: the engines run the plan's kernels on their own modules; none of them computes the
+    received attention or a merge step itself (a copy would drift from the other engine's)."""
+    import re
+
+    kernels = ("attention_with_received_scores", "reduce_units", "cls_received")
+    root = Path(illava.__file__).parent
+    offenders = []
+    for path in [*root.glob("hf/*.py"), *root.glob("adapters/*.py"), *root.glob("vllm/*.py")]:
+        code = re.sub(r'"""[\s\S]*?"""', "", path.read_text())  # docstrings may name them
+        for name in kernels:  # the pieces the plan's kernels are made of: called only there
+            if re.search(rf"(?<![\w]){name}\(", code):
+                offenders.append(f"{path.relative_to(root)}: {name}")
+    assert not offenders, offenders
+    from illava.plan import encoder as plan
+
+    for name in ("attend_and_score", "to_block_order", "frames_attention", "merge_frames", "merge_units"):
+        assert callable(getattr(plan, name))
