@@ -11,11 +11,12 @@ A maintainer reading what one forward does has to open every file it visits. The
 
 Every Python call inside ``illava/`` is recorded (``sys.setprofile``, in-process; vLLM with
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). A *climb back* is a call from a lower layer of the package into
-a higher one, other than the dispatch of ``illava.patch`` (its hooks' ``Guard``: torch calls it) (the layers, low to high: the engine-neutral core ``config``, ``merge``, ``policy``,
-``families``, ``presets``, ``methods``, ``resolve``, ``tuned``; the ``plan``; ``state`` and ``patch``;
-the engines' shared runtime ``hf`` and ``vllm/encoder``; the families' files ``adapters`` and
-``vllm/<family>``; the entry points ``api``, ``tools``). Hooks called by torch are not climbs: torch
-calls them. Prints the files and the climbs (caller -> callee), and the counts.
+a higher one. The layers, low to high: the engine-neutral core (``config``, ``merge``, ``policy``,
+``families``, ``presets``, ``methods``, ``resolve``, ``tuned``); the ``plan``; ``state`` and
+``patch``; the engines' shared runtime (``hf``, ``vllm/encoder``); the families' files
+(``adapters``, ``vllm/<family>``); the entry points (``api``, ``tools``). Calls made by the dispatch
+of ``illava.patch`` (a hook's ``Guard``, which torch calls) are not climbs. Prints the files and the
+climbs (caller -> callee), and the counts.
 """
 
 from __future__ import annotations
