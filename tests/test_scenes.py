@@ -225,3 +225,38 @@ def test_scenes_model_fidelity_inverted_scores_lose():
     assert stock >= FIDELITY["stock"], stock
     assert ours >= stock - FIDELITY["margin"], (ours, stock)
     assert inverted <= ours - FIDELITY["gap"], (inverted, ours)
+
+
+def test_the_table_maker_merges_runs_per_budget_and_tables_every_kind():
+    """benchmarks/fair_table.py: runs of one question set at different budgets make one table (stock
+    from the first run), with the standard error by hand; a run of other questions is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fair_table.py"
+    spec = importlib.util.spec_from_file_location("fair_table", path)
+    fair = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fair)
+
+    def score(method, target, accuracy, count):
+        kinds = {"count": count, "presence": 1.0}
+        return {"method": method, "target": target, "share": target, "reached": True, "accuracy": accuracy,
+                "kinds": kinds, "agreement": accuracy, "kl": 0.1}  # fmt: skip
+
+    def run(budget, accuracy):
+        return {"task": "scenes", "questions": 4, "per_kind": {"count": 2, "presence": 2, "smallest": 0},
+                "chance": {"count": 0.5, "presence": 0.5}, "budgets": [budget],
+                "scores": [score("stock", 1.0, 0.75, 0.5), score("tome", budget, accuracy, 0.0)]}  # fmt: skip
+
+    report = fair.merged([run(0.5, 0.5), run(0.2, 0.25)])
+    assert report["budgets"] == [0.5, 0.2]
+    lines = fair.table(report)
+    assert lines[2].startswith("| stock | 75.0 ± 21.7 (100%)")  # sqrt(.75 * .25 / 4) = 21.7 %
+    assert lines[3] == "| `tome` | 50.0 ± 25.0 | 25.0 ± 21.7 | 50 / 25 | 0.100 / 0.100 |"
+    kinds = fair.kinds_table(report, 0.2)
+    assert kinds[0] == "| method | FLOPs share | all | count (2) | presence (2) |"
+    assert kinds[-1] == "| `tome` | 20% | 25.0 ± 21.7 | 0.0 ± 0.0 | 100.0 ± 0.0 |"
+    other = run(0.33, 0.5)
+    other["questions"] = 5
+    with pytest.raises(SystemExit, match="different tasks or question sets"):
+        fair.merged([run(0.5, 0.5), other])
