@@ -1,7 +1,8 @@
 """Which of illava's files one forward runs code from, and how often the call stack climbs back up.
 
     python benchmarks/files_visited.py [--json F]               # transformers: two forwards
-    .venv-vllm/bin/python benchmarks/files_visited.py --vllm    # vLLM: one forward (Qwen2-VL)
+    .venv/bin/python tests_vllm/reference.py build qwen2_vl /tmp/qwen2_vl     # the tests' tiny Qwen2-VL
+    .venv-vllm/bin/python benchmarks/files_visited.py --vllm /tmp/qwen2_vl   # vLLM: one forward
 
 A maintainer reading what one forward does has to open every file it visits. The forwards:
 
@@ -149,40 +150,38 @@ def transformers_forwards() -> dict:
     return out
 
 
-def vllm_forward() -> dict:
-    """One generate of the tiny Qwen2-VL in vLLM with the plugin (``encoder-only``), traced in-process."""
-    import tempfile
-
+def vllm_forward(folder: Path) -> dict:
+    """One generate of the tiny Qwen2-VL in vLLM with the plugin (``encoder-only``), traced in-process;
+    ``folder``: the tests' tiny Qwen2-VL, saved with its processor by the main venv
+    (``.venv/bin/python tests_vllm/reference.py build qwen2_vl FOLDER``)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ["ILLAVA_VLLM"] = "encoder-only"
-    sys.path.insert(0, str(ROOT / "tests_vllm"))
     import numpy as np
     from PIL import Image
-    from reference import build  # the tests' tiny Qwen2-VL folder, saved with its processor
     from vllm import LLM, SamplingParams
 
-    folder = Path(tempfile.mkdtemp()) / "qwen2_vl"
-    build("qwen2_vl", str(folder))
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=2048,
               gpu_memory_utilization=0.15, seed=0, limit_mm_per_prompt={"image": 1})  # fmt: skip
-    image = Image.fromarray((np.random.RandomState(0).rand(112, 112, 3) * 255).astype("uint8"))
-    prompt = {
-        "prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is this?<|im_end|>\n"
-        "<|im_start|>assistant\n",
-        "multi_modal_data": {"image": image},
-    }
+
+    def prompt(seed: int) -> dict:  # another image each time: vLLM caches an image's encoder output
+        image = Image.fromarray((np.random.RandomState(seed).rand(112, 112, 3) * 255).astype("uint8"))
+        text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is this?<|im_end|>\n"
+        return {"prompt": text + "<|im_start|>assistant\n", "multi_modal_data": {"image": image}}
+
     params = SamplingParams(max_tokens=1, temperature=0.0)
-    llm.generate([prompt], params)  # warm
+    llm.generate([prompt(0)], params)  # warm
     name = "vLLM forward (Qwen2-VL, encoder-only)"
-    return {name: traced(lambda: llm.generate([prompt], params)).report(name)}
+    return {name: traced(lambda: llm.generate([prompt(1)], params)).report(name)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vllm", action="store_true", help="the vLLM forward (run in the vLLM venv)")
+    parser.add_argument(
+        "--vllm", type=Path, default=None, metavar="FOLDER", help="the vLLM forward on this tiny Qwen2-VL folder"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    out = vllm_forward() if args.vllm else transformers_forwards()
+    out = vllm_forward(args.vllm) if args.vllm else transformers_forwards()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
