@@ -4,8 +4,8 @@
 ``settings(...)`` yields stock first, then every (method, budget) with its knob solved by
 ``illava.tools.budget`` on one probe input, and the first answer token's log-probabilities of every
 question under that setting; a budget out of a method's reach repeats its floor's configuration
-(scored once). The tasks turn these into their own scores (accuracy per kind, agreement and KL
-against stock).
+(scored once). ``scored(...)`` turns them into a task's own scores (accuracy per kind) with the
+agreement and KL against stock.
 """
 
 from __future__ import annotations
@@ -55,6 +55,31 @@ def settings(
             yield Setting(s.method, s.target, s.share, s.knob, s.reached, s.tokens, str(s.config), done[key])
     finally:
         api.remove(model)
+
+
+def scored(
+    model,
+    methods,
+    budgets,
+    probe: dict,
+    predict: Callable[[], torch.Tensor],
+    correct: Callable[[torch.Tensor], torch.Tensor],
+    make: Callable[[Setting, torch.Tensor, float, float], object],
+    progress=None,
+    solved_progress=None,
+) -> list:
+    """Every setting of ``settings`` scored by a task: ``correct(log_probs)`` is the ``(questions,)``
+    bool tensor of right answers, ``make(setting, ok, agreement, kl)`` the task's score of a setting
+    (agreement and KL against stock's first answer token). ``progress(score)`` after each setting."""
+    scores = []
+    stock = None
+    for s in settings(model, methods, budgets, probe, predict, progress=solved_progress):
+        stock = s.log_probs if stock is None else stock
+        agree, kl = agreement_and_kl(stock, s.log_probs)
+        scores.append(make(s, correct(s.log_probs), agree, kl))
+        if progress:
+            progress(scores[-1])
+    return scores
 
 
 def agreement_and_kl(stock: torch.Tensor, log_probs: torch.Tensor) -> tuple[float, float]:

@@ -334,40 +334,24 @@ def compare_methods(
     from PIL import Image
 
     from illava.tools.inputs import build, for_model
-    from illava_tasks.compare import agreement_and_kl, settings
+    from illava_tasks.compare import scored
 
     probe = rows[0]
     probe_inputs = build(
         model.config, tokenizer, [prompt(probe[0])], [Image.open(probe[2]).convert("RGB")], image_processor=processor
     )
-    scores = []
-    stock = None
-    for s in settings(
-        model, methods, budgets, for_model(probe_inputs, model),
-        lambda: predict(model, tokenizer, processor, rows), progress=solved_progress,
-    ):  # fmt: skip
-        stock = s.log_probs if stock is None else stock
-        ok = correct(tokenizer, rows, s.log_probs)
-        agree, kl = agreement_and_kl(stock, s.log_probs)
-        scores.append(
-            MethodScore(
-                s.method,
-                s.target,
-                s.share,
-                s.knob,
-                s.reached,
-                s.visual_tokens,
-                ok[in_all].float().mean().item(),
-                ok[in_open].float().mean().item(),
-                agree,
-                kl,
-                s.config,
-                by_kind(rows, ok),
-            )  # fmt: skip
-        )
-        if progress:
-            progress(scores[-1])
-    return scores
+
+    def make(s, ok, agree, kl) -> MethodScore:
+        all_, open_ = ok[in_all].float().mean().item(), ok[in_open].float().mean().item()
+        return MethodScore(
+            s.method, s.target, s.share, s.knob, s.reached, s.visual_tokens, all_, open_, agree, kl, s.config,
+            by_kind(rows, ok),
+        )  # fmt: skip
+
+    return scored(
+        model, methods, budgets, for_model(probe_inputs, model), lambda: predict(model, tokenizer, processor, rows),
+        lambda log_probs: correct(tokenizer, rows, log_probs), make, progress, solved_progress,
+    )  # fmt: skip
 
 
 def plot_methods(

@@ -352,33 +352,18 @@ def compare(
     first question: every scene is one 224 px image), scored on the answers (per kind) and against
     stock (agreement, KL of the first answer token)."""
     from illava.tools.inputs import build, for_model
-    from illava_tasks.compare import agreement_and_kl, settings
+    from illava_tasks.compare import scored
 
     probe = build(model.config, tokenizer, [prompt(rows[0][2])], [rows[0][0].image()], image_processor=processor)
-    scores: list[SceneScore] = []
-    stock = None
-    for s in settings(
-        model, methods, budgets, for_model(probe, model),
-        lambda: predict(model, tokenizer, processor, rows), progress=solved_progress,
-    ):  # fmt: skip
-        stock = s.log_probs if stock is None else stock
-        ok = correct(tokenizer, rows, s.log_probs)
-        agree, kl = agreement_and_kl(stock, s.log_probs)
-        scores.append(
-            SceneScore(
-                s.method,
-                s.target,
-                s.share,
-                s.knob,
-                s.reached,
-                s.visual_tokens,
-                ok.float().mean().item(),
-                by_kind(rows, ok),
-                agree,
-                kl,
-                s.config,
-            )  # fmt: skip
-        )
-        if progress:
-            progress(scores[-1])
-    return scores
+
+    def make(s, ok, agree, kl) -> SceneScore:
+        accuracy = ok.float().mean().item()
+        return SceneScore(
+            s.method, s.target, s.share, s.knob, s.reached, s.visual_tokens, accuracy, by_kind(rows, ok), agree, kl,
+            s.config,
+        )  # fmt: skip
+
+    return scored(
+        model, methods, budgets, for_model(probe, model), lambda: predict(model, tokenizer, processor, rows),
+        lambda log_probs: correct(tokenizer, rows, log_probs), make, progress, solved_progress,
+    )  # fmt: skip
