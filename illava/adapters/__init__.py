@@ -4,6 +4,7 @@ methods' view of a transformers model (``AdapterTarget``, registered with ``illa
 from __future__ import annotations
 
 from ..config import IllavaConfig
+from ..families import record_for
 from ..methods import Target, register_target
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
@@ -38,12 +39,10 @@ def adapter_for(model) -> Adapter:
 
 
 def adapter_for_type(model_type: str) -> Adapter:
-    """The adapter of a model type (``config.model_type``); ``TypeError`` if none serves it."""
-    for adapter in ADAPTERS:
-        if model_type in adapter.config_types:
-            return adapter
-    supported = sorted(t for a in ADAPTERS for t in a.config_types)
-    raise TypeError(f"illava does not support model type {model_type!r}; supported: {', '.join(supported)}")
+    """The adapter of a model type (``config.model_type``): the one of its family's record;
+    ``TypeError`` naming the supported types if no family has it (``illava.families.record_for``)."""
+    record = record_for(model_type)
+    return next(adapter for adapter in ADAPTERS if adapter.record is record)
 
 
 class AdapterTarget(Target):
