@@ -80,15 +80,19 @@ class Scene:
             for x in range(-SIZE, SIZE, 12):
                 draw.line((x, 0, x + SIZE, SIZE), fill=darker, width=3)
         for t in self.things:
-            rgb = COLOURS[t.colour]
-            x0, y0, x1, y1 = t.box()
-            if t.shape == "circle":
-                draw.ellipse((x0, y0, x1, y1), fill=rgb)
-            elif t.shape == "square":
-                draw.rectangle((x0, y0, x1, y1), fill=rgb)
-            else:
-                draw.polygon([(t.x, y0), (x1, y1), (x0, y1)], fill=rgb)
+            _draw(draw, t, COLOURS[t.colour])
         return img
+
+
+def _draw(draw, t: Thing, fill) -> None:
+    """One object, filled with ``fill`` (a colour, or a label in a mask)."""
+    x0, y0, x1, y1 = t.box()
+    if t.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif t.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon([(t.x, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
 def _place(rng: random.Random, n: int) -> list[Thing] | None:
@@ -247,13 +251,7 @@ def patch_labels(s: Scene) -> tuple[list[int], list[int]]:
     mask = Image.new("L", (SIZE, SIZE), 0)
     draw = ImageDraw.Draw(mask)
     for n, t in enumerate(s.things, 1):
-        x0, y0, x1, y1 = t.box()
-        if t.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=n)
-        elif t.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=n)
-        else:
-            draw.polygon([(t.x, y0), (x1, y1), (x0, y1)], fill=n)
+        _draw(draw, t, n)
     pixels = mask.load()
     colours, shapes = [], []
     side = SIZE // PATCH
