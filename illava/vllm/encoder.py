@@ -8,7 +8,9 @@
   layer's own q and k give the attention every token receives (``illava.plan.encoder.attend_and_score``),
   units of blocks are put in block order at the first merge (``to_block_order``),
   ``illava.plan.encoder.merge_units`` decides, the MLP runs on the survivors. The kernels are the
-  ones the transformers backend's ``IllavaViTLayer`` (``illava.hf.encoder``) runs, on vLLM's modules.
+  ones the transformers backend's ``IllavaViTLayer`` (``illava.hf.encoder``) runs, on vLLM's modules;
+- ``across_heads``: under tensor parallelism each rank holds some of the heads; the scores and keys
+  (means over heads) are combined across the ranks before the decision, identically on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +20,20 @@ import torch
 from ..config import IllavaConfig, keep_count
 from ..plan import encoder as plan
 from ..policy import Policy, policy_of
+
+
+def across_heads(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """A statistic every rank measured over its own heads of a vision attention (the attention every
+    token receives, the keys; a mean over heads), made the mean over all the heads under tensor
+    parallelism: the ranks' means are gathered (vLLM's tensor-parallel group; ``tokens x crops`` numbers
+    per rank for the scores) and averaged in rank order, so every rank holds the same bytes and makes
+    the same merge decision. ``tp_size``: the attention's (1: every head is here, as one rank, or
+    Qwen-VL's ``--mm-encoder-tp-mode data``), then ``x`` as it is."""
+    if tp_size == 1:
+        return x
+    from vllm.distributed import get_tp_group
+
+    return get_tp_group().all_gather(x[None].contiguous(), dim=0).mean(0)
 
 
 class Stage:
@@ -71,8 +87,9 @@ def vit_merge_forward(layer, stage: Stage, index: int, hidden_states: torch.Tens
     bias = stage.bias(n)
     cls, scores = plan.scores_by_cls(stage.policy, stage.keep_first), stage.policy.uses_encoder_scores
     out, received = plan.attend_and_score(q, k, v, attn.scale, bias, cls, scores)
-    out, _ = attn.out_proj(out.reshape(b, n, -1))
-    hidden, received, keys = hidden_states + out, received, k.mean(1)
+    out, _ = attn.out_proj(out.reshape(b, n, -1))  # row-parallel: the heads' outputs summed over ranks
+    tp = getattr(attn, "tp_size", 1)
+    hidden, received, keys = hidden_states + out, across_heads(received, tp), across_heads(k.mean(1), tp)
     if index == min(stage.config.encoder_layers):  # every patch still there, in raster order
         hidden, received, keys = plan.to_block_order(hidden, received, keys, stage.unit, stage.keep_first)
     hidden = stage.merge(index, hidden, received, keys)

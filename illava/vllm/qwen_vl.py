@@ -43,7 +43,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ..plan import encoder as plan
 from .config import once_per_model, resolve, spec_of
-from .encoder import Stage
+from .encoder import Stage, across_heads
 from .families import qwen_vl as family
 from .serving import check_serving
 
@@ -143,11 +143,12 @@ def _merge_block(blk, stage: Stage, layer: int, x, cos, sin, frames: list[int], 
     bounds = (np.cumsum([0, *frames]) * unit).tolist()
     proportional = stage.policy.proportional_attention and sizes is not None  # ToMe: log(size) of every token
     out, received = plan.frames_attention(q[0], k[0], v[0], bounds, scale, sizes if proportional else None, unit)
-    out, _ = attn.proj(out.reshape(x.shape[0], 1, -1))
+    out, _ = attn.proj(out.reshape(x.shape[0], 1, -1))  # row-parallel: the heads' outputs summed over ranks
     hidden = x + out
-    step = plan.merge_frames(
-        stage.config, stage.policy, layer, hidden[:, 0], received, k[0].mean(1), frames, unit, sizes, grids
-    )
+    tp = getattr(attn, "tp_size", 1)  # tensor parallelism: every rank holds some heads; decide on all of them
+    received, keys = across_heads(received, tp), across_heads(k[0].mean(1), tp)
+    config, policy = stage.config, stage.policy
+    step = plan.merge_frames(config, policy, layer, hidden[:, 0], received, keys, frames, unit, sizes, grids)
     kept = step.kept
     index = (kept[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
     hidden = step.tokens[:, None]
@@ -271,9 +272,7 @@ class _Model:
         self.illava = stage_of(self.config)
         if self.illava is None:
             return
-        check_serving(vllm_config, "Qwen-VL")
-        if self.use_data_parallel:
-            raise ValueError("illava.vllm: Qwen-VL with illava does not run with --mm-encoder-tp-mode data")
+        check_serving(vllm_config, "Qwen-VL")  # --mm-encoder-tp-mode data: every rank runs the whole tower
         # vLLM's EVS path: the runner hands the embeddings' position columns to recompute_mrope_positions
         self.supports_multimodal_pruning = True
         mm_config = vllm_config.model_config.multimodal_config

@@ -1,13 +1,20 @@
-"""What the plugin refuses of vLLM's serving options while illava is on, with the option to change."""
+"""What the plugin refuses of vLLM's serving options while illava is on, with the option to change.
+
+Tensor parallelism is served: every rank holds some heads of the vision tower, and the statistics the
+encoder stage decides on are combined across the ranks first (``illava.vllm.encoder.across_heads``),
+so every rank makes the decision one rank would. Data parallelism runs independent engines (each is
+one of these). Pipeline parallelism is refused: the plugin has not been run with the vision tower and
+the decoder on different stages, and a count or a position it cannot check is not served.
+"""
 
 from __future__ import annotations
 
 
 def check_serving(vllm_config, family: str) -> None:
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1:
+    if parallel.pipeline_parallel_size > 1:
         raise ValueError(
-            f"illava.vllm: {family} with illava needs --tensor-parallel-size 1: the encoder stage scores a token by "
-            "the attention it receives from every head, and tensor parallelism splits the heads of the vision "
-            "tower across ranks"
+            f"illava.vllm: {family} with illava is not served with --pipeline-parallel-size > 1 (not run with the "
+            "vision tower and the decoder on different stages yet); use --tensor-parallel-size, or "
+            "--data-parallel-size"
         )
