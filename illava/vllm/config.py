@@ -109,12 +109,13 @@ def resolve(spec, family: Family) -> IllavaConfig | None:
         return None
     target = _Target(family)
     if tuned.is_tuned_path(spec):  # a file of `illava tune`: its spec, for the model it was tuned for
+        data = tuned.read(spec)
         try:
-            tuned.check_model(tuned.read(spec), target.identity(), spec)
+            tuned.check_model(data, target.identity(), spec)
         except ValueError as error:
             raise ValueError(f"illava.vllm: {error}") from None
-        name, knob, fields = spec, None, {}
-        what = tuned.spec_of(tuned.read(spec))[0]
+        name, knob, fields = tuned.spec_of(data)  # read and checked once: the resolver gets the spec itself
+        what = name
     elif isinstance(spec, str):
         name, knob, fields = spec, None, {}
         what = name
