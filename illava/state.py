@@ -55,7 +55,9 @@ class EncoderCall:
     item_crops: list[int] = field(default_factory=list)  # crops of every image / video, in feature order
     # removals capped on crops too small to give them: (layer, crops, tokens asked, removed per crop)
     capped: list[tuple[int, int, int, int]] = field(default_factory=list)
-    trace: UnitTrace | None = None  # filled only while recording (``illava.tools.viz``)
+    # where every unit's feature went, in the family's own typed record (filled by every forward; read
+    # after it by the model mixin's ``_illava_units`` for ``illava.tools.viz`` and ``illava.tools.schedule``)
+    layout: Any = None
     # the bookkeeping of the merges during the call, one typed field per kind of family:
     crop_trace: CropTrace | None = None  # crops of square ViTs: the trace after the last merge so far
     vision_run: Any = None  # Qwen-VL / Qwen3-VL: the packed sequence after every merge (``adapters.qwen_vl.VisionRun``)
@@ -99,6 +101,9 @@ class ForwardTrace:
     # the layer (-1: dropped), (B, N) input position of every token after the layer); entry 0 is the
     # decoder input after the placeholder compaction
     llm: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # kind -> the source tracking of its encoder call, derived after the forward from the call
+    # (``illava.tools.viz.trace``: ``FeatureCalls._illava_units``)
+    units: dict[str, UnitTrace] = field(default_factory=dict)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def test_pooling_after_the_encoder_stage_averages_real_neighbourhoods(photos):
     assert ours.shape == stock.shape
     present = ~ours.isnan().all(-1)
     assert int(present.sum()) == 5 and stats.encoder[0]["layers"] == [(3, 256, 80)]
-    unit_trace = traced.calls["image"].trace
+    unit_trace = traced.units["image"]
     (layer, owner, _) = unit_trace.layers[0]
     kept = (owner == torch.arange(16)).nonzero().flatten()
     assert (

@@ -136,14 +136,13 @@ def test_cls_is_never_removed_and_survivors_equal_stock(photos):
     from illava.tools.viz import trace
 
     traced, stats = trace(model, dict(inputs))
-    call = traced.calls["image"]
     with torch.inference_mode():
         (ours,) = model.model.get_image_features(pixels).pooler_output
     assert ours.shape == stock.shape
     present = ~ours.isnan().all(-1)
     assert present[0] and present.sum() == 1 + 6 and present[-6:].all()
     torch.testing.assert_close(ours[0], stock[0], atol=1e-5, rtol=1e-5)
-    unit_trace = call.trace
+    unit_trace = traced.units["image"]
     (layer, owner, scores) = unit_trace.layers[0]
     assert layer == 4 and unit_trace.grids == [(SIDE, SIDE)] and owner.numel() == 64  # units: patches only
     kept = (owner == torch.arange(64)).nonzero().flatten()  # survivors represent themselves

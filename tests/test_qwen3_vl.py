@@ -169,7 +169,7 @@ def test_deepstack_features_are_recycled_like_the_main_tokens(qconfig, qbuild, p
     with state.recording(), torch.inference_mode():
         out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     deep = out.deepstack_features[0][0]
-    (layer, _, scores) = out.illava_call.trace.layers[0]
+    (layer, _, scores) = model.model._illava_units(out.illava_call).layers[0]
     assert layer == 1
     n = scores.numel()
     r = removal_units(n, removal, 4)

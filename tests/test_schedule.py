@@ -133,7 +133,7 @@ def test_visionzip_ranks_by_the_cls_tokens_attention_on_a_tower_with_one():
         layer = config.encoder_layers[0]
         illava.apply(model, config)
         forward = schedule._trace(model, inputs) if not config.reduces else _recorded(model, inputs)
-        call = forward.calls["image"].trace
+        call = forward.units["image"]
         recorded = next(scores for lay, _, scores in call.layers if lay == layer)
         expected = want(stock[layer].float())[0, 1:]  # the patches (after the CLS token)
         torch.testing.assert_close(recorded.float(), expected, atol=1e-5, rtol=1e-4)

@@ -254,3 +254,24 @@ def test_the_merge_kernels_are_written_once_in_the_plan_layer():
 
     for name in ("attend_and_score", "to_block_order", "frames_attention", "merge_frames", "merge_units"):
         assert callable(getattr(plan, name))
+
+
+def test_no_family_forward_branches_on_recording():
+    """Issue 36: what ``viz`` draws is derived after the forward from the typed call object
+    (``FeatureCalls._illava_units`` reading ``EncoderCall.layout`` / ``crop_trace`` / ``vision_run``);
+    no family's forward asks whether it is being recorded (``tests/test_viz.py`` checks the derived
+    tracking against the decoder input of every family)."""
+    import re
+
+    root = Path(illava.__file__).parent
+    offenders = []
+    for path in [*root.glob("adapters/*.py"), *root.glob("vllm/*.py")]:
+        code = re.sub(r'"""[\s\S]*?"""', "", path.read_text())
+        if re.search(r"recording\(|scope\.record\b", code):
+            offenders.append(str(path.relative_to(root)))
+    assert not offenders, offenders
+    from illava.adapters import ADAPTERS
+    from illava.hf.encoder import FeatureCalls
+
+    missing = [type(a).__name__ for a in ADAPTERS if a.model_mixin._illava_units is FeatureCalls._illava_units]
+    assert not missing, missing  # every family derives its tracking

@@ -103,10 +103,10 @@ def test_source_tracking_is_exact(fam, photos, frames, recycle):
             assert ((src.final >= 0) == (src.token0 >= 0)).all()
     # survivors at every encoder layer match the counts of the statistics
     unit = adapter_for(model).unit
-    for call in forward.calls.values():
-        units = sum(rows * cols for rows, cols in call.trace.grids)
+    for kind, call in forward.calls.items():
+        units = sum(rows * cols for rows, cols in forward.units[kind].grids)
         extra = call.tokens - units * unit  # tokens that are never removed (a CLS token per crop)
-        for (_, owner, _), (_, _, out) in zip(call.trace.layers, call.layers):
+        for (_, owner, _), (_, _, out) in zip(forward.units[kind].layers, call.layers):
             assert int((owner == torch.arange(owner.shape[0])).sum()) * unit + extra == out
 
 

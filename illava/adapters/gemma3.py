@@ -64,10 +64,9 @@ from .. import families
 from ..families import GEMMA3_KERNEL as KERNEL
 from ..families import gemma3_geometry as geometry
 from ..hf.encoder import (
-    CropTrace,
     FeatureCalls,
+    GridLayout,
     IllavaViTLayer,
-    recording,
     stock_argument,
     stock_count_features,
     unit_trace,
@@ -123,21 +122,20 @@ class IllavaGemma3Model(FeatureCalls):
             out.pooler_output = torch.stack(
                 [stock_count_features(f, s.to(f.device), blocks) for f, s in zip(features, slots)]
             )
-        if call is not None and recording(state):
-            _unit_trace(call, trace, images, side // kernel, pixel_values.device)
+        if call is not None:
+            call.layout = GridLayout(images, (side // kernel, side // kernel))
         return out
 
-
-def _unit_trace(call, trace, images: int, blocks_side: int, device) -> None:
-    """``illava.tools.viz``: units are the 4x4 blocks of every image in raster order of the block
-    grid; the feature row of a block is its image's first row + the block of its survivor."""
-    units = blocks_side * blocks_side
-    trace = trace or CropTrace.start(images, units, device)
-    first = (torch.arange(images) * units)[:, None]
-    assign, positions = trace.assign.cpu(), trace.positions.cpu()
-    owner = positions.gather(1, assign.clamp(min=0))
-    feature = torch.where(assign >= 0, owner + first, -1)
-    call.trace = unit_trace(trace, [(blocks_side, blocks_side)] * images, feature.flatten())
+    def _illava_units(self, call):
+        """Units are the 4x4 blocks of every image in raster order of the block grid; the feature row
+        of a block is its image's first row + the block of its survivor."""
+        layout = call.layout
+        trace = layout.trace(call)
+        first = (torch.arange(layout.crops) * (layout.grid[0] * layout.grid[1]))[:, None]
+        assign, positions = trace.assign.cpu(), trace.positions.cpu()
+        owner = positions.gather(1, assign.clamp(min=0))
+        feature = torch.where(assign >= 0, owner + first, -1)
+        return unit_trace(trace, [layout.grid] * layout.crops, feature.flatten())
 
 
 class Gemma3Adapter(Adapter):

@@ -33,15 +33,14 @@ import torch
 from .. import families
 from ..families import internvl_patch_side as patch_side
 from ..hf.encoder import (
-    CropTrace,
     FeatureCalls,
+    GridLayout,
     PassMergeInputs,
     attention_and_scores,
     current_call,
     merge_inputs,
     merge_layer,
     proportional_bias,
-    recording,
     scores_from_cls,
     stock_argument,
     unit_trace,
@@ -139,20 +138,19 @@ class IllavaInternVLModel(FeatureCalls):
             removed = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
             removed.scatter_(1, kept.to(features.device), False)
             out.pooler_output = features.masked_fill(removed[..., None], float("nan"))
-        if call is not None and recording(self._illava.state):
-            _unit_trace(call, pixel_values.shape[0], side, pixel_values.device)
+        if call is not None:
+            call.layout = GridLayout(pixel_values.shape[0], (side // 2, side // 2))
         return out
 
-
-def _unit_trace(call, tiles: int, side: int, device) -> None:
-    """``illava.tools.viz``: units are the blocks of every tile in raster order; the feature row of a
-    block is its tile's first row + the block's raster index (the pixel shuffle's order)."""
-    blocks = (side // 2) ** 2
-    trace = call.crop_trace or CropTrace.start(tiles, blocks, device)
-    rows = torch.arange(tiles)[:, None] * blocks
-    assign = trace.assign.cpu()
-    feature = torch.where(assign >= 0, trace.positions.cpu().gather(1, assign.clamp(min=0)) + rows, -1)
-    call.trace = unit_trace(trace, [(side // 2, side // 2)] * tiles, feature.flatten())
+    def _illava_units(self, call):
+        """Units are the blocks of every tile in raster order; the feature row of a block is its
+        tile's first row + the block's raster index (the pixel shuffle's order)."""
+        layout = call.layout
+        trace = layout.trace(call)
+        rows = torch.arange(layout.crops)[:, None] * (layout.grid[0] * layout.grid[1])
+        assign = trace.assign.cpu()
+        feature = torch.where(assign >= 0, trace.positions.cpu().gather(1, assign.clamp(min=0)) + rows, -1)
+        return unit_trace(trace, [layout.grid] * layout.crops, feature.flatten())
 
 
 class InternVLAdapter(Adapter):

@@ -48,13 +48,12 @@ import torch
 from .. import families
 from ..hf.encoder import (
     FeatureCalls,
+    GridLayout,
     IllavaViTLayer,
-    recording,
     stock_argument,
     stock_count_features,
     unit_trace,
 )
-from ..plan.encoder import CropTrace
 from .base import Adapter
 from .llava_family import VIT_TOWERS, fit_to_tower, registers, require_tower
 
@@ -90,7 +89,6 @@ class IllavaLlavaModel(FeatureCalls):
     """
 
     def _illava_encode(self, kind, call, stock, args, kwargs):
-        state = self._illava.state
         pixel_values = stock_argument(stock, args, kwargs, "pixel_values")
         grid = patch_grid(self.config, pixel_values)
         patches = grid[0] * grid[1]
@@ -109,23 +107,22 @@ class IllavaLlavaModel(FeatureCalls):
                 slots = torch.cat([torch.arange(head), torch.arange(total - kept, total)]).to(f.device)
                 laid.append(stock_count_features(f, slots, total))
             out.pooler_output = laid
-        if call is not None and recording(state):
-            _unit_trace(call, trace, pixel_values.shape[0], grid, head, pixel_values.device)
+        if call is not None:
+            call.layout = GridLayout(pixel_values.shape[0], grid, head)
         return out
 
-
-def _unit_trace(call, trace, images: int, grid: tuple[int, int], head: int, device) -> None:
-    """``illava.tools.viz``: units are the patches of every image in raster order; the feature row of
-    a patch is its image's first row + the rows before the patches (``head_rows``) + the slot of its
-    survivor (the survivors fill the last rows, in source order)."""
-    patches = grid[0] * grid[1]
-    trace = trace or CropTrace.start(images, patches, device)
-    total = head + patches
-    kept = trace.positions.shape[1]
-    first = (torch.arange(images) * total + total - kept)[:, None]
-    assign = trace.assign.cpu()
-    feature = torch.where(assign >= 0, assign + first, -1)
-    call.trace = unit_trace(trace, [grid] * images, feature.flatten())
+    def _illava_units(self, call):
+        """Units are the patches of every image in raster order; the feature row of a patch is its
+        image's first row + the rows before the patches (``head_rows``) + the slot of its survivor
+        (the survivors fill the last rows, in source order)."""
+        layout = call.layout
+        trace = layout.trace(call)
+        total = layout.head + layout.grid[0] * layout.grid[1]
+        kept = trace.positions.shape[1]
+        first = (torch.arange(layout.crops) * total + total - kept)[:, None]
+        assign = trace.assign.cpu()
+        feature = torch.where(assign >= 0, assign + first, -1)
+        return unit_trace(trace, [layout.grid] * layout.crops, feature.flatten())
 
 
 class LlavaAdapter(Adapter):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as mlo
@@ -18,7 +19,6 @@ from ..hf.encoder import (
     IllavaViTLayer,
     current_call,
     pool_survivors,
-    recording,
     rows_with_newlines,
     stock_count_features,
     unit_trace,
@@ -95,8 +95,6 @@ class AnyResLayout:
         _, stock_lens = stock(dummy, newline)
         if trace is None:  # no encoder stage: stock features
             packed, lens = stock(image_features, image_newline)
-            if recording(self._illava.state):
-                trace = CropTrace.start(sum(crops), side**2, image_features[0].device)
         else:
             packed, lens = [], stock_lens
             positions = torch.split(trace.positions, crops, dim=0)
@@ -104,8 +102,7 @@ class AnyResLayout:
                 tokens, _ = self._pack_survivors(f, p, size, image_newline, aspect, n)
                 slots = torch.arange(n - tokens.shape[0], n, device=tokens.device)  # survivors last: the prompt's
                 packed.append(stock_count_features(tokens, slots, n))  # last token stays a real one
-        if recording(self._illava.state):
-            self._image_feature_rows(call, trace, image_sizes, stock_lens, image_newline, aspect)
+        call.layout = AnyResImages(image_sizes, stock_lens, image_newline is not None, aspect)
         return packed, lens
 
     def _pack_survivors(self, feature, positions, image_size, newline, aspect, stock: int):
@@ -159,15 +156,17 @@ class AnyResLayout:
         slots[1:] = crop_slots.view(crops, k)
         return torch.cat([base, tokens]), slots
 
-    def _image_feature_rows(self, call, trace, image_sizes, stock_lens, newline, aspect) -> None:
-        """``illava.tools.viz``: the feature row holding every patch of every crop of the call."""
-        side = self._side()
-        newline = newline[:1] if newline is not None else None
+    def _illava_units(self, call):
+        """Units are the patches of every crop; the feature row of each is where ``_pack_survivors``
+        laid its survivor out (run again on the call's trace, with one-channel zeros)."""
+        side, layout = self._side(), call.layout
+        trace = call.crop_trace or CropTrace.start(sum(call.item_crops), side**2, torch.device("cpu"))
+        newline = torch.zeros(1) if layout.newline else None
         rows, start, offset = [], 0, 0
-        for crops, size, n in zip(call.item_crops, image_sizes, stock_lens.tolist()):
+        for crops, size, n in zip(call.item_crops, layout.image_sizes.cpu(), layout.stock_lens.tolist()):
             positions = trace.positions[start : start + crops].cpu()
             dummy = torch.zeros(crops, positions.shape[1], 1)
-            packed, slots = self._pack_survivors(dummy, positions, size.cpu(), newline, aspect, n)
+            packed, slots = self._pack_survivors(dummy, positions, size, newline, layout.aspect, n)
             if call.crop_trace is None and packed.shape[0] != n:
                 slots = torch.full_like(slots, -1)  # stock pooled by interpolation: no exact mapping
             slots = torch.where(slots >= 0, slots + offset + n - packed.shape[0], -1)
@@ -175,4 +174,16 @@ class AnyResLayout:
             rows.append(torch.where(assign >= 0, slots.gather(1, assign.clamp(min=0)), -1))
             start, offset = start + crops, offset + n
         grids = [(side, side)] * trace.assign.shape[0]
-        call.trace = unit_trace(trace, grids, torch.cat(rows).flatten())
+        return unit_trace(trace, grids, torch.cat(rows).flatten())
+
+
+@dataclass(frozen=True)
+class AnyResImages:
+    """``EncoderCall.layout`` of AnyRes images: what ``pack_image_features`` was given (the image
+    sizes, whether a newline follows each row, the ``anyres_max_N`` budget) and the stock feature
+    count of every image."""
+
+    image_sizes: torch.Tensor
+    stock_lens: torch.Tensor
+    newline: bool
+    aspect: str | None

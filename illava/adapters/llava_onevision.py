@@ -25,6 +25,7 @@ renumbered as if the prompt had been built with fewer placeholders (the authors'
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +36,6 @@ from ..hf.encoder import (
     IllavaViTLayer,
     current_call,
     pool_survivors,
-    recording,
     stock_argument,
     unit_trace,
 )
@@ -56,9 +56,11 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
         if kind == "video" and call is not None:
             batch, frames = stock_argument(stock, args, kwargs, "pixel_values_videos").shape[:2]
             call.item_crops = [frames] * batch
-            if recording(self._illava.state) and call.video_slots is not None:
-                self._video_feature_rows(call, batch, frames, out.pooler_output.shape[1])
+            call.layout = VideoLayout(batch, frames, out.pooler_output.shape[1])
         return out
+
+    def _illava_units(self, call):
+        return self._video_units(call) if call.kind == "video" else super()._illava_units(call)
 
     # ---------------------------------------------------------------------------- images
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
@@ -79,14 +81,6 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
             call.crops, call.tokens = frames, frames * side**2
         stock_cells = math.ceil(side / 2) ** 2
         if trace is None:
-            if call is not None and recording(self._illava.state):
-                trace = CropTrace.start(frames, side**2, image_features.device)
-                cells = math.ceil(side / 2)
-                slots = [
-                    pool_survivors(p[:, None].float(), p // side, p % side, (side, side), (cells, cells))[3]
-                    for p in trace.positions
-                ]
-                call.video_slots = (trace, torch.stack(slots))
             return super().apply_pooling(image_features)
         k = image_features.shape[1]
         cells = math.ceil(math.sqrt(k) / 2)
@@ -99,15 +93,36 @@ class IllavaLlavaOnevisionModel(AnyResLayout, FeatureCalls):
         call.video_slots = (trace, torch.stack(slots))
         return pooled
 
-    def _video_feature_rows(self, call, batch: int, frames: int, per_video: int) -> None:
+    def _video_units(self, call):
+        """Units are the patches of every frame; the feature row of a patch is its video's first row
+        + its frame's first row + the pooled cell of its survivor (``video_slots``; without an
+        encoder stage, the cells stock pooling puts every patch in)."""
+        layout, side = call.layout, self._side()
+        frames = layout.videos * layout.frames
+        if call.video_slots is None:  # no encoder stage: every patch in the cell stock pools it into
+            trace = CropTrace.start(frames, side**2, torch.device("cpu"))
+            cells = math.ceil(side / 2)
+            slots = [
+                pool_survivors(p[:, None].float(), p // side, p % side, (side, side), (cells, cells))[3]
+                for p in trace.positions
+            ]
+            call.video_slots = (trace, torch.stack(slots))
         trace, slots = call.video_slots
-        side = self._side()
-        cells = math.ceil(side / 2) ** 2
-        frame = torch.arange(batch * frames)
-        row = (frame // frames) * per_video + (frame % frames) * cells
+        frame = torch.arange(frames)
+        row = (frame // layout.frames) * layout.per_video + (frame % layout.frames) * math.ceil(side / 2) ** 2
         assign = trace.assign.cpu()
         feature = torch.where(assign >= 0, slots.cpu().gather(1, assign.clamp(min=0)) + row[:, None], -1)
-        call.trace = unit_trace(trace, [(side, side)] * (batch * frames), feature.flatten())
+        return unit_trace(trace, [(side, side)] * frames, feature.flatten())
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """``EncoderCall.layout`` of LLaVA-OneVision's videos: ``videos`` of ``frames`` frames each, and the
+    feature rows of one video (``per_video``: its frames' pooled cells)."""
+
+    videos: int
+    frames: int
+    per_video: int
 
 
 class LlavaOnevisionAdapter(Adapter):

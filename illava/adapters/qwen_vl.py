@@ -32,7 +32,6 @@ from ..hf.encoder import (
     FeatureCalls,
     collecting_attentions,
     current_call,
-    recording,
     stock_count_features,
 )
 from ..merge import compose_assign
@@ -83,8 +82,8 @@ class VisionRun:
         # the block grid of every frame, while blocks are in raster order (Qwen2-VL, before any merge)
         self.grids = [(int(h) // side, int(w) // side) for t, h, w in grid_thw.tolist() for _ in range(int(t))]
         self.after: dict[int, Blocks] = {}
-        self.assign = torch.arange(blocks)  # current block representing every original block, -1: dropped
-        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # viz: (layer, owner, scores)
+        # every merge: (layer, blocks before, assign and scores of every frame), read by ``_unit_trace``
+        self.merges: list[tuple[int, Blocks, list[torch.Tensor], list[torch.Tensor]]] = []
         # Qwen3-VL deepstack: hidden states taken at a vision block (and the merge steps done then),
         # which later merges reduce with the weights the policy used for the main tokens
         self.companions: dict[int, tuple[torch.Tensor, int]] = {}
@@ -204,20 +203,9 @@ def _merge_blocks(state, run: VisionRun, layer: int, blocks: Blocks, hidden, rec
             cap = plan.capped(state.config, state.policy, layer, size, unit)
             if cap is not None:
                 call.capped.append((layer, frames, *cap))
-        if recording(state):
-            _record_step(run, layer, blocks, step.frames, starts_new)
+        # what the source tracking needs (``_unit_trace``): small tensors, left on their device
+        run.merges.append((layer, blocks, [f.assign for f in step.frames], [f.scores.detach() for f in step.frames]))
     return out
-
-
-def _record_step(run: VisionRun, layer: int, blocks: Blocks, frames: list[plan.FrameStep], starts_new) -> None:
-    """``illava.tools.viz``: the owner of every original block after ``layer`` and the scores before."""
-    assigns = [frame.assign.cpu() for frame in frames]
-    step = torch.cat([torch.where(a >= 0, a + start, -1) for a, start in zip(assigns, starts_new.tolist())])
-    before = torch.full((run.assign.shape[0],), float("nan"))
-    before[blocks.block_ids] = torch.cat([frame.scores for frame in frames]).detach().cpu()  # as CropTrace.step
-    run.assign = compose_assign(run.assign[None], step[None])[0]
-    ids = run.after[layer].block_ids
-    run.records.append((layer, torch.where(run.assign >= 0, ids[run.assign.clamp(min=0)], -1), before))
 
 
 class Substitute(Hook):
@@ -274,14 +262,23 @@ class ScatterMerged(Hook):
         call.item_crops = run.grid_thw[:, 0].tolist()
         if blocks is not run.initial:
             output = stock_count_features(output, blocks.block_ids.to(output.device), total)
-        if recording(self.state):
-            _unit_trace(call, run)
         return output
 
 
-def _unit_trace(call, run: VisionRun) -> None:
-    """``illava.tools.viz``: units are 2x2 blocks in raster order of every frame."""
-    total = run.assign.shape[0]
+def _unit_trace(run: VisionRun) -> UnitTrace:
+    """``illava.tools.viz``: units are 2x2 blocks in raster order of every frame; the owner of every
+    original block after each merge and the scores before it, composed from ``run.merges``."""
+    total = run.initial.block_ids.shape[0]
+    assign = torch.arange(total)  # current block representing every original block, -1: dropped
+    records = []
+    for layer, blocks, assigns, scores in run.merges:
+        starts = torch.tensor([0, *run.after[layer].frame_blocks]).cumsum(0)[:-1].tolist()
+        step = torch.cat([torch.where(a.cpu() >= 0, a.cpu() + start, -1) for a, start in zip(assigns, starts)])
+        before = torch.full((total,), float("nan"))
+        before[blocks.block_ids] = torch.cat(scores).float().cpu()  # as CropTrace.step
+        assign = compose_assign(assign[None], step[None])[0]
+        ids = run.after[layer].block_ids
+        records.append((layer, torch.where(assign >= 0, ids[assign.clamp(min=0)], -1), before))
     to_raster = run.window_index if run.window_index is not None else torch.arange(total)  # window pos -> raster
     from_raster = torch.argsort(to_raster)
 
@@ -290,16 +287,19 @@ def _unit_trace(call, run: VisionRun) -> None:
         return torch.where(owner >= 0, to_raster[owner.clamp(min=0)], -1)
 
     blocks = run.last()
-    final = raster(torch.where(run.assign >= 0, blocks.block_ids[run.assign.clamp(min=0)], -1))
+    final = raster(torch.where(assign >= 0, blocks.block_ids[assign.clamp(min=0)], -1))
     side = round(run.unit**0.5)
     grids = [(int(h) // side, int(w) // side) for t, h, w in run.grid_thw.tolist() for _ in range(int(t))]
-    layers = [(layer, raster(owner), scores[from_raster]) for layer, owner, scores in run.records]
-    call.trace = UnitTrace(grids=grids, layers=layers, feature=final)
+    layers = [(layer, raster(owner), scores[from_raster]) for layer, owner, scores in records]
+    return UnitTrace(grids=grids, layers=layers, feature=final)
 
 
 class IllavaQwenVLModel(FeatureCalls):
     """Qwen2-VL / Qwen2.5-VL model: the feature calls (``FeatureCalls``); the encoder stage itself
     lives in the vision blocks and the hooks on the vision transformer. Disabled: stock."""
+
+    def _illava_units(self, call):
+        return _unit_trace(call.vision_run)
 
 
 class QwenVLAdapter(Adapter):

@@ -274,6 +274,21 @@ def crop_trace(state: IllavaState) -> CropTrace | None:
     return call.crop_trace if call is not None else None
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """``EncoderCall.layout`` of the families whose crops are one grid each (LLaVA-1.5, InternVL,
+    Gemma 3): ``crops`` of ``grid`` units (rows, cols) each, and ``head`` feature rows of a crop
+    before its units (CLS, registers)."""
+
+    crops: int
+    grid: tuple[int, int]
+    head: int = 0
+
+    def trace(self, call: EncoderCall) -> CropTrace:
+        """The call's trace after its last merge (the trace of no merge without an encoder stage)."""
+        return call.crop_trace or CropTrace.start(self.crops, self.grid[0] * self.grid[1], torch.device("cpu"))
+
+
 def unit_trace(trace: CropTrace, grids: list[tuple[int, int]], feature: torch.Tensor) -> UnitTrace:
     """One format for every family: owners over the units of the whole call."""
     return UnitTrace(grids=grids, layers=trace.call_layers(), feature=feature)
@@ -434,6 +449,11 @@ class FeatureCalls:
 
     def _illava_finish(self, kind: str, output):
         return output
+
+    def _illava_units(self, call: EncoderCall) -> UnitTrace:
+        """The source tracking of ``call``, derived after the forward from what the call holds (its
+        ``crop_trace`` / ``vision_run`` and the family's ``layout``): ``illava.tools.viz``."""
+        raise NotImplementedError(f"illava.viz: no source tracking for {type(self).__name__}")
 
     def get_placeholder_mask(self, *args, **kwargs):
         masks = super().get_placeholder_mask(*args, **kwargs)

@@ -58,8 +58,7 @@ def layer_profile(model, inputs: dict, images: int = 0) -> Profile:
         else:
             api.apply(model, previous)
     lifts: dict[int, list[float]] = {layer: [] for layer in layers}
-    for call in forward.calls.values():
-        unit_trace = call.trace
+    for unit_trace in forward.units.values():
         sizes = [rows * cols for rows, cols in unit_trace.grids]
         for layer, _, scores in unit_trace.layers:
             for crop in torch.split(scores, sizes):
@@ -75,6 +74,9 @@ def _trace(model, inputs: dict):
     forward = state.last_stats.trace
     if forward is None or not forward.calls:
         raise ValueError("illava.tools.schedule: the inputs hold no image or video")
+    from .viz import units_of
+
+    units_of(model, forward)
     return forward
 
 

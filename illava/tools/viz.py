@@ -3,7 +3,8 @@
 ``visualize(model, inputs)`` runs one prefill with source tracking on and returns a
 ``Visualization``: for every stage an image (PIL) and a summary figure (matplotlib).
 
-Source tracking, one format for every family (``illava.state.UnitTrace``, ``ForwardTrace``). A
+Source tracking, one format for every family (``illava.state.UnitTrace``, ``ForwardTrace``),
+derived after the forward from each encoder call (``units_of``: the family's ``_illava_units``). A
 *unit* is what the encoder stage removes: a patch, or a 2x2 block of patches for families whose
 projector folds blocks into one LLM token. For every unit the trace holds:
 
@@ -149,12 +150,19 @@ def trace(model: torch.nn.Module, inputs: dict):
     stats = state.last_stats
     if stats.trace is None or not stats.items:
         raise ValueError("illava.viz: the inputs hold no image or video")
-    missing = [
-        kind for kind in {i.kind for i in stats.items} if getattr(stats.trace.calls.get(kind), "trace", None) is None
-    ]
+    missing = [kind for kind in {i.kind for i in stats.items} if kind not in stats.trace.calls]
     if missing:
-        raise RuntimeError(f"illava.viz: the forward pass produced {missing} features without source tracking")
+        raise RuntimeError(f"illava.viz: the forward pass produced {missing} features outside an encoder call")
+    units_of(model, stats.trace)
     return stats.trace, stats
+
+
+def units_of(model, forward) -> dict:
+    """The source tracking of every encoder call of ``forward`` (``ForwardTrace.units``), derived after
+    the forward from the calls by the family's model mixin (``FeatureCalls._illava_units``)."""
+    inner = model._illava.state.adapter.parts(model).inner
+    forward.units = {kind: inner._illava_units(call) for kind, call in forward.calls.items()}
+    return forward.units
 
 
 def item_sources(model, inputs: dict, forward, stats, mean_std=None) -> list[ItemSources]:
@@ -168,7 +176,7 @@ def item_sources(model, inputs: dict, forward, stats, mean_std=None) -> list[Ite
         call = forward.calls[kind]
         panels_per_item = tools.pictures(model, inputs, kind, call, mean_std)
         where = forward.placeholders[kind].nonzero()  # row-major: feature row -> input position
-        unit_trace = call.trace
+        unit_trace = forward.units[kind]
         feature = unit_trace.feature.cpu()
         present = feature >= 0
         rows = where[feature.clamp(min=0)]
