@@ -142,9 +142,13 @@ def qwen_processor(folder: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     qwen2_5 = AutoConfig.from_pretrained(folder).model_type == "qwen2_5_vl"
+    images = AutoImageProcessor.from_pretrained(folder)
+    # frames sized and normalised as the images (the tiny pixel budget), all frames kept: the
+    # transformers side packs the same frames (``illava.tools.families.qwen_vl.video_pixels``)
+    videos = Qwen2VLVideoProcessor(size=dict(images.size), image_mean=images.image_mean, image_std=images.image_std)
     processor = (Qwen2_5_VLProcessor if qwen2_5 else Qwen2VLProcessor)(
-        image_processor=AutoImageProcessor.from_pretrained(folder),
-        video_processor=Qwen2VLVideoProcessor(),
+        image_processor=images,
+        video_processor=videos,
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
     )

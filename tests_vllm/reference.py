@@ -5,10 +5,10 @@ the transformers backend of illava), never inside the vLLM venv.
         a tiny random-weight model of FAMILY (``llava``, ``qwen2_vl``, ``qwen2_5_vl``) saved to DIR
         as vLLM loads it (weights, tokenizer built offline, processor, chat template)
     python tests_vllm/reference.py run DIR REQUESTS.json
-        for every request ``{"prompt", "images": [PNG paths], "illava": spec or null,
-        "max_tokens"}`` (one at a time): the greedy tokens of transformers' ``generate`` with illava applied
-        (``illava.configure(model, spec)`` as the plugin reads it) and the visual tokens that
-        entered the LLM; a JSON list on stdout
+        for every request ``{"prompt", "images": [PNG paths], "videos": [.npy paths of (frames, H, W,
+        3) uint8], "illava": spec or null, "max_tokens"}`` (one at a time): the greedy tokens of
+        transformers' ``generate`` with illava applied (``illava.configure(model, spec)`` as the
+        plugin reads it) and the visual tokens that entered the LLM; a JSON list on stdout
 
 The prompt is the text vLLM gets (``<image>`` marks the image; Qwen-VL prompts spell
 ``<|vision_start|><|image_pad|><|vision_end|>``); it goes through the same saved processor.
@@ -103,6 +103,7 @@ def vllm_sized(text_config) -> None:
 
 
 def run(folder: str, requests_path: str) -> None:
+    import numpy as np
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -116,7 +117,9 @@ def run(folder: str, requests_path: str) -> None:
     results = []
     for request in json.loads(Path(requests_path).read_text()):
         images = [Image.open(p).convert("RGB") for p in request.get("images", [])] or None
-        inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt")
+        videos = [list(np.load(p)) for p in request.get("videos", [])]  # (frames, H, W, 3) uint8 each
+        extra = {"videos": videos} if videos else {}
+        inputs = processor(images=images, text=[request["prompt"]], return_tensors="pt", **extra)
         spec = request.get("illava")
         if spec is None:
             illava.remove(model) if illava.is_applied(model) else None
@@ -145,18 +148,21 @@ def run(folder: str, requests_path: str) -> None:
 def qwen_inputs(config, folder: str):
     """Qwen-VL inputs as the stock processor makes them (``illava.tools``'s builder: this venv has
     no torchvision for the stock processor's video half): ``<|vision_start|><|image_pad|><|vision_end|>``
-    in the prompt becomes the image's placeholders."""
+    (``<|video_pad|>``) in the prompt becomes the image's (video's) placeholders, the frames packed as
+    the stock video processor packs them (``video_pixels``; equal pixels, tests_vllm/test_qwen_vl.py)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from illava.tools.families.qwen_vl import QwenVLTools
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_processor = AutoImageProcessor.from_pretrained(folder)
-    marker = "<|vision_start|><|image_pad|><|vision_end|>"
+    image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
 
-    def process(images=None, text=(), return_tensors="pt"):
-        prompts = [t.replace(marker, "<image>") for t in text]
-        return QwenVLTools().build_inputs(config, tokenizer, prompts, images or (), image_processor=image_processor)
+    def process(images=None, text=(), return_tensors="pt", videos=()):
+        prompts = [t.replace(image, "<image>").replace(video, "<video>") for t in text]
+        return QwenVLTools().build_inputs(
+            config, tokenizer, prompts, images or (), videos, image_processor=image_processor
+        )  # fmt: skip
 
     return process
 

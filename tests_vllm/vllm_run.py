@@ -4,9 +4,10 @@
     python tests_vllm/vllm_run.py JOB.json
 
 ``JOB``: ``{"model": DIR, "engine": {LLM keyword arguments}, "requests": [{"prompt", "images":
-[PNG paths]}], "max_tokens": N}``. Every request of the job goes to one ``LLM.generate`` call (one
-batch). Prints one JSON line: ``{"results": [{"tokens", "prompt_token_ids"}]}``; an engine that
-fails to start prints ``{"error": text}`` and exits 1.
+[PNG paths], "videos": [.npy paths of (frames, H, W, 3) uint8]}], "max_tokens": N}``.
+Every request of the job goes to one ``LLM.generate`` call (one batch). Prints one JSON line:
+``{"results": [{"tokens", "prompt_token_ids"}]}``; an engine that fails to start prints
+``{"error": text}`` and exits 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import traceback
 
 def main() -> None:
     job = json.loads(open(sys.argv[1]).read())
+    import numpy as np
     from PIL import Image
     from vllm import LLM, SamplingParams
 
@@ -27,7 +29,7 @@ def main() -> None:
         "max_model_len": 2048,
         "gpu_memory_utilization": 0.15,
         "seed": 0,
-        "limit_mm_per_prompt": {"image": 2},
+        "limit_mm_per_prompt": {"image": 2, "video": 1},
         **job.get("engine", {}),
     }
     try:
@@ -38,9 +40,15 @@ def main() -> None:
     prompts = []
     for request in job["requests"]:
         images = [Image.open(p).convert("RGB") for p in request.get("images", [])]
+        videos = [with_metadata(np.load(p)) for p in request.get("videos", [])]  # (frames, H, W, 3) uint8
         prompt = {"prompt": request["prompt"]}
+        data = {}
         if images:
-            prompt["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+            data["image"] = images[0] if len(images) == 1 else images
+        if videos:
+            data["video"] = videos[0] if len(videos) == 1 else videos
+        if data:
+            prompt["multi_modal_data"] = data
         prompts.append(prompt)
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True, logprobs=2)
     results = []
@@ -55,6 +63,17 @@ def main() -> None:
                 }
             )
     print(json.dumps({"results": results}))
+
+
+def with_metadata(frames):
+    """A decoded video as vLLM's loaders hand it over: the frames and their metadata (2 frames a
+    second, every frame kept: what the transformers side packs, ``video_pixels``)."""
+    count = len(frames)
+    metadata = {
+        "total_num_frames": count, "fps": 2.0, "duration": count / 2.0, "video_backend": "opencv",
+        "frames_indices": list(range(count)), "do_sample_frames": False,
+    }  # fmt: skip
+    return frames, metadata
 
 
 if __name__ == "__main__":

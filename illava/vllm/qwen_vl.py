@@ -17,7 +17,12 @@ in vLLM with the encoder stage.
   for the image tokens; the embeddings carry the survivors' positions in 4 extra columns, and
   ``recompute_mrope_positions`` (vLLM's, from ``vllm.multimodal.video_prune.evs``) writes them in.
 
-Videos and image embeddings as inputs are not served with illava on (refused).
+Videos: every temporal patch of 2 frames is a frame of the tower's packed sequence, scored and
+reduced on its own as an image is (the transformers backend's rule), so a video of ``t x h x w``
+patches keeps ``t`` times an image's count; survivors keep their (t, h, w) positions with vLLM's
+temporal factor (Qwen2.5-VL: ``second_per_grid_ts * tokens_per_second``). vLLM's own video pruning
+(EVS, ``--video-pruning-rate``) and illava are one or the other (refused together). Image and video
+embeddings as inputs are not served with illava on (refused).
 """
 
 from __future__ import annotations
@@ -72,12 +77,6 @@ def image_count(stage: Stage, t: int, h: int, w: int, merge: int) -> int:
 
 
 class _ProcessingInfo:
-    def get_supported_mm_limits(self):
-        limits = dict(super().get_supported_mm_limits())
-        if stage_of(self.get_hf_config()) is not None:
-            limits["video"] = 0  # not served with illava on yet (docs/vllm.md)
-        return limits
-
     def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
         stage = stage_of(self.get_hf_config())
         if stage is None:
@@ -104,13 +103,13 @@ class _Processor:
             return updates
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
 
-        def reduced(item_idx: int, stock):
-            t, h, w = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data.tolist()
+        def reduced(item_idx: int, stock, modality: str):
+            t, h, w = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data.tolist()
             return stock(item_idx)[: image_count(stage, t, h, w, merge)]
 
         return [
-            PromptReplacement(u.modality, u.target, lambda i, stock=u.replacement: reduced(i, stock))
-            if u.modality == "image"
+            PromptReplacement(u.modality, u.target, lambda i, stock=u.replacement, m=u.modality: reduced(i, stock, m))
+            if u.modality in ("image", "video")
             else u
             for u in updates
         ]
@@ -254,13 +253,17 @@ def run_vision(visual, stage: Stage, pixel_values: torch.Tensor, grid_thw: list[
     return out[order.to(out.device)], blocks.raster[order]
 
 
-def survivor_positions(raster: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
+def survivor_positions(raster: torch.Tensor, t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
     """``(kept, 4)`` M-RoPE columns of an item's survivors as vLLM's EVS carries them: (t, h, w) of
     each surviving block (``raster``: its index over the item's ``t x h x w`` blocks; the item placed
-    at position 0) and, in the 4th column, the offset of the text after the item:
-    ``max(t - 1, h - 1, w - 1) + 1`` (the stock next position)."""
-    out = torch.stack([raster // (h * w), raster % (h * w) // w, raster % w], 1)
-    return torch.cat([out, torch.full_like(out[:, :1], max(t, h, w))], 1)
+    at position 0; the temporal index times ``t_factor``, truncated, as vLLM's stock positions) and,
+    in the 4th column, the offset of the text after the item (the stock next position)."""
+    frame = raster // (h * w)
+    if t_factor != 1.0:
+        frame = (frame.double() * t_factor).long()
+    out = torch.stack([frame, raster % (h * w) // w, raster % w], 1)
+    after = max(int((t - 1) * t_factor), h - 1, w - 1) + 1
+    return torch.cat([out, torch.full_like(out[:, :1], after)], 1)
 
 
 class _Model:
@@ -273,6 +276,11 @@ class _Model:
         if self.illava is None:
             return
         check_serving(vllm_config, "Qwen-VL")  # --mm-encoder-tp-mode data: every rank runs the whole tower
+        if getattr(self, "video_pruning_rate", None):  # Qwen2.5-VL's EVS
+            raise ValueError(
+                "illava.vllm: --video-pruning-rate (vLLM's EVS) and illava both reduce the video tokens; serve "
+                "one of them (unset --video-pruning-rate, or serve without an illava configuration)"
+            )
         # vLLM's EVS path: the runner hands the embeddings' position columns to recompute_mrope_positions
         self.supports_multimodal_pruning = True
         mm_config = vllm_config.model_config.multimodal_config
@@ -284,14 +292,33 @@ class _Model:
         if image_input["type"] == "image_embeds":
             raise ValueError("illava.vllm: image embeddings as inputs are not served with illava on; send images")
         grid_thw = image_input["image_grid_thw"].tolist()
-        merged, raster = run_vision(self.visual, self.illava, image_input["pixel_values"], grid_thw)
+        return self._embed("image", image_input["pixel_values"], grid_thw, [1.0] * len(grid_thw))
+
+    def _process_video_input(self, video_input):
+        if self.illava is None:
+            return super()._process_video_input(video_input)
+        if video_input["type"] == "video_embeds":
+            raise ValueError("illava.vllm: video embeddings as inputs are not served with illava on; send videos")
+        grid_thw = video_input["video_grid_thw"].tolist()
+        # vLLM's temporal factor of every video (``iter_mm_grid_thw``): 1 for Qwen2-VL
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = video_input.get("second_per_grid_ts")
+        seconds = seconds.tolist() if seconds is not None else [1.0] * len(grid_thw)
+        factors = [float(s) * per_second for s in seconds]
+        return self._embed("video", video_input["pixel_values_videos"], grid_thw, factors)
+
+    def _embed(self, kind: str, pixel_values, grid_thw: list[list[int]], factors: list[float]):
+        """The survivors of every item (image or video), each with its 4 position columns
+        (``survivor_positions``), at the count its prompt reserved (``image_count``)."""
+        merged, raster = run_vision(self.visual, self.illava, pixel_values, grid_thw)
         m = self.visual.spatial_merge_size
         out, start, first = [], 0, 0
-        for t, h, w in grid_thw:
+        for (t, h, w), factor in zip(grid_thw, factors):
             blocks = t * (h // m) * (w // m)
             mine = (raster >= first) & (raster < first + blocks)
             rows = int(mine.sum())
-            emb, pos = merged[start : start + rows], survivor_positions(raster[mine] - first, t, h // m, w // m)
+            emb = merged[start : start + rows]
+            pos = survivor_positions(raster[mine] - first, t, h // m, w // m, factor)
             start, first = start + rows, first + blocks
             if self.illava.config.features_active:
                 keep = self.illava.select(emb)
@@ -299,15 +326,11 @@ class _Model:
             expected = image_count(self.illava, t, h, w, m)
             if emb.shape[0] != expected:  # never hand vLLM a count its prompt does not hold
                 raise RuntimeError(
-                    f"illava.vllm: an image produced {emb.shape[0]} tokens; the processor reserved {expected}"
+                    f"illava.vllm: a{'n image' if kind == 'image' else ' video'} produced {emb.shape[0]} tokens; "
+                    f"the processor reserved {expected}"
                 )
             out.append(torch.cat([emb, pos.to(device=emb.device, dtype=emb.dtype)], 1))
         return tuple(out)
-
-    def _process_video_input(self, video_input):
-        if self.illava is not None:
-            raise ValueError("illava.vllm: videos are not served with illava on yet (Qwen-VL)")
-        return super()._process_video_input(video_input)
 
     def get_encoder_cudagraph_config(self):
         """No encoder CUDA graphs with illava on: they replay the stock tower, not the stage."""
@@ -321,16 +344,16 @@ class _Model:
         survivors' own once the encoder has run)."""
         if self.illava is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        m = self.config.vision_config.spatial_merge_size
+        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
         parts, st, next_position = [], 0, 0
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if feature.modality != "image":
-                raise ValueError("illava.vllm: videos are not served with illava on yet (Qwen-VL)")
-            offset, length = feature.mm_position.offset, feature.mm_position.length
-            t, h, w = feature.data["image_grid_thw"].data.tolist()
+        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features):  # vLLM's grids and temporal factors
+            length = lengths[offset]
             text = offset - st
             parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            grid = np.indices((t, h // m, w // m)).reshape(3, -1) + text + next_position
+            grid = np.indices((t, h, w))
+            if t_factor != 1.0:
+                grid[0] = (grid[0] * t_factor).astype(np.int64)
+            grid = grid.reshape(3, -1) + text + next_position
             parts.append(grid[:, :length])
             next_position, st = int(grid.max()) + 1, offset + length
         if st < len(input_tokens):
@@ -345,20 +368,19 @@ class _Model:
         only, so in a prompt whose first image keeps fewer tokens than the text before it, the second
         image's positions overwrote the first's. The text already has its final positions
         (``get_mrope_input_positions``); only the image slots of this chunk are written."""
-        return write_survivor_positions(
-            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens, self.config.image_token_id
-        )
+        tokens = (self.config.image_token_id, self.config.video_token_id)
+        return write_survivor_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens, tokens)
 
 
-def write_survivor_positions(input_ids, embeddings, positions: torch.Tensor, computed: int, image_token: int):
+def write_survivor_positions(input_ids, embeddings, positions: torch.Tensor, computed: int, media_tokens):
     """``(embeddings without their 4 position columns, positions, delta)``: every item of
-    ``embeddings`` (the image runs of the prompt from ``computed`` on, in order; the first one may be
-    the rest of an image a chunk boundary split) has its survivors' (t, h, w) written at its slots,
-    offset by the position after the image's ``<|vision_start|>``. ``positions`` ``(3, N)``."""
+    ``embeddings`` (the image and video runs of the prompt from ``computed`` on, in order; the first
+    one may be the rest of an item a chunk boundary split) has its survivors' (t, h, w) written at
+    its slots, offset by the position after the item's ``<|vision_start|>``. ``positions`` ``(3, N)``;
+    ``media_tokens``: the placeholder ids (image, video; one id: images only)."""
     ids = torch.as_tensor(input_ids).flatten().cpu()
-    is_image = torch.cat(
-        [torch.zeros(1, dtype=torch.int8), (ids == image_token).to(torch.int8), torch.zeros(1, dtype=torch.int8)]
-    )
+    media = torch.isin(ids, torch.tensor(media_tokens).flatten())
+    is_image = torch.cat([torch.zeros(1, dtype=torch.int8), media.to(torch.int8), torch.zeros(1, dtype=torch.int8)])
     change = torch.diff(is_image)
     runs = [
         (s, e)
@@ -366,7 +388,7 @@ def write_survivor_positions(input_ids, embeddings, positions: torch.Tensor, com
         if e > computed
     ]
     if len(runs) < len(embeddings):
-        raise RuntimeError(f"illava.vllm: {len(embeddings)} image items for {len(runs)} image runs of the prompt")
+        raise RuntimeError(f"illava.vllm: {len(embeddings)} media items for {len(runs)} media runs of the prompt")
     positions = positions.clone()
     out = []
     for (start, end), item in zip(runs, embeddings):
