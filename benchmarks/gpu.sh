@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu.sh --install-only       # only the venv (~2 min), e.g. in a call of its own
 #   bash benchmarks/gpu.sh --skip-vllm --out DIR # without the vLLM row (below)
 #
-# After gpu.py, the vLLM row: `illava bench --engine vllm` (stock vLLM vs vLLM + the illava plugin,
-# LLaVA-1.5-7B architecture, random weights, bf16) in a venv of its own with vLLM's CUDA wheel
-# (`illava[vllm]`: vLLM pins an older transformers), written to DIR/vllm.json. GPU_VLLM_VENV: that
+# After gpu.py, the vLLM rows: `illava bench --engine vllm` (stock vLLM vs vLLM + the illava plugin,
+# LLaVA-1.5-7B architecture, random weights, bf16; then Qwen2-VL-2B images at full decoder depth,
+# and Qwen2.5-VL-3B videos against vLLM's EVS) in a venv of its own with vLLM's CUDA wheel
+# (`illava[vllm]`: vLLM pins an older transformers), written to DIR/vllm*.json. GPU_VLLM_VENV: that
 # venv's folder (default /tmp/illava-gpu-vllm-venv).
 #
 # Writes DIR/gpu.json (rewritten after every row). Other options go to gpu.py (--budget-s, --rows,
@@ -78,3 +79,15 @@ fi
 step "illava bench --engine vllm -> $out/vllm.json"
 "$vvenv/bin/illava" bench --engine vllm --requests 64 --repeats 3 --new-tokens 32 --decoder-layers 32 --dtype bfloat16 \
     --json "$out/vllm.json" || step "the vLLM row failed (above); the transformers rows are in $out/gpu.json"
+# images at full decoder depth (Qwen2-VL-2B, 448 px: 256 tokens): the paper's encoder stage, and ToMe at
+# 50 % and 33 % of stock prefill FLOPs (knobs: benchmarks/results/vllm_flops_qwen2-vl-2b.json)
+for spec in encoder-only '{"method": "tome", "knob": 5.95}' '{"method": "tome", "knob": 8.18}'; do
+    name=$(echo "$spec" | tr -dc 'a-z0-9.' | tr '.' '_')
+    step "illava bench --engine vllm --arch qwen2-vl-2b --illava $spec -> $out/vllm-qwen2-vl-2b-$name.json"
+    "$vvenv/bin/illava" bench --engine vllm --arch qwen2-vl-2b --illava "$spec" --requests 64 --repeats 3 \
+        --new-tokens 32 --dtype bfloat16 --json "$out/vllm-qwen2-vl-2b-$name.json" || step "that row failed (above)"
+done
+# videos against vLLM's EVS at equal tokens (Qwen2.5-VL-3B, all 36 decoder layers, 16 frames of 224 px)
+step "illava bench --engine vllm --video -> $out/vllm-video.json"
+"$vvenv/bin/illava" bench --engine vllm --video --frames 16 --requests 32 --repeats 3 --new-tokens 32 \
+    --decoder-layers 36 --dtype bfloat16 --json "$out/vllm-video.json" || step "the video row failed (above)"

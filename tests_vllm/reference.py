@@ -139,6 +139,7 @@ def run(folder: str, requests_path: str) -> None:
                 "tokens": tokens,
                 "visual_tokens": visual,
                 "prompt_tokens": inputs["input_ids"].shape[1],
+                "prompt_ids": inputs["input_ids"][0].tolist(),
                 "margins": [a - b for a, b in top2],  # top-1 minus top-2 log-probability, step by step
             }
         )

@@ -43,23 +43,29 @@ def test_off_is_stock_vllm_token_for_token(llava, batch):
     assert counts == [64, 0, 64, 128]  # 8x8 patches per image, stock
 
 
+CHUNK = 8  # chunked prefill: max_num_batched_tokens, boundaries inside every image
+
+
 @pytest.mark.parametrize(
-    "spec, via_env",
+    "spec, via_env, chunked",
     [
-        ("encoder-only", False),  # the preset: 64 -> 32 patches (4 layers of 8)
-        ({"method": "tome", "knob": 3}, True),  # ToMe: every layer, proportional attention; ILLAVA_VLLM
-        ({"method": "divprune", "knob": 0.3}, False),  # the feature stage: after the projector
-        ({"encoder_layers": [1, 3], "encoder_removal": 0.25, "recycle": "cluster"}, False),
+        ("encoder-only", False, False),  # the preset: 64 -> 32 patches (4 layers of 8)
+        ({"method": "tome", "knob": 3}, True, False),  # ToMe: every layer, proportional attention; ILLAVA_VLLM
+        ({"method": "divprune", "knob": 0.3}, False, False),  # the feature stage: after the projector
+        ({"encoder_layers": [1, 3], "encoder_removal": 0.25, "recycle": "cluster"}, False, True),
     ],
-    ids=["encoder-only", "tome-env", "divprune", "fields-cluster"],
+    ids=["encoder-only", "tome-env", "divprune", "fields-cluster-chunked"],
 )
-def test_on_equals_the_transformers_backend(llava, batch, spec, via_env):
+def test_on_equals_the_transformers_backend(llava, batch, spec, via_env, chunked):
+    """On equals the transformers backend; one configuration with chunked prefill in chunks of 8
+    tokens, whose boundaries fall inside the images."""
     import json
 
+    engine = {"max_num_batched_tokens": CHUNK} if chunked else {}
     if via_env:
-        out = run_vllm(llava, batch, MAX_TOKENS, env={"ILLAVA_VLLM": json.dumps(spec)})
+        out = run_vllm(llava, batch, MAX_TOKENS, env={"ILLAVA_VLLM": json.dumps(spec)}, **engine)
     else:
-        out = run_vllm(llava, batch, MAX_TOKENS, hf_overrides={"illava": spec})
+        out = run_vllm(llava, batch, MAX_TOKENS, hf_overrides={"illava": spec}, **engine)
     assert "results" in out, out.get("stderr", "")[-4000:]
     expected = reference(llava, [{**r, "illava": spec, "max_tokens": MAX_TOKENS} for r in batch])
     for request, got, want in zip(batch, out["results"], expected):
@@ -68,6 +74,9 @@ def test_on_equals_the_transformers_backend(llava, batch, spec, via_env):
             assert placeholders == want["visual_tokens"] < 64 * len(request["images"])
         else:
             assert placeholders == 0
+    # the first request is scheduled first: its chunks end at multiples of CHUNK, one inside its image
+    slots = [i for i, t in enumerate(out["results"][0]["prompt_token_ids"]) if t == IMAGE_ID]
+    assert not chunked or any(slots[0] < k * CHUNK <= slots[-1] for k in range(1, slots[-1] // CHUNK + 1))
     check_against_reference(out["results"], expected)
 
 

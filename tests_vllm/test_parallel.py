@@ -5,7 +5,8 @@ Each rank holds half of the vision tower's heads; the scores and keys the encode
 are combined across the ranks (``illava.vllm.encoder.across_heads``), so both ranks make the decision
 one rank makes: the placeholder counts and the greedy tokens equal the single-rank engine's and the
 transformers backend's (up to the documented near-tie tolerance: the ranks sum in another order).
-Qwen2-VL's ``--mm-encoder-tp-mode data`` (every rank runs the whole tower) is served too."""
+Qwen2-VL's ``--mm-encoder-tp-mode data`` (every rank runs the whole tower) is served too. Qwen-VL
+batches hold images and a video."""
 
 from __future__ import annotations
 
@@ -51,24 +52,32 @@ def qwen_sized(tmp_path_factory):
         path = folder / f"{name}.png"
         Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8")).save(path)
         out[name] = str(path)
+    out["video"] = str(folder / "video.npy")  # 4 frames of 112x84: 2 temporal patches of 4x3 blocks
+    np.save(out["video"], (np.random.RandomState(8).rand(4, 112, 84, 3) * 255).astype("uint8"))
     return out
 
 
-@pytest.mark.parametrize("mode", ["weights", "data"])
-def test_qwen2_vl_tensor_parallel_and_the_data_parallel_encoder(qwen2_vl, qwen_sized, mode):
+@pytest.mark.parametrize(
+    "family, mode", [("qwen2_vl", "weights"), ("qwen2_vl", "data"), ("qwen2_5_vl", "weights")]
+)  # fmt: skip
+def test_qwen_vl_tensor_parallel_and_the_data_parallel_encoder(request, qwen_sized, family, mode):
     """``weights``: the tower's heads split over the ranks (scores combined); ``data``
     (``--mm-encoder-tp-mode data``): every rank runs the whole tower on the images."""
-    marker = "<|vision_start|><|image_pad|><|vision_end|>"
+    model = request.getfixturevalue(family)
+    marker, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
     batch = [
         {"prompt": chat("what is this?", marker), "images": [qwen_sized["big"]]},
         {"prompt": chat("compare them", marker, count=2), "images": [qwen_sized["wide"], qwen_sized["small"]]},
+        {"prompt": chat("what happens?", video), "videos": [qwen_sized["video"]]},
     ]
     spec = {"method": "tome", "knob": 1}
     two = run_vllm(
-        qwen2_vl, batch, MAX_TOKENS, env=TWO_RANKS, hf_overrides={"illava": spec}, tensor_parallel_size=2,
+        model, batch, MAX_TOKENS, env=TWO_RANKS, hf_overrides={"illava": spec}, tensor_parallel_size=2,
         mm_encoder_tp_mode=mode,
     )  # fmt: skip
     assert "results" in two, two.get("stderr", "")[-4000:]
-    expected = reference(qwen2_vl, [{**r, "illava": spec, "max_tokens": MAX_TOKENS} for r in batch])
-    assert _counts(two["results"], 1) == [w["visual_tokens"] for w in expected]
+    expected = reference(model, [{**r, "illava": spec, "max_tokens": MAX_TOKENS} for r in batch])
+    counts = [_counts([r], 1)[0] + _counts([r], 2)[0] for r in two["results"]]  # image + video placeholders
+    assert counts == [w["visual_tokens"] for w in expected]
+    assert counts[2] < 24  # the video's 24 tokens, fewer after ToMe
     check_against_reference(two["results"], expected)

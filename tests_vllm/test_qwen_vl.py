@@ -1,16 +1,28 @@
 """Qwen2-VL and Qwen2.5-VL through vLLM with the plugin: off is stock vLLM token for token; on, the
 placeholder counts and greedy tokens are the transformers backend's, whose survivors keep their own
 M-RoPE positions (vLLM's EVS path: ``recompute_mrope_positions``). Qwen2.5-VL's tower holds blocks in
-window order (windows of 4x4 blocks here; its 168x112 image spans two)."""
+window order (windows of 4x4 blocks here; its 168x112 image spans two).
+
+Videos: frames of 112x84 (4x3 blocks), 2 frames per temporal patch. Qwen2.5-VL's temporal positions
+step by ``tokens_per_second`` (2 here). The two stocks place the text after a video differently when
+the video's last temporal position reaches its larger side (vLLM: after its largest position, as
+Qwen's reference code; transformers >= 5.3: ``max(h, w)`` after its start), so the videos here keep
+below that: Qwen2-VL 8 frames (4 temporal patches), Qwen2.5-VL 4 frames (2, at positions 0 and 2)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import chat, check_against_reference, reference, run_vllm
 
-IMAGE_ID = 1  # the tiny configuration's <|image_pad|>
+IMAGE_ID, VIDEO_ID = 1, 2  # the tiny configuration's <|image_pad|>, <|video_pad|>
 MAX_TOKENS = 6
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def media(result: dict) -> int:
+    """The image and video placeholders of a request's prompt."""
+    return result["prompt_token_ids"].count(IMAGE_ID) + result["prompt_token_ids"].count(VIDEO_ID)
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
@@ -41,27 +53,58 @@ def qwen_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def batch(qwen_images, family):
-    """Mixed requests: images of different sizes and aspect ratios, a text-only request, two images in one prompt."""
+def qwen_videos(tmp_path_factory):
+    """Videos as decoded frames ``(frames, 112, 84, 3)`` (within the tiny pixel budget: no resize)."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("qwen-videos")
+    out = {}
+    for name, (frames, seed) in {"short": (4, 5), "long": (8, 7)}.items():
+        path = folder / f"{name}.npy"
+        np.save(path, (np.random.RandomState(seed).rand(frames, 112, 84, 3) * 255).astype("uint8"))
+        out[name] = str(path)
+    return out
+
+
+def video_of(family: str, qwen_videos) -> str:
+    return qwen_videos["long" if family == "qwen2_vl" else "short"]  # module docstring
+
+
+@pytest.fixture(scope="module")
+def batch(qwen_images, qwen_videos, family):
+    """Mixed requests: images of different sizes and aspect ratios, a text-only request, two images in
+    one prompt, a video, and an image with a video in one prompt."""
     return [
         {"prompt": chat("what is this?", MARKER), "images": [qwen_images["big" if family == "qwen2_vl" else "two"]]},
         {"prompt": chat("hello there, how are you?", MARKER, count=0), "images": []},
         {"prompt": chat("and this one?", MARKER), "images": [qwen_images["tall"]]},
         {"prompt": chat("compare them", MARKER, count=2), "images": [qwen_images["wide"], qwen_images["small"]]},
+        {"prompt": chat("what happens?", VIDEO), "videos": [video_of(family, qwen_videos)]},
+        {
+            "prompt": chat("is the picture in the video?", f"{MARKER}\n{VIDEO}"),
+            "images": [qwen_images["small"]],
+            "videos": [qwen_videos["short"]],
+        },
     ]
 
 
-# 2x2 blocks per image: 112x112 -> 4x4 (Qwen2.5-VL: 168x112 -> 6x4), 84x56 -> 3x2, 56x84 -> 2x3, 56x56 -> 2x2
-STOCK_TOKENS = {"qwen2_vl": [16, 0, 6, 6 + 4], "qwen2_5_vl": [24, 0, 6, 6 + 4]}
+# 2x2 blocks per image: 112x112 -> 4x4 (Qwen2.5-VL: 168x112 -> 6x4), 84x56 -> 3x2, 56x84 -> 2x3, 56x56 -> 2x2;
+# a video of 112x84 frames: 4x3 blocks per temporal patch (Qwen2-VL 4 patches, Qwen2.5-VL 2)
+STOCK_TOKENS = {"qwen2_vl": [16, 0, 6, 6 + 4, 48, 4 + 24], "qwen2_5_vl": [24, 0, 6, 6 + 4, 24, 4 + 24]}
 
 
 def test_off_is_stock_vllm_token_for_token(model, family, batch):
+    """Off equals stock vLLM token for token, and both equal stock transformers (the two processors see
+    the same pixels: the videos' frames are packed as the stock video processor packs them)."""
     stock = run_vllm(model, batch, MAX_TOKENS, stock=True)
     plugin = run_vllm(model, batch, MAX_TOKENS)
     assert "results" in stock, stock.get("stderr", "")[-4000:]
     assert "results" in plugin, plugin.get("stderr", "")[-4000:]
     assert plugin["results"] == stock["results"]
-    assert [r["prompt_token_ids"].count(IMAGE_ID) for r in stock["results"]] == STOCK_TOKENS[family]
+    assert [media(r) for r in stock["results"]] == STOCK_TOKENS[family]
+    expected = reference(model, [{**r, "illava": None, "max_tokens": MAX_TOKENS} for r in batch])
+    assert [r["prompt_token_ids"] for r in stock["results"]] == [e["prompt_ids"] for e in expected]
+    check_against_reference(stock["results"], expected)
 
 
 @pytest.mark.parametrize(
@@ -81,10 +124,35 @@ def test_on_equals_the_transformers_backend(model, family, batch, spec):
     first, again = out["results"][: len(batch)], out["results"][len(batch) :]
     assert again == first  # the second pass meets vLLM's prefix cache: the same tokens
     for got, want, stock in zip(first, expected, STOCK_TOKENS[family]):
-        placeholders = got["prompt_token_ids"].count(IMAGE_ID)
+        placeholders = media(got)
         assert placeholders == (want["visual_tokens"] or 0)
         assert placeholders < stock or stock == 0
     check_against_reference(first, expected)
+
+
+def test_a_chunk_boundary_inside_an_image_or_a_video(model, family, qwen_images, qwen_videos):
+    """Chunked prefill with chunks of 8 tokens: the images and videos span chunk boundaries, the
+    survivors' positions are written chunk by chunk (``write_survivor_positions``), and counts and
+    tokens are the transformers backend's."""
+    requests = [
+        {
+            "prompt": chat("is the picture in the video?", f"{MARKER}\n{VIDEO}"),
+            "images": [qwen_images["big"]],
+            "videos": [qwen_videos["short"]],
+        },
+        {"prompt": chat("what happens?", VIDEO), "videos": [video_of(family, qwen_videos)]},
+    ]
+    spec = "encoder-only"
+    out = run_vllm(model, requests, MAX_TOKENS, hf_overrides={"illava": spec}, max_num_batched_tokens=8)
+    assert "results" in out, out.get("stderr", "")[-4000:]
+    expected = reference(model, [{**r, "illava": spec, "max_tokens": MAX_TOKENS} for r in requests])
+    assert [media(got) for got in out["results"]] == [want["visual_tokens"] for want in expected]
+    # the first request is scheduled first: its chunks end at multiples of 8, inside its image and video
+    ids = out["results"][0]["prompt_token_ids"]
+    for kind in (IMAGE_ID, VIDEO_ID):
+        slots = [i for i, t in enumerate(ids) if t == kind]
+        assert any(slots[0] < k * 8 <= slots[-1] for k in range(1, slots[-1] // 8 + 1)), (kind, slots)
+    check_against_reference(out["results"], expected)
 
 
 def test_what_cannot_run_is_a_clear_error(model, family):
@@ -93,6 +161,9 @@ def test_what_cannot_run_is_a_clear_error(model, family):
     if family == "qwen2_5_vl":  # block 2 attends within windows: not a merge layer
         out = run_vllm(model, [], 1, hf_overrides={"illava": {"encoder_layers": [2], "encoder_removal": 8}})
         assert "error" in out and "merges only at encoder layers [1, 3]" in out["error"], out["error"][-3000:]
+        # vLLM's own video pruning (EVS) and illava: one or the other
+        out = run_vllm(model, [], 1, hf_overrides={"illava": "encoder-only"}, video_pruning_rate=0.5)
+        assert "error" in out and "--video-pruning-rate" in out["error"], out["error"][-3000:]
 
 
 def test_tome_at_its_default_serves_the_smallest_and_the_largest_image(model, family, qwen_images):

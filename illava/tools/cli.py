@@ -262,15 +262,24 @@ def bench(
     ] = "encoder-only",
     requests: Annotated[int, typer.Option(min=1, help="--engine vllm: image requests per offline batch.")] = 4,
     decoder_layers: Annotated[
-        int, typer.Option(min=1, help="--engine vllm without a model: decoder layers of the built LLaVA-1.5-7B.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            min=1,
+            help="--engine vllm without a model: decoder layers of the built architecture (default: LLaVA-1.5-7B "
+            "2 of 32, Qwen2-VL-2B all 28; --video: Qwen2.5-VL-3B 2 of 36).",
+        ),
+    ] = None,
 ) -> None:
     """Measure stock vs patched-but-disabled vs iLLaVA side by side, alternating in one process
     (``--engine vllm``: stock vLLM vs vLLM + illava)."""
     import json
 
     if engine == "vllm":
-        _bench_vllm(model, illava, requests, repeats, new_tokens, decoder_layers, dtype, json_path)
+        if video:
+            layers = decoder_layers or 2
+            _bench_vllm_video(model, illava, requests, repeats, new_tokens, layers, dtype, frames, json_path)
+        else:
+            _bench_vllm(model, illava, requests, repeats, new_tokens, decoder_layers, dtype, json_path, arch)
         return
     if engine != "transformers":
         _fail(f"--engine is transformers or vllm, got {engine!r}")
@@ -574,7 +583,7 @@ def _fmt(metric: dict | None) -> str:
     return f"{median:.4g} ±{spread:.0f}%"
 
 
-def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtype, json_path) -> None:
+def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtype, json_path, arch=None) -> None:
     import json
 
     from . import vllm_bench
@@ -589,8 +598,12 @@ def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtyp
         decoder_layers=decoder_layers,
         dtype=dtype,
         progress=lambda text: console.print(text),
+        arch=arch or "llava-1.5-7b",
     )
-    table = Table(title=f"{report['model']}: {requests} image requests, {new_tokens} tokens each, {dtype}")
+    table = Table(
+        title=f"{report['model']}: {requests} image requests ({report['image_size']} px), {new_tokens} tokens "
+        f"each, {dtype}"
+    )
     for column in ("metric", "stock vLLM", "vLLM + illava", "ratio (pair median, min-max)"):
         table.add_column(column)
     stock, reduced = report["settings"]["stock"], report["settings"]["illava"]
@@ -611,6 +624,53 @@ def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtyp
         "",
     )
     console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_path}")
+
+
+def _bench_vllm_video(model, spec, requests, repeats, new_tokens, decoder_layers, dtype, frames, json_path) -> None:
+    import json
+
+    from . import vllm_bench
+
+    _writable(json_path, "--json")
+    report = vllm_bench.run_video(
+        model,
+        vllm_bench.spec_arg(spec),
+        requests=requests,
+        repeats=repeats,
+        max_tokens=new_tokens,
+        decoder_layers=decoder_layers,
+        dtype=dtype,
+        frames=frames,
+        progress=lambda text: console.print(text),
+    )
+    settings, ratios = report["settings"], report["ratios"]
+    video = report["video"]
+    table = Table(
+        title=f"{report['model']}: {requests} video requests ({video['frames']} frames of {video['size']} px), "
+        f"{new_tokens} tokens each, {dtype}; medians of {repeats} alternated repeats"
+    )
+    names = list(settings)
+    for column in ("metric", *names, *(f"{n} / stock" for n in names[1:]), "illava / EVS" if "evs" in names else ""):
+        table.add_column(column)
+
+    def ratio(r) -> str:
+        return f"{r['pair_median']:.2f}x ({r['pair_min']:.2f}-{r['pair_max']:.2f})" if r["pair_median"] else "-"
+
+    for label, key, which in (
+        ("requests/s", "requests_per_s_median", "throughput_ratio"),
+        ("TTFT (s)", "ttft_s_median", "ttft_ratio"),
+        ("vision tower, batch (s)", "tower_s_median", "tower_ratio"),
+    ):
+        row = [label, *(f"{settings[n][key]:.3f}" for n in names), *(ratio(ratios[n][which]) for n in names[1:])]
+        row.append(ratio(ratios["illava_over_evs"][which]) if "evs" in names else "")
+        table.add_row(*row)
+    tokens = [str(settings[n]["visual_tokens_per_request"][0]) for n in names]
+    table.add_row("visual tokens / request", *tokens, *([""] * len(names)))
+    console.print(table)
+    console.print(f"[dim]{report['note']}[/dim]")
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {json_path}")

@@ -26,3 +26,18 @@ VICUNA = {
     "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
             "num_key_value_heads": 40},
 }  # fmt: skip
+
+# Qwen2.5-VL's vision tower (3B and 7B: the same 32-block windowed ViT, 1280 wide) and the 3B decoder
+# (Qwen2.5-3B: 2048 wide, 36 layers); the bench's vocabulary is its own (``illava.tools.vllm_bench``)
+QWEN2_5_VL_VISION = {
+    "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "tokens_per_second": 2,
+}  # fmt: skip
+# Qwen2-VL's vision tower (675M: 32 blocks of 1280) and the 2B's decoder (Qwen2-1.5B: 1536 wide, 28 layers)
+QWEN2_VL_VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+              "num_key_value_heads": 2}  # fmt: skip
+QWEN2_5_3B = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+              "num_key_value_heads": 2}  # fmt: skip
