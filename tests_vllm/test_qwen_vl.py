@@ -187,25 +187,38 @@ def test_tome_at_its_default_serves_the_smallest_and_the_largest_image(model, fa
     check_against_reference(out["results"], expected)
 
 
+def test_positions_ride_the_embeddings_exactly_in_bfloat16():
+    """bfloat16 holds integers exactly only up to 256 (257 comes back as 256): a long video's temporal
+    positions pass through the embeddings as two base-256 digits each, exact up to 65,535."""
+    import torch
+
+    from illava.vllm.qwen_vl import decode_positions, encode_positions
+
+    positions = torch.tensor([[0, 0, 0], [257, 1, 2], [766, 127, 255], [65535, 300, 4096]])
+    assert torch.tensor(257.0).bfloat16().item() == 256  # the loss the encoding avoids
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(decode_positions(encode_positions(positions, dtype)), positions)
+    with pytest.raises(RuntimeError, match="beyond what the embeddings carry"):
+        encode_positions(torch.tensor([[65536, 0, 0]]), torch.bfloat16)
+
+
 def test_survivor_positions_are_written_per_image_run_across_a_chunk_boundary():
     """The plugin's own EVS recomputation (vLLM's counted media tokens only, and wrote a second image
     over the first when the first kept fewer tokens than the text before it): every image run of the
     prompt from the chunk's start gets its item's survivors, the first one possibly from mid-image."""
     import torch
 
-    from illava.vllm.qwen_vl import write_survivor_positions
+    from illava.vllm.qwen_vl import encode_positions, write_survivor_positions
 
     # text(3) S I I E text(1) S I I I E text(2); S: vision start (6), I: image (1), E: vision end (7)
     ids = [9, 9, 9, 6, 1, 1, 7, 9, 6, 1, 1, 1, 7, 9, 9]
     text = torch.tensor([0, 1, 2, 3, 4, 4, 6, 7, 8, 9, 9, 9, 12, 13, 14])  # final text positions, image placeholders
     positions = text.expand(3, -1).clone()
 
-    def item(thw, extent):
-        return torch.cat(
-            [torch.zeros(len(thw), 2), torch.tensor(thw, dtype=torch.float32), torch.full((len(thw), 1), extent)], 1
-        )
+    def item(thw):
+        return torch.cat([torch.zeros(len(thw), 2), encode_positions(torch.tensor(thw), torch.bfloat16).float()], 1)
 
-    a, b = item([[0, 0, 1], [0, 1, 0]], 2), item([[0, 0, 0], [0, 1, 1], [0, 2, 1]], 3)
+    a, b = item([[0, 0, 1], [0, 1, 0]]), item([[0, 0, 0], [0, 1, 1], [0, 2, 1]])
     out, pos, delta = write_survivor_positions(ids, [a, b], positions, 0, 1)
     assert [o.shape for o in out] == [(2, 2), (3, 2)]
     assert pos[:, 4:6].tolist() == [[4, 4], [4, 5], [5, 4]]  # after S at 3: (t, h, w) + 4

@@ -148,7 +148,7 @@ def build_qwen_vl(folder: Path, version: str, decoder_layers: int, seed: int = 0
     tower, decoder, width = QWEN_LAYOUTS[version]
     text = {"vocab_size": 32064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            **decoder, "num_hidden_layers": decoder_layers}  # fmt: skip
+            "bos_token_id": 1, "eos_token_id": 1, **decoder, "num_hidden_layers": decoder_layers}  # fmt: skip
     vision = {**tower, width: text["hidden_size"]}
     config_cls, model_cls, processor_cls = (
         (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
@@ -297,7 +297,7 @@ def run(
         hf_config = AutoConfig.from_pretrained(model)
         qwen = hf_config.model_type in ("qwen2_vl", "qwen2_5_vl")
         if memory is None:  # two engines: on CPU the share of RAM for each KV cache, on a GPU of its memory
-            memory = (0.05 if qwen else 0.15) if current_platform.is_cpu() else 0.42  # Qwen: 2 KV heads
+            memory = 0.15 if current_platform.is_cpu() else 0.42
         common = {
             "dtype": dtype,
             "enforce_eager": current_platform.is_cpu(),  # CPU: no graph compilation at start-up
@@ -310,6 +310,7 @@ def run(
         }
         if qwen:
             common["limit_mm_per_prompt"]["video"] = 0
+            common.update(cpu_kv_cache(current_platform))
         progress("starting stock vLLM and vLLM + illava")
         engines = {
             "stock": LLM(model=model, **common),
@@ -351,6 +352,13 @@ def spec_arg(text: str):
     """``--illava`` as the plugin reads it: a name, or JSON."""
     text = text.strip()
     return json.loads(text) if text.startswith("{") else text
+
+
+def cpu_kv_cache(platform) -> dict:
+    """On CPU, a KV cache of 1 GiB per engine, set explicitly: vLLM's CPU worker otherwise takes
+    ``gpu_memory_utilization`` of the RAM minus what the process already holds (the weights), which
+    leaves nothing for a 2-4 GB model at a share small enough for two or three engines."""
+    return {"kv_cache_memory_bytes": 1 << 30} if platform.is_cpu() else {}
 
 
 def evs_rate(tokens: int, t: int, per_frame: int) -> float | None:
@@ -398,8 +406,8 @@ def run_video(
             what = f"Qwen2.5-VL-3B architecture, random weights, decoder {decoder_layers}/36 layers"
         from vllm.platforms import current_platform
 
-        if memory is None:  # three engines: on CPU the share of RAM for each KV cache, on a GPU of its memory
-            memory = 0.05 if current_platform.is_cpu() else 0.28
+        if memory is None:  # three engines: on a GPU the share of its memory for each (CPU: cpu_kv_cache)
+            memory = 0.28
         hf_config = AutoConfig.from_pretrained(model)
         hf_config.illava = spec
         stage = stage_of(hf_config)
@@ -420,6 +428,7 @@ def run_video(
             "enable_prefix_caching": False,  # every run encodes every video
             "mm_processor_cache_gb": 0,
             "limit_mm_per_prompt": {"image": 0, "video": 1},
+            **cpu_kv_cache(current_platform),
         }
         progress(
             f"{frames} frames of {size}x{size}: {t * per_frame} video tokens stock, {tokens} with illava {spec!r}"

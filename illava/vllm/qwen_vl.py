@@ -14,7 +14,8 @@ in vLLM with the encoder stage.
   positions, as in the transformers backend. vLLM assigns positions before the model runs, so the
   plugin follows vLLM's EVS pattern (``SupportsMultiModalPruning``): ``get_mrope_input_positions``
   gives the text its final positions (they do not depend on which blocks survive) and placeholders
-  for the image tokens; the embeddings carry the survivors' positions in 4 extra columns, and
+  for the image tokens; the embeddings carry the survivors' positions in 6 extra columns
+  (``encode_positions``: base 256, exact in bfloat16), and
   ``recompute_mrope_positions`` (vLLM's, from ``vllm.multimodal.video_prune.evs``) writes them in.
 
 Videos: every temporal patch of 2 frames is a frame of the tower's packed sequence, scored and
@@ -253,17 +254,32 @@ def run_vision(visual, stage: Stage, pixel_values: torch.Tensor, grid_thw: list[
     return out[order.to(out.device)], blocks.raster[order]
 
 
-def survivor_positions(raster: torch.Tensor, t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
-    """``(kept, 4)`` M-RoPE columns of an item's survivors as vLLM's EVS carries them: (t, h, w) of
-    each surviving block (``raster``: its index over the item's ``t x h x w`` blocks; the item placed
-    at position 0; the temporal index times ``t_factor``, truncated, as vLLM's stock positions) and,
-    in the 4th column, the offset of the text after the item (the stock next position)."""
+def survivor_positions(raster: torch.Tensor, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
+    """``(kept, 3)`` M-RoPE (t, h, w) of an item's surviving blocks (``raster``: their indices over the
+    item's ``t x h x w`` blocks; the item placed at position 0; the temporal index times ``t_factor``,
+    truncated, as vLLM's stock positions)."""
     frame = raster // (h * w)
     if t_factor != 1.0:
         frame = (frame.double() * t_factor).long()
-    out = torch.stack([frame, raster % (h * w) // w, raster % w], 1)
-    after = max(int((t - 1) * t_factor), h - 1, w - 1) + 1
-    return torch.cat([out, torch.full_like(out[:, :1], after)], 1)
+    return torch.stack([frame, raster % (h * w) // w, raster % w], 1)
+
+
+POSITION_COLUMNS = 6  # the columns the survivors' positions add to an item's embeddings
+
+
+def encode_positions(positions: torch.Tensor, dtype) -> torch.Tensor:
+    """``(rows, 3)`` positions as ``(rows, 6)`` columns of ``dtype``, each position in two base-256
+    digits: exact in bfloat16 (whose integers are exact only up to 256: a video's temporal position
+    of 257 would come back as 256) up to 65,535. ``decode_positions`` reads them back."""
+    if positions.numel() and (int(positions.max()) >= 256 * 256 or int(positions.min()) < 0):
+        raise RuntimeError("illava.vllm: an M-RoPE position beyond what the embeddings carry (0-65535)")
+    return torch.stack([positions // 256, positions % 256], -1).reshape(positions.shape[0], -1).to(dtype)
+
+
+def decode_positions(columns: torch.Tensor) -> torch.Tensor:
+    """``(rows, 3)`` long positions from the ``(rows, 6)`` columns of ``encode_positions``."""
+    digits = columns.float().round().long().reshape(columns.shape[0], 3, 2)
+    return digits[..., 0] * 256 + digits[..., 1]
 
 
 class _Model:
@@ -308,8 +324,8 @@ class _Model:
         return self._embed("video", video_input["pixel_values_videos"], grid_thw, factors)
 
     def _embed(self, kind: str, pixel_values, grid_thw: list[list[int]], factors: list[float]):
-        """The survivors of every item (image or video), each with its 4 position columns
-        (``survivor_positions``), at the count its prompt reserved (``image_count``)."""
+        """The survivors of every item (image or video), each with its position columns
+        (``survivor_positions``, ``encode_positions``), at the count its prompt reserved (``image_count``)."""
         merged, raster = run_vision(self.visual, self.illava, pixel_values, grid_thw)
         m = self.visual.spatial_merge_size
         out, start, first = [], 0, 0
@@ -318,7 +334,7 @@ class _Model:
             mine = (raster >= first) & (raster < first + blocks)
             rows = int(mine.sum())
             emb = merged[start : start + rows]
-            pos = survivor_positions(raster[mine] - first, t, h // m, w // m, factor)
+            pos = survivor_positions(raster[mine] - first, h // m, w // m, factor)
             start, first = start + rows, first + blocks
             if self.illava.config.features_active:
                 keep = self.illava.select(emb)
@@ -329,7 +345,7 @@ class _Model:
                     f"illava.vllm: a{'n image' if kind == 'image' else ' video'} produced {emb.shape[0]} tokens; "
                     f"the processor reserved {expected}"
                 )
-            out.append(torch.cat([emb, pos.to(device=emb.device, dtype=emb.dtype)], 1))
+            out.append(torch.cat([emb, encode_positions(pos, emb.dtype).to(emb.device)], 1))
         return tuple(out)
 
     def get_encoder_cudagraph_config(self):
@@ -373,7 +389,7 @@ class _Model:
 
 
 def write_survivor_positions(input_ids, embeddings, positions: torch.Tensor, computed: int, media_tokens):
-    """``(embeddings without their 4 position columns, positions, delta)``: every item of
+    """``(embeddings without their position columns, positions, delta)``: every item of
     ``embeddings`` (the image and video runs of the prompt from ``computed`` on, in order; the first
     one may be the rest of an item a chunk boundary split) has its survivors' (t, h, w) written at
     its slots, offset by the position after the item's ``<|vision_start|>``. ``positions`` ``(3, N)``;
@@ -396,9 +412,9 @@ def write_survivor_positions(input_ids, embeddings, positions: torch.Tensor, com
         first = start + max(computed - start, 0)
         if first + rows > end:
             raise RuntimeError(f"illava.vllm: an image item of {rows} rows does not fit its {end - start} slots")
-        survivors = item[:, -4:-1].round().long().T.to(positions.device)  # (3, rows): t, h, w
+        survivors = decode_positions(item[:, -POSITION_COLUMNS:]).T.to(positions.device)  # (3, rows): t, h, w
         positions[:, first : first + rows] = survivors + positions[0, start - 1] + 1
-        out.append(item[:, :-4])
+        out.append(item[:, :-POSITION_COLUMNS])
     return out, positions, int(positions.max() + 1 - ids.numel())
 
 
