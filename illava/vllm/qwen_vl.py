@@ -383,7 +383,12 @@ class _Model:
         Not vLLM's ``evs.recompute_mrope_positions``: it finds the next item by counting media tokens
         only, so in a prompt whose first image keeps fewer tokens than the text before it, the second
         image's positions overwrote the first's. The text already has its final positions
-        (``get_mrope_input_positions``); only the image slots of this chunk are written."""
+        (``get_mrope_input_positions``); only the image slots of this chunk are written. Without
+        illava (stock, Qwen2.5-VL with vLLM's EVS on): vLLM's own, as stock."""
+        if self.illava is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )  # fmt: skip
         tokens = (self.config.image_token_id, self.config.video_token_id)
         return write_survivor_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens, tokens)
 
