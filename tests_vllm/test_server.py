@@ -1,7 +1,8 @@
 """The OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``, the way to start
 vLLM's server with this wheel: its ``vllm`` console script looks for a distribution named ``vllm``)
-on 127.0.0.1 with the plugin on answers a chat request with an image, with the reduced count; with
-ToMe it starts and answers on a model whose images are smaller than its per-layer count."""
+on 127.0.0.1 with the plugin on answers a chat request with an image, with the reduced count (one
+rank, and two tensor-parallel ranks); with ToMe it starts and answers on a model whose images are
+smaller than its per-layer count."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from conftest import ENV, _env, reference
 
 IMAGE_ID = 1
@@ -32,9 +34,11 @@ def _get(url: str) -> int:
         return 0
 
 
-def _chat(folder, name: str, image: str, tmp_path, overrides: dict | None = None, env: dict | None = None) -> dict:
-    """Start the OpenAI server on ``folder`` (127.0.0.1, a free port), send one chat request with
-    ``image``, stop it; the answer."""
+def _chat(
+    folder, name: str, image: str, tmp_path, overrides: dict | None = None, env: dict | None = None, args=()
+) -> dict:
+    """Start the OpenAI server on ``folder`` (127.0.0.1, a free port; ``args``: more server flags),
+    send one chat request with ``image``, stop it; the answer."""
     port = _free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
@@ -43,6 +47,7 @@ def _chat(folder, name: str, image: str, tmp_path, overrides: dict | None = None
     ]  # fmt: skip
     if overrides is not None:
         command += ["--hf-overrides", json.dumps(overrides)]
+    command += list(args)
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(command, env=_env(**ENV, **(env or {})), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -84,8 +89,13 @@ def _chat(folder, name: str, image: str, tmp_path, overrides: dict | None = None
     return answer
 
 
-def test_the_openai_server_answers_a_chat_with_an_image(llava, images, tmp_path):
-    answer = _chat(llava, "tiny-llava", images["c"], tmp_path, overrides={"illava": "encoder-only"})
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_openai_server_answers_a_chat_with_an_image(llava, images, tmp_path, ranks):
+    """One rank, and two tensor-parallel ranks (issue 41; ``VLLM_CPU_OMP_THREADS_BIND="0|1"``): the
+    same reduced count and the transformers backend's tokens."""
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if ranks == 2 else None
+    args = ["--tensor-parallel-size", str(ranks)]
+    answer = _chat(llava, "tiny-llava", images["c"], tmp_path, overrides={"illava": "encoder-only"}, env=env, args=args)
     prompt = answer["prompt_token_ids"]
     # the transformers backend on the prompt the server built: the same reduced count and tokens
     text = _detokenized(llava, prompt)

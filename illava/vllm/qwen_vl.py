@@ -51,7 +51,7 @@ from ..plan import encoder as plan
 from .config import once_per_model, resolve, spec_of
 from .encoder import Stage, across_heads
 from .families import qwen_vl as family
-from .serving import check_serving
+from .serving import check_serving, evs_refused
 
 
 def _build_stage(hf_config) -> Stage | None:
@@ -78,6 +78,11 @@ def image_count(stage: Stage, t: int, h: int, w: int, merge: int) -> int:
 
 
 class _ProcessingInfo:
+    def get_supported_mm_limits(self):
+        if stage_of(self.get_hf_config()) is not None:  # read where vLLM starts: the error reaches the caller
+            evs_refused(self.ctx.get_mm_config())
+        return super().get_supported_mm_limits()
+
     def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
         stage = stage_of(self.get_hf_config())
         if stage is None:
@@ -292,11 +297,7 @@ class _Model:
         if self.illava is None:
             return
         check_serving(vllm_config, "Qwen-VL")  # --mm-encoder-tp-mode data: every rank runs the whole tower
-        if getattr(self, "video_pruning_rate", None):  # Qwen2.5-VL's EVS
-            raise ValueError(
-                "illava.vllm: --video-pruning-rate (vLLM's EVS) and illava both reduce the video tokens; serve "
-                "one of them (unset --video-pruning-rate, or serve without an illava configuration)"
-            )
+        evs_refused(vllm_config.model_config.multimodal_config)  # (the processor refuses it first)
         # vLLM's EVS path: the runner hands the embeddings' position columns to recompute_mrope_positions
         self.supports_multimodal_pruning = True
         mm_config = vllm_config.model_config.multimodal_config

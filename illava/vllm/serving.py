@@ -18,3 +18,13 @@ def check_serving(vllm_config, family: str) -> None:
             "vision tower and the decoder on different stages yet); use --tensor-parallel-size, or "
             "--data-parallel-size"
         )
+
+
+def evs_refused(mm_config) -> None:
+    """vLLM's own video pruning (EVS, ``--video-pruning-rate``) and an illava configuration both cut
+    the video tokens: ``ValueError`` when both are on."""
+    if getattr(mm_config, "video_pruning_rate", None):
+        raise ValueError(
+            "illava.vllm: --video-pruning-rate (vLLM's EVS) and illava both reduce the video tokens; serve one of "
+            "them (unset --video-pruning-rate, or serve without an illava configuration)"
+        )
