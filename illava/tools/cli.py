@@ -589,6 +589,8 @@ def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtyp
     from . import vllm_bench
 
     _writable(json_path, "--json")
+    if model is None and arch is not None and arch not in vllm_bench.BUILT:
+        _fail(f"--engine vllm builds {', '.join(sorted(vllm_bench.BUILT))} (--arch {arch!r}); or pass a model folder")
     report = vllm_bench.run(
         model,
         vllm_bench.spec_arg(spec),
