@@ -275,11 +275,7 @@ def bench(
     import json
 
     if engine == "vllm":
-        if video:
-            layers = decoder_layers or 2
-            _bench_vllm_video(model, illava, requests, repeats, new_tokens, layers, dtype, frames, json_path)
-        else:
-            _bench_vllm(model, illava, requests, repeats, new_tokens, decoder_layers, dtype, json_path, arch)
+        _bench_vllm(model, illava, requests, repeats, new_tokens, decoder_layers, dtype, json_path, arch, video, frames)
         return
     if engine != "transformers":
         _fail(f"--engine is transformers or vllm, got {engine!r}")
@@ -583,7 +579,11 @@ def _fmt(metric: dict | None) -> str:
     return f"{median:.4g} ±{spread:.0f}%"
 
 
-def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtype, json_path, arch=None) -> None:
+def _bench_vllm(
+    model, spec, requests, repeats, new_tokens, decoder_layers, dtype, json_path, arch=None, video=False, frames=8
+) -> None:
+    """``illava bench --engine vllm``: image requests (``vllm_bench.run``) or, with ``video``, video
+    requests against EVS (``vllm_bench.run_video``); a table, and the report as JSON."""
     import json
 
     from . import vllm_bench
@@ -591,17 +591,34 @@ def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtyp
     _writable(json_path, "--json")
     if model is None and arch is not None and arch not in vllm_bench.BUILT:
         _fail(f"--engine vllm builds {', '.join(sorted(vllm_bench.BUILT))} (--arch {arch!r}); or pass a model folder")
-    report = vllm_bench.run(
-        model,
-        vllm_bench.spec_arg(spec),
-        requests=requests,
-        repeats=repeats,
-        max_tokens=new_tokens,
-        decoder_layers=decoder_layers,
-        dtype=dtype,
-        progress=lambda text: console.print(text),
-        arch=arch or "llava-1.5-7b",
-    )
+    common = {
+        "requests": requests, "repeats": repeats, "max_tokens": new_tokens, "dtype": dtype,
+        "progress": lambda text: console.print(text),
+    }  # fmt: skip
+    if video:
+        report = vllm_bench.run_video(
+            model, vllm_bench.spec_arg(spec), decoder_layers=decoder_layers or 2, frames=frames, **common
+        )
+        table = _vllm_video_table(report, requests, repeats, new_tokens, dtype)
+    else:
+        report = vllm_bench.run(
+            model, vllm_bench.spec_arg(spec), decoder_layers=decoder_layers, arch=arch or "llava-1.5-7b", **common
+        )
+        table = _vllm_image_table(report, requests, new_tokens, dtype)
+    console.print(table)
+    if "note" in report:
+        console.print(f"[dim]{report['note']}[/dim]")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_path}")
+
+
+def _ratio_text(r: dict) -> str:
+    """A pair ratio as ``median x (min-max)``."""
+    return f"{r['pair_median']:.2f}x ({r['pair_min']:.2f}-{r['pair_max']:.2f})" if r["pair_median"] else "-"
+
+
+def _vllm_image_table(report, requests, new_tokens, dtype) -> Table:
     table = Table(
         title=f"{report['model']}: {requests} image requests ({report['image_size']} px), {new_tokens} tokens "
         f"each, {dtype}"
@@ -613,41 +630,13 @@ def _bench_vllm(model, spec, requests, repeats, new_tokens, decoder_layers, dtyp
         ("requests/s", "requests_per_s_median", report["throughput_ratio"]),
         ("TTFT (s)", "ttft_s_median", report["ttft_ratio"]),
     ):
-        table.add_row(
-            label,
-            f"{stock[key]:.3f}",
-            f"{reduced[key]:.3f}",
-            f"{ratio['pair_median']:.2f}x ({ratio['pair_min']:.2f}-{ratio['pair_max']:.2f})",
-        )
-    table.add_row(
-        "visual tokens / request",
-        str(stock["visual_tokens_per_request"][0]),
-        str(reduced["visual_tokens_per_request"][0]),
-        "",
-    )
-    console.print(table)
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
-        console.print(f"report written to {json_path}")
+        table.add_row(label, f"{stock[key]:.3f}", f"{reduced[key]:.3f}", _ratio_text(ratio))
+    tokens = (str(s["visual_tokens_per_request"][0]) for s in (stock, reduced))
+    table.add_row("visual tokens / request", *tokens, "")
+    return table
 
 
-def _bench_vllm_video(model, spec, requests, repeats, new_tokens, decoder_layers, dtype, frames, json_path) -> None:
-    import json
-
-    from . import vllm_bench
-
-    _writable(json_path, "--json")
-    report = vllm_bench.run_video(
-        model,
-        vllm_bench.spec_arg(spec),
-        requests=requests,
-        repeats=repeats,
-        max_tokens=new_tokens,
-        decoder_layers=decoder_layers,
-        dtype=dtype,
-        frames=frames,
-        progress=lambda text: console.print(text),
-    )
+def _vllm_video_table(report, requests, repeats, new_tokens, dtype) -> Table:
     settings, ratios = report["settings"], report["ratios"]
     video = report["video"]
     table = Table(
@@ -657,25 +646,17 @@ def _bench_vllm_video(model, spec, requests, repeats, new_tokens, decoder_layers
     names = list(settings)
     for column in ("metric", *names, *(f"{n} / stock" for n in names[1:]), "illava / EVS" if "evs" in names else ""):
         table.add_column(column)
-
-    def ratio(r) -> str:
-        return f"{r['pair_median']:.2f}x ({r['pair_min']:.2f}-{r['pair_max']:.2f})" if r["pair_median"] else "-"
-
     for label, key, which in (
         ("requests/s", "requests_per_s_median", "throughput_ratio"),
         ("TTFT (s)", "ttft_s_median", "ttft_ratio"),
         ("vision tower, batch (s)", "tower_s_median", "tower_ratio"),
     ):
-        row = [label, *(f"{settings[n][key]:.3f}" for n in names), *(ratio(ratios[n][which]) for n in names[1:])]
-        row.append(ratio(ratios["illava_over_evs"][which]) if "evs" in names else "")
+        row = [label, *(f"{settings[n][key]:.3f}" for n in names), *(_ratio_text(ratios[n][which]) for n in names[1:])]
+        row.append(_ratio_text(ratios["illava_over_evs"][which]) if "evs" in names else "")
         table.add_row(*row)
     tokens = [str(settings[n]["visual_tokens_per_request"][0]) for n in names]
     table.add_row("visual tokens / request", *tokens, *([""] * len(names)))
-    console.print(table)
-    console.print(f"[dim]{report['note']}[/dim]")
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
-        console.print(f"report written to {json_path}")
+    return table
 
 
 def _print_report(report: dict) -> None:
